@@ -1,0 +1,1008 @@
+//! The HTTP API: upstream Kloigos v0.2's endpoints under `/api` (same paths, same JSON field
+//! names and order, FastAPI-style `422 {"detail": [...]}`), plus a few additive endpoints.
+//! Request bodies are parsed by hand from JSON values so that every problem is reported the
+//! way FastAPI/pydantic reports it, all at once.
+
+use crate::model::{CpuList, PortPlan, ports, validate};
+use crate::render::validate_io_limit;
+use crate::service::{self, Allocate, FieldError, InitServer, Kloigos, OpError};
+use crate::store::{EventFilter, Limits, Server, Unit, UnitFilter};
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use utoipa::{OpenApi, ToSchema};
+
+/// Who is calling, as the transport tells it.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// Unix socket: the kernel's peer credentials.
+    Unix {
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+    },
+    Tcp(std::net::SocketAddr),
+    Unknown,
+}
+
+impl Peer {
+    /// The actor named in the audit log.
+    pub fn actor(&self) -> String {
+        match self {
+            Peer::Unix { uid, .. } => match nix::unistd::User::from_uid((*uid).into()) {
+                Ok(Some(u)) => format!("{}(uid {uid})", u.name),
+                _ => format!("uid {uid}"),
+            },
+            Peer::Tcp(a) => format!("tcp {a}"),
+            Peer::Unknown => "unknown".into(),
+        }
+    }
+}
+
+pub type AppState = Arc<Kloigos>;
+
+// ---- schemas (for the OpenAPI document; field order is the JSON order) -------------------
+
+/// A tag value: a string, an integer or a list of strings.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum TagValue {
+    String(String),
+    Integer(i64),
+    Strings(Vec<String>),
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ComputeUnitRequest {
+    #[schema(default = 4, minimum = 1)]
+    pub cpu_count: Option<i64>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    /// Free-form tags; `deployment_id` and `owner` are the ones upstream's tools use.
+    pub tags: Option<BTreeMap<String, TagValue>>,
+    /// One OpenSSH public key (`ssh-ed25519 AAAA... comment`), no options.
+    pub ssh_public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ComputeUnitResponse {
+    pub compute_id: String,
+    pub hostname: String,
+    pub ip: String,
+    pub cpu_count: u32,
+    pub cpu_range: String,
+    pub region: String,
+    pub zone: String,
+    pub status: String,
+    /// When the unit was allocated (RFC 3339, UTC); null unless allocated.
+    pub started_at: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<Value>,
+    /// Every CPU of the unit, comma separated.
+    pub cpu_list: String,
+    pub ports_range: Option<String>,
+    /// Additive: the unit's Unix user (`ssh <user>@<ip>`).
+    pub user: String,
+    /// Additive: the unit's Unix UID.
+    pub uid: u32,
+}
+
+impl From<&Unit> for ComputeUnitResponse {
+    fn from(u: &Unit) -> Self {
+        let cpu_list = u
+            .cpu_range
+            .parse::<CpuList>()
+            .map(|c| {
+                c.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        ComputeUnitResponse {
+            compute_id: u.compute_id.clone(),
+            hostname: u.hostname.clone(),
+            ip: u.ip.clone(),
+            cpu_count: u.cpu_count,
+            cpu_range: u.cpu_range.clone(),
+            region: u.region.clone(),
+            zone: u.zone.clone(),
+            status: u.status.to_string(),
+            started_at: u.started_at.clone(),
+            tags: u.tags.clone(),
+            cpu_list,
+            ports_range: Some(u.ports_range.clone()),
+            user: u.user.clone(),
+            uid: u.uid,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InitServerRequest {
+    pub ip: String,
+    pub region: String,
+    pub zone: String,
+    pub hostname: String,
+    /// CPU lists, one per compute unit: `0-15`, `0,2,4`, `0-63:2`.
+    pub cpu_ranges: Vec<String>,
+    /// Additive: first port of CPU 0's block (default 2000).
+    pub port_base: Option<u16>,
+    /// Additive: ports each CPU owns (default 100).
+    pub ports_per_cpu: Option<u16>,
+    /// Additive: UID of the unit whose first CPU is 0 (default 20000).
+    pub uid_base: Option<u32>,
+    /// Additive: resource limits for every unit of this server.
+    pub limits: Option<Limits>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServerResponse {
+    pub hostname: String,
+    pub ip: String,
+    pub region: String,
+    pub zone: String,
+    pub status: String,
+    pub cpu_ranges: Vec<String>,
+    pub port_base: u16,
+    pub ports_per_cpu: u16,
+    pub uid_base: u32,
+    pub limits: Limits,
+    pub created_at: String,
+    /// True for the host this Kloigos runs on (its units are applied here).
+    pub local: bool,
+}
+
+/// FastAPI's validation error item.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidationError {
+    #[schema(value_type = Vec<Object>)]
+    pub loc: Vec<Value>,
+    pub msg: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HTTPValidationError {
+    pub detail: Vec<ValidationError>,
+}
+
+/// Every other error: `{"detail": "what went wrong"}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub detail: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Κλοηγός / Kloigos API", description = "Compute units cut from Linux hosts with systemd and nftables. Compatible with upstream Kloigos v0.2 under /api."),
+    paths(allocate, deallocate, list_units, get_unit, init_server, decommission_server, list_servers, list_events, healthz),
+    components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, HTTPValidationError, ValidationError, ErrorDetail, TagValue, Limits, crate::store::Event)),
+    tags((name = "compute_units"), (name = "admin"), (name = "audit"))
+)]
+pub struct ApiDoc;
+
+// ---- errors ------------------------------------------------------------------------------
+
+pub struct ApiError(pub StatusCode, pub Value);
+
+impl ApiError {
+    pub fn detail(status: StatusCode, detail: impl Into<String>) -> ApiError {
+        ApiError(status, json!({ "detail": detail.into() }))
+    }
+    pub fn invalid(errors: Vec<FieldError>) -> ApiError {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "detail": errors }),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::Invalid(errors) => ApiError::invalid(errors),
+            OpError::NotFound(m) => ApiError::detail(StatusCode::NOT_FOUND, m),
+            OpError::Conflict(m) => ApiError::detail(StatusCode::CONFLICT, m),
+            OpError::Forbidden(m) => ApiError::detail(StatusCode::FORBIDDEN, m),
+            other => {
+                tracing::error!(error = %other, "request failed");
+                ApiError::detail(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs a blocking service call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> service::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::detail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {e}"),
+        )),
+    }
+}
+
+// ---- FastAPI-style parsing ---------------------------------------------------------------
+
+fn err(kind: &str, loc: Vec<Value>, msg: &str, input: Value) -> FieldError {
+    FieldError {
+        kind: kind.into(),
+        loc,
+        msg: msg.into(),
+        input,
+        ctx: None,
+    }
+}
+
+/// The JSON object of a request body, or the FastAPI errors for a body that is not one.
+fn json_object(body: &Bytes) -> Result<Map<String, Value>, Vec<FieldError>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(vec![err(
+            "missing",
+            vec![json!("body")],
+            "Field required",
+            Value::Null,
+        )]);
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(vec![err(
+            "model_attributes_type",
+            vec![json!("body")],
+            "Input should be a valid dictionary or object to extract fields from",
+            other,
+        )]),
+        Err(e) => {
+            // FastAPI reports the byte offset of the error.
+            let offset = body
+                .split(|&b| b == b'\n')
+                .take(e.line().saturating_sub(1))
+                .map(|l| l.len() + 1)
+                .sum::<usize>()
+                + e.column().saturating_sub(1);
+            let mut fe = err(
+                "json_invalid",
+                vec![json!("body"), json!(offset)],
+                "JSON decode error",
+                json!({}),
+            );
+            fe.ctx = Some(json!({ "error": e.to_string() }));
+            Err(vec![fe])
+        }
+    }
+}
+
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    errors: Vec<FieldError>,
+}
+
+impl<'a> Fields<'a> {
+    fn loc(name: &str) -> Vec<Value> {
+        vec![json!("body"), json!(name)]
+    }
+
+    fn get(&mut self, name: &str, required: bool) -> Option<&'a Value> {
+        match self.obj.get(name) {
+            Some(v) => Some(v),
+            None => {
+                if required {
+                    self.errors.push(err(
+                        "missing",
+                        Self::loc(name),
+                        "Field required",
+                        Value::Object(self.obj.clone()),
+                    ));
+                }
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, name: &str, required: bool) -> Option<String> {
+        match self.get(name, required)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Null if !required => None,
+            other => {
+                self.errors.push(err(
+                    "string_type",
+                    Self::loc(name),
+                    "Input should be a valid string",
+                    other.clone(),
+                ));
+                None
+            }
+        }
+    }
+
+    /// pydantic's lax integer: JSON integers, floats without a fraction, numeric strings.
+    fn int(&mut self, name: &str) -> Option<i64> {
+        let v = self.get(name, false)?;
+        match lax_int(v) {
+            Ok(i) => i,
+            Err(e) => {
+                self.errors.push(FieldError {
+                    loc: Self::loc(name),
+                    ..*e
+                });
+                None
+            }
+        }
+    }
+
+    /// Adds a semantic error for a field.
+    fn check(&mut self, name: &str, input: &str, r: Result<(), String>) {
+        if let Err(reason) = r {
+            self.errors
+                .push(FieldError::value(Self::loc(name), json!(input), reason));
+        }
+    }
+}
+
+fn lax_int(v: &Value) -> Result<Option<i64>, Box<FieldError>> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Some(i))
+            } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15) {
+                Ok(Some(f as i64))
+            } else {
+                Err(Box::new(err(
+                    "int_from_float",
+                    vec![],
+                    "Input should be a valid integer, got a number with a fractional part",
+                    v.clone(),
+                )))
+            }
+        }
+        Value::String(s) => s.trim().parse::<i64>().map(Some).map_err(|_| {
+            Box::new(err(
+                "int_parsing",
+                vec![],
+                "Input should be a valid integer, unable to parse string as an integer",
+                v.clone(),
+            ))
+        }),
+        other => Err(Box::new(err(
+            "int_type",
+            vec![],
+            "Input should be a valid integer",
+            other.clone(),
+        ))),
+    }
+}
+
+const MAX_TAGS: usize = 64;
+const MAX_TAG_TEXT: usize = 256;
+
+fn parse_tags(f: &mut Fields<'_>) -> Option<Value> {
+    let v = f.get("tags", true)?;
+    let obj = match v {
+        Value::Null => return None,
+        Value::Object(o) => o,
+        other => {
+            f.errors.push(err(
+                "dict_type",
+                Fields::loc("tags"),
+                "Input should be a valid dictionary",
+                other.clone(),
+            ));
+            return None;
+        }
+    };
+    if obj.len() > MAX_TAGS {
+        f.errors.push(FieldError::value(
+            Fields::loc("tags"),
+            v.clone(),
+            format!("at most {MAX_TAGS} tags"),
+        ));
+        return None;
+    }
+    let mut out = Map::new();
+    for (k, val) in obj {
+        let loc = vec![json!("body"), json!("tags"), json!(k)];
+        if let Err(reason) = validate::tag_key(k) {
+            f.errors
+                .push(FieldError::value(loc.clone(), json!(k), reason));
+            continue;
+        }
+        let text_ok = |s: &str| validate::free_text(s, MAX_TAG_TEXT);
+        let ok = match val {
+            Value::String(s) => text_ok(s),
+            Value::Number(n) if n.is_i64() => Ok(()),
+            Value::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => text_ok(s),
+                    _ => Err("list items must be strings".into()),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|_| {
+                    (items.len() <= MAX_TAGS)
+                        .then_some(())
+                        .ok_or_else(|| format!("at most {MAX_TAGS} items"))
+                }),
+            _ => Err("a tag value must be a string, an integer or a list of strings".into()),
+        };
+        match ok {
+            Ok(()) => {
+                out.insert(k.clone(), val.clone());
+            }
+            Err(reason) => f.errors.push(FieldError::value(loc, val.clone(), reason)),
+        }
+    }
+    Some(Value::Object(out))
+}
+
+fn parse_allocate(body: &Bytes) -> Result<Allocate, Vec<FieldError>> {
+    let obj = json_object(body)?;
+    let mut f = Fields {
+        obj: &obj,
+        errors: Vec::new(),
+    };
+    let cpu_count = f.int("cpu_count").unwrap_or(4);
+    if cpu_count < 1 || cpu_count > i64::from(crate::model::cpulist::MAX_CPU) + 1 {
+        f.errors.push(FieldError::value(
+            Fields::loc("cpu_count"),
+            json!(cpu_count),
+            "cpu_count must be at least 1",
+        ));
+    }
+    let region = f.string("region", false);
+    if let Some(r) = &region {
+        f.check("region", r, validate::label(r));
+    }
+    let zone = f.string("zone", false);
+    if let Some(z) = &zone {
+        f.check("zone", z, validate::label(z));
+    }
+    let tags = parse_tags(&mut f);
+    let key = f.string("ssh_public_key", true);
+    let ssh_key = key
+        .as_ref()
+        .and_then(|k| match validate::ssh_public_key(k) {
+            Ok(key) => Some(key),
+            Err(reason) => {
+                f.errors.push(FieldError::value(
+                    Fields::loc("ssh_public_key"),
+                    json!(k),
+                    reason,
+                ));
+                None
+            }
+        });
+    match (f.errors.is_empty(), ssh_key) {
+        (true, Some(ssh_key)) => Ok(Allocate {
+            cpu_count: cpu_count as u32,
+            region,
+            zone,
+            tags,
+            ssh_key,
+        }),
+        _ => Err(f.errors),
+    }
+}
+
+fn parse_limits(f: &mut Fields<'_>) -> Limits {
+    let Some(v) = f.get("limits", false) else {
+        return Limits::default();
+    };
+    if v.is_null() {
+        return Limits::default();
+    }
+    match serde_json::from_value::<Limits>(v.clone()) {
+        Ok(l) => {
+            for e in l
+                .io_read_bandwidth_max
+                .iter()
+                .chain(&l.io_write_bandwidth_max)
+            {
+                f.check("limits", e, validate_io_limit(e));
+            }
+            if l.io_weight.is_some_and(|w| !(1..=10000).contains(&w)) {
+                f.check(
+                    "limits",
+                    "io_weight",
+                    Err("io_weight must be 1..=10000".into()),
+                );
+            }
+            if l.tasks_max == Some(0) {
+                f.check(
+                    "limits",
+                    "tasks_max",
+                    Err("tasks_max must be at least 1".into()),
+                );
+            }
+            l
+        }
+        Err(e) => {
+            f.errors.push(FieldError::value(
+                Fields::loc("limits"),
+                v.clone(),
+                e.to_string(),
+            ));
+            Limits::default()
+        }
+    }
+}
+
+fn parse_init_server(body: &Bytes) -> Result<InitServer, Vec<FieldError>> {
+    let obj = json_object(body)?;
+    let mut f = Fields {
+        obj: &obj,
+        errors: Vec::new(),
+    };
+    let ip = f.string("ip", true);
+    let region = f.string("region", true);
+    let zone = f.string("zone", true);
+    let hostname = f.string("hostname", true);
+    if let Some(ip) = &ip {
+        let r = ip
+            .parse::<std::net::IpAddr>()
+            .map(|_| ())
+            .map_err(|_| format!("{ip:?} is not an IPv4 or IPv6 address"));
+        f.check("ip", ip, r);
+    }
+    for (name, v) in [("region", &region), ("zone", &zone)] {
+        if let Some(v) = v {
+            f.check(name, v, validate::label(v));
+        }
+    }
+    if let Some(h) = &hostname {
+        f.check("hostname", h, validate::hostname(h));
+    }
+    let mut cpu_ranges = Vec::new();
+    match f.get("cpu_ranges", true) {
+        None => {}
+        Some(Value::Array(items)) => {
+            if items.is_empty() {
+                f.errors.push(FieldError::value(
+                    Fields::loc("cpu_ranges"),
+                    json!([]),
+                    "at least one CPU range is needed",
+                ));
+            }
+            for (i, item) in items.iter().enumerate() {
+                let loc = vec![json!("body"), json!("cpu_ranges"), json!(i)];
+                match item {
+                    Value::String(s) => match s.parse::<CpuList>() {
+                        Ok(c) => cpu_ranges.push(c),
+                        Err(e) => {
+                            f.errors
+                                .push(FieldError::value(loc, item.clone(), e.to_string()))
+                        }
+                    },
+                    other => f.errors.push(err(
+                        "string_type",
+                        loc,
+                        "Input should be a valid string",
+                        other.clone(),
+                    )),
+                }
+            }
+        }
+        Some(other) => f.errors.push(err(
+            "list_type",
+            Fields::loc("cpu_ranges"),
+            "Input should be a valid list",
+            other.clone(),
+        )),
+    }
+    let mut small = |name: &str, default: i64, max: i64| -> i64 {
+        match f.int(name) {
+            None => default,
+            Some(v) if (1..=max).contains(&v) => v,
+            Some(v) => {
+                f.errors.push(FieldError::value(
+                    Fields::loc(name),
+                    json!(v),
+                    format!("{name} must be between 1 and {max}"),
+                ));
+                default
+            }
+        }
+    };
+    let port_base = small("port_base", ports::DEFAULT_BASE.into(), 65535);
+    let per_cpu = small("ports_per_cpu", ports::DEFAULT_PER_CPU.into(), 65535);
+    let uid_base = small("uid_base", service::DEFAULT_UID_BASE.into(), 1_999_000_000);
+    if (1..1000).contains(&uid_base) {
+        f.errors.push(FieldError::value(
+            Fields::loc("uid_base"),
+            json!(uid_base),
+            "uid_base below 1000 would collide with system users",
+        ));
+    }
+    let limits = parse_limits(&mut f);
+    let plan = PortPlan::new(port_base as u16, per_cpu as u16);
+    if let Err(e) = &plan {
+        f.errors.push(FieldError::value(
+            Fields::loc("port_base"),
+            json!(port_base),
+            e.to_string(),
+        ));
+    }
+    match (f.errors.is_empty(), ip, region, zone, hostname, plan) {
+        (true, Some(ip), Some(region), Some(zone), Some(hostname), Ok(ports)) => Ok(InitServer {
+            hostname,
+            ip,
+            region,
+            zone,
+            cpu_ranges,
+            ports,
+            uid_base: uid_base as u32,
+            limits,
+        }),
+        _ => Err(f.errors),
+    }
+}
+
+/// Query parameters, FastAPI style: unknown ones ignored, bad integers reported.
+fn query_map(raw: Option<&str>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(k), percent_decode(v));
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_int(
+    q: &BTreeMap<String, String>,
+    name: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<i64> {
+    let v = q.get(name)?;
+    match v.trim().parse::<i64>() {
+        Ok(i) => Some(i),
+        Err(_) => {
+            errors.push(err(
+                "int_parsing",
+                vec![json!("query"), json!(name)],
+                "Input should be a valid integer, unable to parse string as an integer",
+                json!(v),
+            ));
+            None
+        }
+    }
+}
+
+fn query_bool(q: &BTreeMap<String, String>, name: &str, errors: &mut Vec<FieldError>) -> bool {
+    match q.get(name).map(|s| s.to_ascii_lowercase()) {
+        None => false,
+        Some(v) if ["true", "1", "yes", "on", "t", "y"].contains(&v.as_str()) => true,
+        Some(v) if ["false", "0", "no", "off", "f", "n"].contains(&v.as_str()) => false,
+        Some(v) => {
+            errors.push(err(
+                "bool_parsing",
+                vec![json!("query"), json!(name)],
+                "Input should be a valid boolean, unable to interpret input",
+                json!(v),
+            ));
+            false
+        }
+    }
+}
+
+// ---- handlers ----------------------------------------------------------------------------
+
+fn peer_of(ext: &axum::http::Extensions) -> Peer {
+    ext.get::<Peer>().cloned().unwrap_or(Peer::Unknown)
+}
+
+/// Allocate a FREE compute unit with exactly `cpu_count` CPUs.
+#[utoipa::path(post, path = "/api/compute_units/allocate", tag = "compute_units",
+    request_body = ComputeUnitRequest,
+    responses((status = 200, body = ComputeUnitResponse), (status = 409, description = "No FREE unit matches", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+async fn allocate(
+    State(k): State<AppState>,
+    req: axum::extract::Request,
+) -> ApiResult<Json<ComputeUnitResponse>> {
+    let (parts, body) = req.into_parts();
+    let peer = peer_of(&parts.extensions);
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map_err(|e| ApiError::detail(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
+    let req = parse_allocate(&body).map_err(ApiError::invalid)?;
+    let actor = peer.actor();
+    let unit = blocking(move || k.allocate(req, &actor)).await?;
+    Ok(Json((&unit).into()))
+}
+
+/// Deallocate a unit: its owner's key, processes and files are gone; it is FREE again.
+#[utoipa::path(delete, path = "/api/compute_units/deallocate/{compute_id}", tag = "compute_units",
+    params(("compute_id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Not in a state that can be deallocated", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+async fn deallocate(
+    State(k): State<AppState>,
+    Path(id): Path<String>,
+    ext: axum::http::Extensions,
+) -> ApiResult<Json<Value>> {
+    let actor = peer_of(&ext).actor();
+    blocking(move || k.deallocate(&id, &actor, &|_| Ok(()))).await?;
+    Ok(Json(json!({})))
+}
+
+/// List compute units, optionally filtered.
+#[utoipa::path(get, path = "/api/compute_units/", tag = "compute_units",
+    params(
+        ("compute_id" = Option<String>, Query), ("hostname" = Option<String>, Query),
+        ("region" = Option<String>, Query), ("zone" = Option<String>, Query),
+        ("cpu_count" = Option<i64>, Query), ("deployment_id" = Option<String>, Query, description = "tags.deployment_id"),
+        ("status" = Option<String>, Query)),
+    responses((status = 200, body = Vec<ComputeUnitResponse>), (status = 422, body = HTTPValidationError)))]
+async fn list_units(
+    State(k): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Vec<ComputeUnitResponse>>> {
+    let q = query_map(raw.as_deref());
+    let mut errors = Vec::new();
+    let cpu_count = query_int(&q, "cpu_count", &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let f = UnitFilter {
+        compute_id: q.get("compute_id").cloned(),
+        hostname: q.get("hostname").cloned(),
+        region: q.get("region").cloned(),
+        zone: q.get("zone").cloned(),
+        cpu_count,
+        deployment_id: q.get("deployment_id").cloned(),
+        status: q.get("status").cloned(),
+    };
+    let units = blocking(move || k.units(&f)).await?;
+    Ok(Json(units.iter().map(ComputeUnitResponse::from).collect()))
+}
+
+/// One compute unit (additive endpoint).
+#[utoipa::path(get, path = "/api/compute_units/{compute_id}", tag = "compute_units",
+    params(("compute_id" = String, Path)),
+    responses((status = 200, body = ComputeUnitResponse), (status = 404, body = ErrorDetail)))]
+async fn get_unit(
+    State(k): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ComputeUnitResponse>> {
+    let unit = blocking(move || k.unit(&id)).await?;
+    Ok(Json((&unit).into()))
+}
+
+/// Register a server and cut it into compute units; on this host, apply them.
+#[utoipa::path(post, path = "/api/admin/init_server", tag = "admin",
+    request_body = InitServerRequest,
+    responses((status = 200, body = Object), (status = 409, description = "Server already initialized", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+async fn init_server(
+    State(k): State<AppState>,
+    req: axum::extract::Request,
+) -> ApiResult<Json<Value>> {
+    let (parts, body) = req.into_parts();
+    let actor = peer_of(&parts.extensions).actor();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map_err(|e| ApiError::detail(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
+    let req = parse_init_server(&body).map_err(ApiError::invalid)?;
+    blocking(move || k.init_server(req, &actor)).await?;
+    Ok(Json(json!({})))
+}
+
+/// Remove a server and everything Kloigos made on it. Refused while units are in use unless
+/// `force=true`.
+#[utoipa::path(delete, path = "/api/admin/decommission_server/{hostname}", tag = "admin",
+    params(("hostname" = String, Path), ("force" = Option<bool>, Query)),
+    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Units still in use", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+async fn decommission_server(
+    State(k): State<AppState>,
+    Path(hostname): Path<String>,
+    RawQuery(raw): RawQuery,
+    ext: axum::http::Extensions,
+) -> ApiResult<Json<Value>> {
+    let q = query_map(raw.as_deref());
+    let mut errors = Vec::new();
+    let force = query_bool(&q, "force", &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let actor = peer_of(&ext).actor();
+    blocking(move || k.decommission(&hostname, force, &actor)).await?;
+    Ok(Json(json!({})))
+}
+
+fn server_response(s: &Server, local: &str) -> ServerResponse {
+    ServerResponse {
+        hostname: s.hostname.clone(),
+        ip: s.ip.clone(),
+        region: s.region.clone(),
+        zone: s.zone.clone(),
+        status: s.status.to_string(),
+        cpu_ranges: s.cpu_ranges.clone(),
+        port_base: s.port_base,
+        ports_per_cpu: s.ports_per_cpu,
+        uid_base: s.uid_base,
+        limits: s.limits.clone(),
+        created_at: s.created_at.clone(),
+        local: s.hostname == local,
+    }
+}
+
+/// Servers known to this Kloigos (additive endpoint).
+#[utoipa::path(get, path = "/api/admin/servers", tag = "admin",
+    responses((status = 200, body = Vec<ServerResponse>)))]
+async fn list_servers(State(k): State<AppState>) -> ApiResult<Json<Vec<ServerResponse>>> {
+    let k2 = k.clone();
+    let servers = blocking(move || k2.servers()).await?;
+    Ok(Json(
+        servers
+            .iter()
+            .map(|s| server_response(s, k.local_hostname()))
+            .collect(),
+    ))
+}
+
+/// The audit log, newest first. Page with `before` (an event id) and `limit`.
+#[utoipa::path(get, path = "/api/events", tag = "audit",
+    params(("compute_id" = Option<String>, Query), ("hostname" = Option<String>, Query),
+        ("operation" = Option<String>, Query), ("actor" = Option<String>, Query),
+        ("since" = Option<String>, Query, description = "RFC 3339 time, inclusive"),
+        ("until" = Option<String>, Query, description = "RFC 3339 time, exclusive"),
+        ("before" = Option<i64>, Query), ("limit" = Option<i64>, Query)),
+    responses((status = 200, body = Vec<crate::store::Event>), (status = 422, body = HTTPValidationError)))]
+async fn list_events(
+    State(k): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Vec<crate::store::Event>>> {
+    let q = query_map(raw.as_deref());
+    let mut errors = Vec::new();
+    let before_id = query_int(&q, "before", &mut errors);
+    let limit = query_int(&q, "limit", &mut errors).unwrap_or(100);
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let f = EventFilter {
+        compute_id: q.get("compute_id").cloned(),
+        hostname: q.get("hostname").cloned(),
+        operation: q.get("operation").cloned(),
+        actor: q.get("actor").cloned(),
+        since: q.get("since").cloned(),
+        until: q.get("until").cloned(),
+        before_id,
+        limit: limit.clamp(1, 1000) as u32,
+    };
+    Ok(Json(blocking(move || k.events(&f)).await?))
+}
+
+/// Liveness: the database answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Object)))]
+async fn healthz(State(k): State<AppState>) -> ApiResult<Json<Value>> {
+    let k2 = k.clone();
+    let servers = blocking(move || k2.servers()).await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "hostname": k.local_hostname(),
+        "servers": servers.len(),
+    })))
+}
+
+async fn openapi() -> impl IntoResponse {
+    let doc = ApiDoc::openapi();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.to_json().unwrap_or_else(|_| "{}".into()),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::detail(StatusCode::NOT_FOUND, "Not Found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/compute_units/allocate", post(allocate))
+        .route(
+            "/api/compute_units/deallocate/{compute_id}",
+            delete(deallocate),
+        )
+        .route("/api/compute_units/", get(list_units))
+        .route("/api/compute_units", get(list_units))
+        .route("/api/compute_units/{compute_id}", get(get_unit))
+        .route("/api/admin/init_server", post(init_server))
+        .route(
+            "/api/admin/decommission_server/{hostname}",
+            delete(decommission_server),
+        )
+        .route("/api/admin/servers", get(list_servers))
+        .route("/api/events", get(list_events))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("h1_0-15"), "h1_0-15");
+        assert_eq!(percent_decode("0%2C2"), "0,2");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_decode("trail%2"), "trail%2");
+        assert_eq!(percent_decode("%"), "%");
+    }
+
+    #[test]
+    fn lax_integers() {
+        assert_eq!(lax_int(&json!(4)).unwrap(), Some(4));
+        assert_eq!(lax_int(&json!(4.0)).unwrap(), Some(4));
+        assert_eq!(lax_int(&json!("8")).unwrap(), Some(8));
+        assert_eq!(lax_int(&json!(null)).unwrap(), None);
+        assert_eq!(lax_int(&json!(4.5)).unwrap_err().kind, "int_from_float");
+        assert_eq!(lax_int(&json!("x")).unwrap_err().kind, "int_parsing");
+        assert_eq!(lax_int(&json!([1])).unwrap_err().kind, "int_type");
+    }
+
+    #[test]
+    fn body_errors_have_fastapi_shape() {
+        let e = json_object(&Bytes::from_static(b"")).unwrap_err();
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            json!([{"type": "missing", "loc": ["body"], "msg": "Field required", "input": null}])
+        );
+        let e = json_object(&Bytes::from_static(b"{\"a\": }")).unwrap_err();
+        assert_eq!(e[0].kind, "json_invalid");
+        assert_eq!(e[0].loc, vec![json!("body"), json!(6)]);
+        let e = json_object(&Bytes::from_static(b"[1]")).unwrap_err();
+        assert_eq!(e[0].kind, "model_attributes_type");
+    }
+}

@@ -1,0 +1,17 @@
+//! Kloigos: VM-like compute units cut from one Linux host with systemd and nftables.
+//!
+//! Read the modules in this order: `model` (pure domain logic) → `store` (SQLite inventory)
+//! → `render` (Tera templates to file contents) → `apply` (the one seam that changes a host,
+//! under a root directory) → `service` (the operations, tying the three together) → `api`
+//! (HTTP) → `server` (listeners, socket activation) → `cli`.
+
+pub mod api;
+pub mod apply;
+pub mod cli;
+pub mod logging;
+pub mod model;
+pub mod render;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod time;

@@ -1,0 +1,1062 @@
+//! The operations of Kloigos: init_server, allocate, deallocate, decommission and reconcile.
+//! Each one validates, records its intent in the store, applies it to the host through
+//! `apply::Host`, then records the outcome, so a crash at any point leaves a state that
+//! `reconcile` finishes or rolls back. Host-changing operations hold an exclusive file lock, so
+//! the service and a `kloigos reconcile` run by hand never interleave.
+
+use crate::apply::{ApplyError, Host};
+use crate::model::{self, CpuList, PortPlan, names, validate::SshKey};
+use crate::render::{self, HostFacts, RenderError, Renderer, UnitPlan};
+use crate::store::{
+    Event, EventFilter, Limits, NewEvent, NewUnit, Server, ServerStatus, Store, StoreError,
+    Transition, Unit, UnitChange, UnitFilter, UnitStatus,
+};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// One validation problem, in the shape FastAPI reports (`loc`, `msg`, `type`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FieldError {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub loc: Vec<Value>,
+    pub msg: String,
+    pub input: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<Value>,
+}
+
+impl FieldError {
+    /// A semantic check that failed (pydantic's `value_error`).
+    pub fn value(loc: Vec<Value>, input: Value, reason: impl Into<String>) -> FieldError {
+        let reason = reason.into();
+        FieldError {
+            kind: "value_error".into(),
+            loc,
+            msg: format!("Value error, {reason}"),
+            input,
+            ctx: Some(json!({ "error": reason })),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("validation failed")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("lock {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, OpError>;
+
+/// A validated init_server request.
+#[derive(Debug, Clone)]
+pub struct InitServer {
+    pub hostname: String,
+    pub ip: String,
+    pub region: String,
+    pub zone: String,
+    pub cpu_ranges: Vec<CpuList>,
+    pub ports: PortPlan,
+    pub uid_base: u32,
+    pub limits: Limits,
+}
+
+pub const DEFAULT_UID_BASE: u32 = 20000;
+
+/// A validated allocate request.
+#[derive(Debug, Clone)]
+pub struct Allocate {
+    pub cpu_count: u32,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub tags: Option<Value>,
+    pub ssh_key: SshKey,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub db: PathBuf,
+    pub root: PathBuf,
+    pub templates: Vec<PathBuf>,
+    /// The name of the host this process runs on; units of other hosts are inventory only.
+    pub hostname: Option<String>,
+    /// How long deallocation lets processes handle SIGTERM before SIGKILL.
+    pub kill_grace: Duration,
+}
+
+/// What reconcile did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ReconcileReport {
+    pub files_changed: Vec<String>,
+    pub files_removed: Vec<String>,
+    pub units_fixed: Vec<String>,
+    pub servers_fixed: Vec<String>,
+}
+
+impl ReconcileReport {
+    pub fn is_clean(&self) -> bool {
+        self.files_changed.is_empty()
+            && self.files_removed.is_empty()
+            && self.units_fixed.is_empty()
+            && self.servers_fixed.is_empty()
+    }
+}
+
+pub struct Kloigos {
+    pub store: Store,
+    host: Host,
+    renderer: Renderer,
+    local: String,
+    lock_path: PathBuf,
+    kill_grace: Duration,
+    facts: HostFacts,
+}
+
+/// The hostname of the machine (or of the fake root's /etc/hostname).
+fn local_hostname(root: &Path, live: bool) -> String {
+    if !live && let Ok(h) = std::fs::read_to_string(root.join("etc/hostname")) {
+        return h.trim().to_string();
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The JSON an audit record keeps of a unit.
+pub fn unit_json(u: &Unit) -> Value {
+    json!({
+        "compute_id": u.compute_id,
+        "status": u.status,
+        "started_at": u.started_at,
+        "tags": u.tags,
+        "allocated_by": u.allocated_by,
+    })
+}
+
+fn test_pause(point: &str) {
+    // Test-only crash window: KLOIGOS_TEST_PAUSE=allocate:5 sleeps 5 s mid-allocation.
+    if let Ok(v) = std::env::var("KLOIGOS_TEST_PAUSE")
+        && let Some((p, secs)) = v.split_once(':')
+        && p == point
+        && let Ok(secs) = secs.parse::<u64>()
+    {
+        warn!(point, secs, "test pause point");
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+}
+
+impl Kloigos {
+    pub fn open(cfg: &Config) -> Result<Kloigos> {
+        let store = Store::open(&cfg.db)?;
+        let host = Host::new(&cfg.root);
+        let renderer = Renderer::load(&cfg.templates)?;
+        let local = cfg
+            .hostname
+            .clone()
+            .unwrap_or_else(|| local_hostname(&cfg.root, host.is_live()));
+        let mut lock_path = cfg.db.clone().into_os_string();
+        lock_path.push(".lock");
+        let facts = HostFacts {
+            hostname: local.clone(),
+            socket_bind: host.socket_bind_supported(),
+        };
+        Ok(Kloigos {
+            store,
+            host,
+            renderer,
+            local,
+            lock_path: lock_path.into(),
+            kill_grace: cfg.kill_grace,
+            facts,
+        })
+    }
+
+    pub fn local_hostname(&self) -> &str {
+        &self.local
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)
+            .map_err(|source| OpError::Lock {
+                path: self.lock_path.clone(),
+                source,
+            })?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+            OpError::Lock {
+                path: self.lock_path.clone(),
+                source: e.into(),
+            }
+        })
+    }
+
+    fn is_local(&self, hostname: &str) -> bool {
+        hostname == self.local
+    }
+
+    fn plan(&self, server: &Server, unit: &Unit) -> Result<UnitPlan> {
+        Ok(UnitPlan::new(server, unit, self.host.root())?)
+    }
+
+    #[allow(clippy::too_many_arguments)] // mirrors NewEvent, with the error logged here
+    fn record(
+        &self,
+        actor: &str,
+        operation: &str,
+        compute_id: Option<&str>,
+        hostname: Option<&str>,
+        result: std::result::Result<(), &str>,
+        before: Option<Value>,
+        after: Option<Value>,
+    ) {
+        if let Err(e) = self.store.record(NewEvent {
+            actor,
+            operation,
+            compute_id,
+            hostname,
+            result,
+            before,
+            after,
+        }) {
+            error!(operation, error = %e, "cannot write the audit log");
+        }
+    }
+
+    // ---- reads -------------------------------------------------------------------------
+
+    pub fn units(&self, f: &UnitFilter) -> Result<Vec<Unit>> {
+        Ok(self.store.units(f)?)
+    }
+
+    pub fn unit(&self, id: &str) -> Result<Unit> {
+        self.store
+            .unit(id)?
+            .ok_or_else(|| OpError::NotFound(format!("compute unit {id:?} not found")))
+    }
+
+    pub fn servers(&self) -> Result<Vec<Server>> {
+        Ok(self.store.servers()?)
+    }
+
+    pub fn events(&self, f: &EventFilter) -> Result<Vec<Event>> {
+        Ok(self.store.events(f)?)
+    }
+
+    // ---- init_server -------------------------------------------------------------------
+
+    /// Plans the units of a server: names, UIDs, ports; rejects overlaps, missing CPUs,
+    /// ports beyond the ephemeral range and user names that would be too long.
+    fn plan_server(&self, req: &InitServer) -> Result<Vec<NewUnit>> {
+        let mut errors = Vec::new();
+        let loc = |i: usize| vec![json!("body"), json!("cpu_ranges"), json!(i)];
+        let local = self.is_local(&req.hostname);
+        let online = if local {
+            model::numa::online_cpus(self.host.root())
+        } else {
+            None
+        };
+        let ephemeral = if local {
+            model::ports::ephemeral_range(self.host.root()).map(|(lo, _)| lo)
+        } else {
+            None
+        };
+        let mut units = Vec::new();
+        for (i, cpus) in req.cpu_ranges.iter().enumerate() {
+            let input = json!(cpus.to_string());
+            for (j, other) in req.cpu_ranges.iter().enumerate().take(i) {
+                if cpus.overlaps(other) {
+                    errors.push(FieldError::value(
+                        loc(i),
+                        input.clone(),
+                        format!("CPU range {cpus} overlaps cpu_ranges[{j}] ({other})"),
+                    ));
+                }
+            }
+            if let Some(online) = &online {
+                let missing = cpus.difference(online);
+                if !missing.is_empty() {
+                    errors.push(FieldError::value(
+                        loc(i),
+                        input.clone(),
+                        format!(
+                            "host {} has no CPU {:?} (online CPUs: {online})",
+                            req.hostname, missing
+                        ),
+                    ));
+                }
+            }
+            let user = match names::user_name(cpus) {
+                Ok(u) => u,
+                Err(e) => {
+                    errors.push(FieldError::value(loc(i), input.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            let ports = match req.ports.ranges_for(cpus, ephemeral) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(FieldError::value(loc(i), input.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            let uid = names::uid(req.uid_base, cpus);
+            if u64::from(req.uid_base) + u64::from(cpus.first()) > 2_000_000_000 {
+                errors.push(FieldError::value(loc(i), input, "uid out of range"));
+                continue;
+            }
+            units.push(NewUnit {
+                compute_id: names::compute_id(&req.hostname, cpus),
+                cpu_range: cpus.to_string(),
+                cpu_count: cpus.len() as u32,
+                first_cpu: cpus.first(),
+                uid,
+                user,
+                ports_range: ports.to_string(),
+            });
+        }
+        if errors.is_empty() {
+            Ok(units)
+        } else {
+            Err(OpError::Invalid(errors))
+        }
+    }
+
+    pub fn init_server(&self, req: InitServer, actor: &str) -> Result<()> {
+        let _lock = self.lock()?;
+        let units = self.plan_server(&req)?;
+        let now = crate::time::now();
+        let server = Server {
+            hostname: req.hostname.clone(),
+            ip: req.ip.clone(),
+            region: req.region.clone(),
+            zone: req.zone.clone(),
+            status: ServerStatus::Initializing,
+            cpu_ranges: req.cpu_ranges.iter().map(|c| c.to_string()).collect(),
+            port_base: req.ports.base,
+            ports_per_cpu: req.ports.per_cpu,
+            uid_base: req.uid_base,
+            limits: req.limits.clone(),
+            created_at: now.clone(),
+            updated_at: now,
+        };
+        let host = Some(req.hostname.as_str());
+        if let Err(status) = self.store.begin_init(&server, &units)? {
+            return Err(OpError::Conflict(format!(
+                "server {} is already known ({status}); decommission it first",
+                req.hostname
+            )));
+        }
+        let after = json!({"hostname": server.hostname, "cpu_ranges": server.cpu_ranges});
+        if self.is_local(&req.hostname) {
+            info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "applying");
+            if let Err(e) = self.apply_local(None) {
+                error!(hostname = %req.hostname, operation = "init_server", error = %e, "init failed, rolling back");
+                let detail = format!("init_server failed on the host: {e}");
+                let rolled_back = self.rollback_init(&server);
+                match rolled_back {
+                    Ok(()) => self.store.delete_server(&req.hostname)?,
+                    Err(ref re) => {
+                        error!(hostname = %req.hostname, error = %re, "rollback failed");
+                        self.store.set_server_status(
+                            &req.hostname,
+                            ServerStatus::InitFail,
+                            Some(UnitStatus::Unavailable),
+                        )?;
+                    }
+                }
+                self.record(
+                    actor,
+                    "init_server",
+                    None,
+                    host,
+                    Err(&detail),
+                    None,
+                    Some(after),
+                );
+                return Err(OpError::Failed(match rolled_back {
+                    Ok(()) => format!("{detail} (rolled back)"),
+                    Err(re) => format!(
+                        "{detail}; rollback failed too: {re} (server is INIT_FAIL; retry init_server or run reconcile)"
+                    ),
+                }));
+            }
+        }
+        self.store
+            .set_server_status(&req.hostname, ServerStatus::Ready, Some(UnitStatus::Free))?;
+        info!(hostname = %req.hostname, operation = "init_server", "server ready");
+        self.record(actor, "init_server", None, host, Ok(()), None, Some(after));
+        Ok(())
+    }
+
+    /// Removes what a failed init created for `server`, leaving the other units as they are.
+    fn rollback_init(&self, server: &Server) -> Result<()> {
+        let units = self.store.units(&UnitFilter {
+            hostname: Some(server.hostname.clone()),
+            ..Default::default()
+        })?;
+        let plans = units
+            .iter()
+            .map(|u| self.plan(server, u))
+            .collect::<Result<Vec<_>>>()?;
+        self.remove_units_from_host(&plans)?;
+        self.apply_local(Some(&server.hostname))?;
+        Ok(())
+    }
+
+    /// Every local unit's plan, optionally leaving out one server's.
+    fn local_plans(&self, except: Option<&str>) -> Result<Vec<(Server, Unit, UnitPlan)>> {
+        let mut out = Vec::new();
+        for server in self.store.servers()? {
+            if !self.is_local(&server.hostname) || Some(server.hostname.as_str()) == except {
+                continue;
+            }
+            if matches!(
+                server.status,
+                ServerStatus::Decommissioned | ServerStatus::InitFail
+            ) {
+                continue;
+            }
+            for unit in self.store.units(&UnitFilter {
+                hostname: Some(server.hostname.clone()),
+                ..Default::default()
+            })? {
+                let plan = self.plan(&server, &unit)?;
+                out.push((server.clone(), unit, plan));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Brings the host in line with the inventory's local units: users, unit files
+    /// (daemon-reload only when one changed), directories, the nftables table; removes Kloigos
+    /// files no unit claims. Returns the paths written and removed.
+    fn apply_local(&self, except: Option<&str>) -> Result<(Vec<String>, Vec<String>)> {
+        let plans = self.local_plans(except)?;
+        let mut written = Vec::new();
+        for (_, _, p) in &plans {
+            self.host.ensure_user(p)?;
+        }
+        for (_, _, p) in &plans {
+            for f in self.renderer.unit_files(&self.facts, p)? {
+                if self.host.write(&f, None)? {
+                    written.push(f.path.display().to_string());
+                }
+            }
+        }
+        let owned =
+            render::owned_paths(&plans.iter().map(|(_, _, p)| p.clone()).collect::<Vec<_>>());
+        let removed = self.remove_stale_files(&owned)?;
+        if written.iter().any(|p| p.starts_with("etc/systemd"))
+            || removed.iter().any(|p| p.starts_with("etc/systemd"))
+        {
+            self.host.daemon_reload()?;
+        }
+        for (_, _, p) in &plans {
+            self.host.create_dirs(p)?;
+        }
+        let all: Vec<UnitPlan> = plans.into_iter().map(|(_, _, p)| p).collect();
+        if all.is_empty() {
+            if self.host.path(render::NFT_PATH).exists() || self.host.nft_loaded() == Some(true) {
+                self.host.remove_nft(Path::new(render::NFT_PATH))?;
+                written.push(format!("{} (removed)", render::NFT_PATH));
+            }
+        } else {
+            let nft = self.renderer.nftables(&self.facts, &all)?;
+            let changed = self.host.write(&nft, None)?;
+            if changed || self.host.nft_loaded() == Some(false) {
+                self.host.load_nft(&nft)?;
+            }
+            if changed {
+                written.push(nft.path.display().to_string());
+            }
+        }
+        Ok((written, removed))
+    }
+
+    /// Removes drop-ins and tmpfiles.d files that Kloigos wrote for units no longer in `owned`.
+    fn remove_stale_files(&self, owned: &BTreeSet<PathBuf>) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let mut candidates = Vec::new();
+        let sysd = self.host.path("etc/systemd/system");
+        if let Ok(entries) = std::fs::read_dir(&sysd) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let is_ours = (name.starts_with("user-") && name.ends_with(".slice.d"))
+                    || (name.starts_with("user@") && name.ends_with(".service.d"));
+                if is_ours {
+                    candidates.push(PathBuf::from(format!(
+                        "etc/systemd/system/{name}/50-kloigos.conf"
+                    )));
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.host.path("etc/tmpfiles.d")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("kloigos-") && name.ends_with(".conf") {
+                    candidates.push(PathBuf::from(format!("etc/tmpfiles.d/{name}")));
+                }
+            }
+        }
+        for c in candidates {
+            if !owned.contains(&c) && self.host.remove(&c)? {
+                if let Some(parent) = c.parent().filter(|p| p.starts_with("etc/systemd/system/")) {
+                    self.host.remove_empty_dir(parent);
+                }
+                removed.push(c.display().to_string());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Takes units off the host entirely: processes, files, directories, users.
+    fn remove_units_from_host(&self, plans: &[UnitPlan]) -> Result<()> {
+        let mut errors = Vec::new();
+        for p in plans {
+            // Keep going after an error: a half-removed unit is reported, not hidden.
+            let r = (|| -> Result<()> {
+                self.release(p)?;
+                for f in [p.slice_dropin(), p.user_service_dropin(), p.tmpfiles_conf()] {
+                    self.host.remove(&f)?;
+                    if let Some(parent) =
+                        f.parent().filter(|d| d.starts_with("etc/systemd/system/"))
+                    {
+                        self.host.remove_empty_dir(parent);
+                    }
+                }
+                self.host.remove_dirs(p)?;
+                self.host.remove_user(&p.user)?;
+                Ok(())
+            })();
+            if let Err(e) = r {
+                errors.push(format!("{}: {e}", p.compute_id));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(OpError::Failed(errors.join("; ")))
+        }
+    }
+
+    // ---- allocate ----------------------------------------------------------------------
+
+    pub fn allocate(&self, req: Allocate, actor: &str) -> Result<Unit> {
+        let _lock = self.lock()?;
+        let key = req.ssh_key.to_line();
+        let Some(unit) = self.store.claim_free(
+            req.cpu_count,
+            req.region.as_deref(),
+            req.zone.as_deref(),
+            req.tags.as_ref(),
+            &key,
+            actor,
+        )?
+        else {
+            let mut what = format!("cpu_count={}", req.cpu_count);
+            if let Some(r) = &req.region {
+                what.push_str(&format!(", region={r}"));
+            }
+            if let Some(z) = &req.zone {
+                what.push_str(&format!(", zone={z}"));
+            }
+            return Err(OpError::Conflict(format!(
+                "no FREE compute unit matches {what}"
+            )));
+        };
+        let id = unit.compute_id.clone();
+        info!(compute_id = %id, operation = "allocate", actor, "allocating");
+        let applied = if self.is_local(&unit.hostname) {
+            self.apply_allocate(&unit, &key)
+        } else {
+            Ok(())
+        };
+        match applied {
+            Ok(()) => {
+                let Transition::Done(done) = self.store.transition(
+                    &id,
+                    &[UnitStatus::Allocating],
+                    UnitStatus::Allocated,
+                    UnitChange {
+                        started_at: Some(Some(crate::time::now())),
+                        ..Default::default()
+                    },
+                )?
+                else {
+                    return Err(OpError::Failed(format!("{id} changed state under us")));
+                };
+                info!(compute_id = %id, operation = "allocate", actor, "allocated");
+                let done = *done;
+                self.record(
+                    actor,
+                    "allocate",
+                    Some(&id),
+                    Some(&done.hostname),
+                    Ok(()),
+                    Some(json!({"status": "FREE"})),
+                    Some(unit_json(&done)),
+                );
+                Ok(done)
+            }
+            Err(e) => {
+                error!(compute_id = %id, operation = "allocate", error = %e, "allocation failed, rolling back");
+                let detail = format!("allocation of {id} failed on the host: {e}");
+                let server = self.store.server(&unit.hostname)?;
+                let rollback = match &server {
+                    Some(s) => self.plan(s, &unit).and_then(|p| self.release(&p)),
+                    None => Err(OpError::NotFound(unit.hostname.clone())),
+                };
+                let (to, change, msg) = match &rollback {
+                    Ok(()) => (
+                        UnitStatus::Free,
+                        UnitChange::cleared(),
+                        format!("{detail} (rolled back)"),
+                    ),
+                    Err(re) => (
+                        UnitStatus::AllocationFail,
+                        UnitChange::default(),
+                        format!(
+                            "{detail}; rollback failed: {re} (unit is ALLOCATION_FAIL; deallocate or reconcile cleans it)"
+                        ),
+                    ),
+                };
+                let after =
+                    match self
+                        .store
+                        .transition(&id, &[UnitStatus::Allocating], to, change)?
+                    {
+                        Transition::Done(u) => Some(unit_json(&u)),
+                        _ => None,
+                    };
+                self.record(
+                    actor,
+                    "allocate",
+                    Some(&id),
+                    Some(&unit.hostname),
+                    Err(&msg),
+                    Some(json!({"status": "FREE"})),
+                    after,
+                );
+                Err(OpError::Failed(msg))
+            }
+        }
+    }
+
+    fn apply_allocate(&self, unit: &Unit, key: &str) -> Result<()> {
+        let server = self
+            .store
+            .server(&unit.hostname)?
+            .ok_or_else(|| OpError::NotFound(unit.hostname.clone()))?;
+        let plan = self.plan(&server, unit)?;
+        self.host.write_authorized_key(&plan, key)?;
+        test_pause("allocate");
+        // tmpfiles.d now carries the linger flag; no daemon-reload is needed for that.
+        for f in self.renderer.unit_files(&self.facts, &plan)? {
+            if f.path == plan.tmpfiles_conf() {
+                self.host.write(&f, None)?;
+            }
+        }
+        self.host.set_linger(&plan, true)?;
+        Ok(())
+    }
+
+    /// Host side of "nobody owns this unit": linger off, every process gone, key removed,
+    /// leftovers removed, directories back to the skeleton, tmpfiles.d without linger.
+    fn release(&self, plan: &UnitPlan) -> Result<()> {
+        let mut plan = plan.clone();
+        plan.allocated = false;
+        // No new logins first, then no processes, then no files.
+        self.host.remove_authorized_key(&plan)?;
+        self.host.set_linger(&plan, false)?;
+        self.host.kill_user(&plan, self.kill_grace)?;
+        self.host.remove_user_leftovers(&plan)?;
+        self.host.wipe_dirs(&plan)?;
+        for f in self.renderer.unit_files(&self.facts, &plan)? {
+            if f.path == plan.tmpfiles_conf() {
+                self.host.write(&f, None)?;
+            }
+        }
+        // A login that raced the key removal is gone with this second pass.
+        self.host.kill_user(&plan, Duration::ZERO)?;
+        Ok(())
+    }
+
+    // ---- deallocate --------------------------------------------------------------------
+
+    /// `check` may refuse (e.g. a user deallocating someone else's unit) after the unit is found.
+    pub fn deallocate(
+        &self,
+        id: &str,
+        actor: &str,
+        check: &dyn Fn(&Unit) -> Result<()>,
+    ) -> Result<()> {
+        let _lock = self.lock()?;
+        let before = self.unit(id)?;
+        check(&before)?;
+        let from = [
+            UnitStatus::Allocated,
+            UnitStatus::AllocationFail,
+            UnitStatus::DeallocationFail,
+        ];
+        let unit = match self.store.transition(
+            id,
+            &from,
+            UnitStatus::Deallocating,
+            UnitChange::default(),
+        )? {
+            Transition::Done(u) => *u,
+            Transition::NotFound => {
+                return Err(OpError::NotFound(format!("compute unit {id:?} not found")));
+            }
+            Transition::WrongState(s) => {
+                return Err(OpError::Conflict(format!(
+                    "compute unit {id} is {s}; only ALLOCATED, ALLOCATION_FAIL or DEALLOCATION_FAIL units can be deallocated"
+                )));
+            }
+        };
+        info!(compute_id = %id, operation = "deallocate", actor, "deallocating");
+        let applied = if self.is_local(&unit.hostname) {
+            self.store
+                .server(&unit.hostname)?
+                .ok_or_else(|| OpError::NotFound(unit.hostname.clone()))
+                .and_then(|s| self.plan(&s, &unit))
+                .and_then(|p| self.release(&p))
+        } else {
+            Ok(())
+        };
+        match applied {
+            Ok(()) => {
+                let after = match self.store.transition(
+                    id,
+                    &[UnitStatus::Deallocating],
+                    UnitStatus::Free,
+                    UnitChange::cleared(),
+                )? {
+                    Transition::Done(u) => *u,
+                    _ => return Err(OpError::Failed(format!("{id} changed state under us"))),
+                };
+                info!(compute_id = %id, operation = "deallocate", actor, "deallocated");
+                self.record(
+                    actor,
+                    "deallocate",
+                    Some(id),
+                    Some(&unit.hostname),
+                    Ok(()),
+                    Some(unit_json(&before)),
+                    Some(unit_json(&after)),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                error!(compute_id = %id, operation = "deallocate", error = %e, "deallocation failed");
+                let msg = format!(
+                    "deallocation of {id} failed on the host: {e} (unit is DEALLOCATION_FAIL; retry deallocate)"
+                );
+                let after = match self.store.transition(
+                    id,
+                    &[UnitStatus::Deallocating],
+                    UnitStatus::DeallocationFail,
+                    UnitChange::default(),
+                )? {
+                    Transition::Done(u) => Some(unit_json(&u)),
+                    _ => None,
+                };
+                self.record(
+                    actor,
+                    "deallocate",
+                    Some(id),
+                    Some(&unit.hostname),
+                    Err(&msg),
+                    Some(unit_json(&before)),
+                    after,
+                );
+                Err(OpError::Failed(msg))
+            }
+        }
+    }
+
+    // ---- decommission ------------------------------------------------------------------
+
+    pub fn decommission(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
+        let _lock = self.lock()?;
+        let server = self
+            .store
+            .server(hostname)?
+            .ok_or_else(|| OpError::NotFound(format!("server {hostname:?} not found")))?;
+        if server.status == ServerStatus::Decommissioned {
+            return Err(OpError::Conflict(format!(
+                "server {hostname} is already DECOMMISSIONED"
+            )));
+        }
+        let units = self.store.units(&UnitFilter {
+            hostname: Some(hostname.to_string()),
+            ..Default::default()
+        })?;
+        let busy: Vec<&str> = units
+            .iter()
+            .filter(|u| !matches!(u.status, UnitStatus::Free | UnitStatus::Unavailable))
+            .map(|u| u.compute_id.as_str())
+            .collect();
+        if !busy.is_empty() && !force {
+            return Err(OpError::Conflict(format!(
+                "server {hostname} still has units in use: {}; deallocate them or pass force=true",
+                busy.join(", ")
+            )));
+        }
+        self.store
+            .set_server_status(hostname, ServerStatus::Decommissioning, None)?;
+        info!(
+            hostname,
+            operation = "decommission_server",
+            actor,
+            force,
+            "decommissioning"
+        );
+        match self.finish_decommission(&server, &units) {
+            Ok(()) => {
+                self.record(
+                    actor,
+                    "decommission_server",
+                    None,
+                    Some(hostname),
+                    Ok(()),
+                    Some(json!({"status": server.status, "units_in_use": busy})),
+                    Some(json!({"status": "DECOMMISSIONED"})),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!(
+                    "decommission of {hostname} failed on the host: {e} (server is DECOMMISSION_FAIL; retry)"
+                );
+                error!(hostname, operation = "decommission_server", error = %e, "failed");
+                self.store
+                    .set_server_status(hostname, ServerStatus::DecommissionFail, None)?;
+                self.record(
+                    actor,
+                    "decommission_server",
+                    None,
+                    Some(hostname),
+                    Err(&msg),
+                    Some(json!({"status": server.status})),
+                    Some(json!({"status": "DECOMMISSION_FAIL"})),
+                );
+                Err(OpError::Failed(msg))
+            }
+        }
+    }
+
+    fn finish_decommission(&self, server: &Server, units: &[Unit]) -> Result<()> {
+        if self.is_local(&server.hostname) {
+            let plans = units
+                .iter()
+                .map(|u| self.plan(server, u))
+                .collect::<Result<Vec<_>>>()?;
+            self.remove_units_from_host(&plans)?;
+            self.apply_local(Some(&server.hostname))?;
+        }
+        self.store
+            .retire_server(&server.hostname, ServerStatus::Decommissioned)?;
+        Ok(())
+    }
+
+    // ---- reconcile ---------------------------------------------------------------------
+
+    /// Re-renders everything from the inventory, finishes or rolls back what a crash left
+    /// half-done, and repairs drift. Running it twice in a row changes nothing the second time.
+    pub fn reconcile(&self, actor: &str) -> Result<ReconcileReport> {
+        let _lock = self.lock()?;
+        let mut report = ReconcileReport::default();
+        for server in self.store.servers()? {
+            let units = self.store.units(&UnitFilter {
+                hostname: Some(server.hostname.clone()),
+                ..Default::default()
+            })?;
+            match server.status {
+                ServerStatus::Decommissioning => {
+                    self.finish_decommission(&server, &units)?;
+                    report
+                        .servers_fixed
+                        .push(format!("{}: decommission finished", server.hostname));
+                    self.record(
+                        actor,
+                        "reconcile",
+                        None,
+                        Some(&server.hostname),
+                        Ok(()),
+                        Some(json!({"status": "DECOMMISSIONING"})),
+                        Some(json!({"status": "DECOMMISSIONED"})),
+                    );
+                    continue;
+                }
+                ServerStatus::Decommissioned
+                | ServerStatus::InitFail
+                | ServerStatus::DecommissionFail => continue,
+                ServerStatus::Initializing | ServerStatus::Ready => {}
+            }
+            for unit in &units {
+                self.reconcile_unit(&server, unit, actor, &mut report)?;
+            }
+        }
+        let (written, removed) = self.apply_local(None)?;
+        report.files_changed.extend(written);
+        report.files_removed.extend(removed);
+        for server in self.store.servers()? {
+            if server.status == ServerStatus::Initializing {
+                self.store.set_server_status(
+                    &server.hostname,
+                    ServerStatus::Ready,
+                    Some(UnitStatus::Free),
+                )?;
+                report
+                    .servers_fixed
+                    .push(format!("{}: init finished", server.hostname));
+                self.record(
+                    actor,
+                    "reconcile",
+                    None,
+                    Some(&server.hostname),
+                    Ok(()),
+                    Some(json!({"status": "INITIALIZING"})),
+                    Some(json!({"status": "READY"})),
+                );
+            }
+        }
+        if !report.is_clean() {
+            info!(operation = "reconcile", ?report, "reconciled");
+        }
+        Ok(report)
+    }
+
+    fn reconcile_unit(
+        &self,
+        server: &Server,
+        unit: &Unit,
+        actor: &str,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let local = self.is_local(&server.hostname);
+        let plan = if local {
+            Some(self.plan(server, unit)?)
+        } else {
+            None
+        };
+        let id = unit.compute_id.as_str();
+        match unit.status {
+            UnitStatus::Allocating
+            | UnitStatus::AllocationFail
+            | UnitStatus::Deallocating
+            | UnitStatus::DeallocationFail => {
+                if let Some(p) = &plan {
+                    // Make sure the user and its files exist before cleaning up after it.
+                    self.host.ensure_user(p)?;
+                    self.release(p)?;
+                }
+                if let Transition::Done(after) = self.store.transition(
+                    id,
+                    &[unit.status],
+                    UnitStatus::Free,
+                    UnitChange::cleared(),
+                )? {
+                    report
+                        .units_fixed
+                        .push(format!("{id}: {} -> FREE", unit.status));
+                    self.record(
+                        actor,
+                        "reconcile",
+                        Some(id),
+                        Some(&server.hostname),
+                        Ok(()),
+                        Some(unit_json(unit)),
+                        Some(unit_json(&after)),
+                    );
+                }
+            }
+            UnitStatus::Allocated => {
+                if let (Some(p), Some(key)) = (&plan, &unit.ssh_public_key)
+                    && self.host.authorized_key(p).as_deref() != Some(key.as_str())
+                {
+                    self.host.ensure_user(p)?;
+                    self.host.create_dirs(p)?;
+                    self.host.write_authorized_key(p, key)?;
+                    self.host.set_linger(p, true)?;
+                    report
+                        .units_fixed
+                        .push(format!("{id}: authorized key restored"));
+                }
+                if let Some(p) = &plan
+                    && !self.host.path(p.linger_file()).exists()
+                {
+                    self.host.set_linger(p, true)?;
+                    report.units_fixed.push(format!("{id}: linger restored"));
+                }
+            }
+            UnitStatus::Free | UnitStatus::Unavailable => {
+                if let Some(p) = &plan {
+                    if self.host.authorized_key(p).is_some() {
+                        self.host.remove_authorized_key(p)?;
+                        report
+                            .units_fixed
+                            .push(format!("{id}: stray authorized key removed"));
+                    }
+                    if self.host.path(p.linger_file()).exists() {
+                        self.host.set_linger(p, false)?;
+                        report
+                            .units_fixed
+                            .push(format!("{id}: stray linger removed"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every file Kloigos would write for the local units, for `kloigos render`.
+    pub fn render_all(&self) -> Result<Vec<render::RenderedFile>> {
+        let plans = self.local_plans(None)?;
+        let mut files = Vec::new();
+        for (_, _, p) in &plans {
+            files.extend(self.renderer.unit_files(&self.facts, p)?);
+        }
+        let all: Vec<UnitPlan> = plans.into_iter().map(|(_, _, p)| p).collect();
+        if !all.is_empty() {
+            files.push(self.renderer.nftables(&self.facts, &all)?);
+        }
+        Ok(files)
+    }
+
+    pub fn template_sources(&self) -> &[(String, String)] {
+        &self.renderer.sources
+    }
+}

@@ -1,0 +1,908 @@
+//! The inventory in SQLite: servers, compute units and the audit log of events.
+//!
+//! One connection behind a mutex per process; every change is one `BEGIN IMMEDIATE`
+//! transaction, so concurrent writers (threads or processes) are serialized by SQLite and a
+//! unit is claimed by exactly one allocation. WAL mode keeps readers off the writer's back.
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite_migration::{M, Migrations};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database migration: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    #[error("corrupt row in the database: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+macro_rules! status_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s { $($text => Ok($name::$variant),)+ _ => Err(format!("unknown status {s:?}")) }
+            }
+        }
+    };
+}
+
+status_enum!(
+    /// Status of a compute unit (upstream's names).
+    UnitStatus {
+        Free => "FREE",
+        Allocating => "ALLOCATING",
+        Allocated => "ALLOCATED",
+        Deallocating => "DEALLOCATING",
+        AllocationFail => "ALLOCATION_FAIL",
+        DeallocationFail => "DEALLOCATION_FAIL",
+        Unavailable => "UNAVAILABLE",
+    }
+);
+
+status_enum!(
+    /// Status of a server. `READY` is ours: upstream has no name for an initialized server.
+    ServerStatus {
+        Initializing => "INITIALIZING",
+        Ready => "READY",
+        InitFail => "INIT_FAIL",
+        Decommissioning => "DECOMMISSIONING",
+        Decommissioned => "DECOMMISSIONED",
+        DecommissionFail => "DECOMMISSION_FAIL",
+    }
+);
+
+/// Optional resource limits applied to every unit of a server (systemd slice properties).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// `MemoryMax=` per CPU of the unit, in bytes (a unit of 4 CPUs gets 4×).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_per_cpu: Option<u64>,
+    /// `MemoryHigh=` per CPU of the unit, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_high_per_cpu: Option<u64>,
+    /// `TasksMax=` for the whole unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks_max: Option<u64>,
+    /// `IOWeight=` (1..=10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u64>,
+    /// `IOReadBandwidthMax=`: `DEVICE BYTES` entries, e.g. `/dev/vda 50M`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub io_read_bandwidth_max: Vec<String>,
+    /// `IOWriteBandwidthMax=`: `DEVICE BYTES` entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub io_write_bandwidth_max: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Server {
+    pub hostname: String,
+    pub ip: String,
+    pub region: String,
+    pub zone: String,
+    pub status: ServerStatus,
+    pub cpu_ranges: Vec<String>,
+    pub port_base: u16,
+    pub ports_per_cpu: u16,
+    pub uid_base: u32,
+    pub limits: Limits,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A compute unit joined with its server's location.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Unit {
+    pub compute_id: String,
+    pub hostname: String,
+    pub ip: String,
+    pub region: String,
+    pub zone: String,
+    pub cpu_range: String,
+    pub cpu_count: u32,
+    pub first_cpu: u32,
+    pub uid: u32,
+    pub user: String,
+    pub ports_range: String,
+    pub status: UnitStatus,
+    pub started_at: Option<String>,
+    pub tags: Option<Value>,
+    pub ssh_public_key: Option<String>,
+    /// Who allocated it (the actor of the allocation), for `deallocate your own` rules.
+    pub allocated_by: Option<String>,
+    pub updated_at: String,
+}
+
+/// A unit row as inserted by init_server.
+#[derive(Debug, Clone)]
+pub struct NewUnit {
+    pub compute_id: String,
+    pub cpu_range: String,
+    pub cpu_count: u32,
+    pub first_cpu: u32,
+    pub uid: u32,
+    pub user: String,
+    pub ports_range: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UnitFilter {
+    pub compute_id: Option<String>,
+    pub hostname: Option<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub cpu_count: Option<i64>,
+    pub deployment_id: Option<String>,
+    pub status: Option<String>,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Event {
+    pub id: i64,
+    pub time: String,
+    pub actor: String,
+    pub operation: String,
+    pub compute_id: Option<String>,
+    pub hostname: Option<String>,
+    /// `ok` or `error`.
+    pub result: String,
+    pub detail: Option<String>,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub compute_id: Option<String>,
+    pub hostname: Option<String>,
+    pub operation: Option<String>,
+    pub actor: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Return events with id < before (paging backwards from the newest).
+    pub before_id: Option<i64>,
+    pub limit: u32,
+}
+
+/// What an audit record says; `Store::record` adds id and time.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    pub actor: &'a str,
+    pub operation: &'a str,
+    pub compute_id: Option<&'a str>,
+    pub hostname: Option<&'a str>,
+    pub result: std::result::Result<(), &'a str>,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        r#"
+        CREATE TABLE servers (
+            hostname      TEXT PRIMARY KEY NOT NULL,
+            ip            TEXT NOT NULL,
+            region        TEXT NOT NULL,
+            zone          TEXT NOT NULL,
+            status        TEXT NOT NULL,
+            cpu_ranges    TEXT NOT NULL,   -- JSON array of canonical CPU lists
+            port_base     INTEGER NOT NULL,
+            ports_per_cpu INTEGER NOT NULL,
+            uid_base      INTEGER NOT NULL,
+            limits        TEXT NOT NULL,   -- JSON object (Limits)
+            created_at    TEXT NOT NULL,
+            updated_at    TEXT NOT NULL
+        ) STRICT;
+        CREATE TABLE compute_units (
+            compute_id     TEXT PRIMARY KEY NOT NULL,
+            hostname       TEXT NOT NULL REFERENCES servers(hostname) ON DELETE CASCADE,
+            cpu_range      TEXT NOT NULL,
+            cpu_count      INTEGER NOT NULL,
+            first_cpu      INTEGER NOT NULL,
+            uid            INTEGER NOT NULL,
+            user           TEXT NOT NULL,
+            ports_range    TEXT NOT NULL,
+            status         TEXT NOT NULL,
+            started_at     TEXT,
+            tags           TEXT,           -- JSON object or NULL
+            ssh_public_key TEXT,
+            allocated_by   TEXT,
+            updated_at     TEXT NOT NULL,
+            UNIQUE (hostname, uid),
+            UNIQUE (hostname, user)
+        ) STRICT;
+        CREATE INDEX compute_units_pick ON compute_units (status, cpu_count, hostname, first_cpu);
+        CREATE TABLE events (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            time        TEXT NOT NULL,
+            actor       TEXT NOT NULL,
+            operation   TEXT NOT NULL,
+            compute_id  TEXT,
+            hostname    TEXT,
+            result      TEXT NOT NULL,
+            detail      TEXT,
+            before      TEXT,
+            after       TEXT
+        ) STRICT;
+        CREATE INDEX events_compute_id ON events (compute_id, id);
+        CREATE INDEX events_hostname ON events (hostname, id);
+        "#,
+    )])
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const UNIT_SELECT: &str = "SELECT u.compute_id, u.hostname, s.ip, s.region, s.zone, u.cpu_range, \
+    u.cpu_count, u.first_cpu, u.uid, u.user, u.ports_range, u.status, u.started_at, u.tags, \
+    u.ssh_public_key, u.allocated_by, u.updated_at \
+    FROM compute_units u JOIN servers s ON s.hostname = u.hostname";
+
+const SERVER_SELECT: &str = "SELECT hostname, ip, region, zone, status, cpu_ranges, port_base, \
+    ports_per_cpu, uid_base, limits, created_at, updated_at FROM servers";
+
+fn corrupt(what: impl fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        Box::new(StoreError::Corrupt(what.to_string())),
+    )
+}
+
+fn json_col(row: &Row, idx: usize) -> rusqlite::Result<Option<Value>> {
+    let text: Option<String> = row.get(idx)?;
+    text.map(|t| serde_json::from_str(&t).map_err(corrupt))
+        .transpose()
+}
+
+fn unit_from_row(row: &Row) -> rusqlite::Result<Unit> {
+    let status: String = row.get(11)?;
+    Ok(Unit {
+        compute_id: row.get(0)?,
+        hostname: row.get(1)?,
+        ip: row.get(2)?,
+        region: row.get(3)?,
+        zone: row.get(4)?,
+        cpu_range: row.get(5)?,
+        cpu_count: row.get(6)?,
+        first_cpu: row.get(7)?,
+        uid: row.get(8)?,
+        user: row.get(9)?,
+        ports_range: row.get(10)?,
+        status: status.parse().map_err(corrupt)?,
+        started_at: row.get(12)?,
+        tags: json_col(row, 13)?,
+        ssh_public_key: row.get(14)?,
+        allocated_by: row.get(15)?,
+        updated_at: row.get(16)?,
+    })
+}
+
+fn server_from_row(row: &Row) -> rusqlite::Result<Server> {
+    let status: String = row.get(4)?;
+    let ranges: String = row.get(5)?;
+    let limits: String = row.get(9)?;
+    Ok(Server {
+        hostname: row.get(0)?,
+        ip: row.get(1)?,
+        region: row.get(2)?,
+        zone: row.get(3)?,
+        status: status.parse().map_err(corrupt)?,
+        cpu_ranges: serde_json::from_str(&ranges).map_err(corrupt)?,
+        port_base: row.get(6)?,
+        ports_per_cpu: row.get(7)?,
+        uid_base: row.get(8)?,
+        limits: serde_json::from_str(&limits).map_err(corrupt)?,
+        created_at: row.get(10)?,
+        updated_at: row.get(11)?,
+    })
+}
+
+fn event_from_row(row: &Row) -> rusqlite::Result<Event> {
+    Ok(Event {
+        id: row.get(0)?,
+        time: row.get(1)?,
+        actor: row.get(2)?,
+        operation: row.get(3)?,
+        compute_id: row.get(4)?,
+        hostname: row.get(5)?,
+        result: row.get(6)?,
+        detail: row.get(7)?,
+        before: json_col(row, 8)?,
+        after: json_col(row, 9)?,
+    })
+}
+
+/// The outcome of a compare-and-set on a unit's status.
+#[derive(Debug)]
+pub enum Transition {
+    Done(Box<Unit>),
+    NotFound,
+    WrongState(UnitStatus),
+}
+
+/// Field changes applied together with a status transition.
+#[derive(Debug, Clone, Default)]
+pub struct UnitChange {
+    /// `Some(None)` clears the field.
+    pub started_at: Option<Option<String>>,
+    pub tags: Option<Option<Value>>,
+    pub ssh_public_key: Option<Option<String>>,
+    pub allocated_by: Option<Option<String>>,
+}
+
+impl UnitChange {
+    /// Everything an owner left on the unit, cleared: what a FREE unit looks like.
+    pub fn cleared() -> Self {
+        UnitChange {
+            started_at: Some(None),
+            tags: Some(None),
+            ssh_public_key: Some(None),
+            allocated_by: Some(None),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Store> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store> {
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrations().to_latest(&mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back on drop), so a poisoned mutex is safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn server(&self, hostname: &str) -> Result<Option<Server>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!("{SERVER_SELECT} WHERE hostname = ?1"),
+                [hostname],
+                server_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn servers(&self) -> Result<Vec<Server>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SERVER_SELECT} ORDER BY hostname"))?;
+        let rows = stmt.query_map([], server_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Registers a server as INITIALIZING with its units UNAVAILABLE, replacing a previous
+    /// record only when that one is DECOMMISSIONED or INIT_FAIL. Returns the status of a
+    /// blocking previous record instead when there is one.
+    pub fn begin_init(
+        &self,
+        server: &Server,
+        units: &[NewUnit],
+    ) -> Result<std::result::Result<(), ServerStatus>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT status FROM servers WHERE hostname = ?1",
+                [&server.hostname],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(status) = existing {
+            let status: ServerStatus = status.parse().map_err(StoreError::Corrupt)?;
+            if !matches!(
+                status,
+                ServerStatus::Decommissioned | ServerStatus::InitFail
+            ) {
+                return Ok(Err(status));
+            }
+            tx.execute(
+                "DELETE FROM servers WHERE hostname = ?1",
+                [&server.hostname],
+            )?;
+        }
+        let ranges = serde_json::to_string(&server.cpu_ranges).map_err(corrupt)?;
+        let limits = serde_json::to_string(&server.limits).map_err(corrupt)?;
+        tx.execute(
+            "INSERT INTO servers (hostname, ip, region, zone, status, cpu_ranges, port_base, \
+             ports_per_cpu, uid_base, limits, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+            params![
+                server.hostname,
+                server.ip,
+                server.region,
+                server.zone,
+                ServerStatus::Initializing.as_str(),
+                ranges,
+                server.port_base,
+                server.ports_per_cpu,
+                server.uid_base,
+                limits,
+                server.created_at,
+            ],
+        )?;
+        for u in units {
+            tx.execute(
+                "INSERT INTO compute_units (compute_id, hostname, cpu_range, cpu_count, first_cpu, \
+                 uid, user, ports_range, status, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    u.compute_id,
+                    server.hostname,
+                    u.cpu_range,
+                    u.cpu_count,
+                    u.first_cpu,
+                    u.uid,
+                    u.user,
+                    u.ports_range,
+                    UnitStatus::Unavailable.as_str(),
+                    server.created_at,
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// Sets a server's status; with `units`, also sets every unit of it in one transaction.
+    pub fn set_server_status(
+        &self,
+        hostname: &str,
+        status: ServerStatus,
+        units: Option<UnitStatus>,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = crate::time::now();
+        tx.execute(
+            "UPDATE servers SET status = ?2, updated_at = ?3 WHERE hostname = ?1",
+            params![hostname, status.as_str(), now],
+        )?;
+        if let Some(us) = units {
+            tx.execute(
+                "UPDATE compute_units SET status = ?2, updated_at = ?3 WHERE hostname = ?1",
+                params![hostname, us.as_str(), now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes a server's units (its record stays, with the status given).
+    pub fn retire_server(&self, hostname: &str, status: ServerStatus) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM compute_units WHERE hostname = ?1", [hostname])?;
+        tx.execute(
+            "UPDATE servers SET status = ?2, updated_at = ?3 WHERE hostname = ?1",
+            params![hostname, status.as_str(), crate::time::now()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a server and its units entirely (a failed init that was rolled back).
+    pub fn delete_server(&self, hostname: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM servers WHERE hostname = ?1", [hostname])?;
+        Ok(())
+    }
+
+    pub fn unit(&self, compute_id: &str) -> Result<Option<Unit>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                &format!("{UNIT_SELECT} WHERE u.compute_id = ?1"),
+                [compute_id],
+                unit_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn units(&self, f: &UnitFilter) -> Result<Vec<Unit>> {
+        let mut sql = format!("{UNIT_SELECT} WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut add = |cond: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+        };
+        use rusqlite::types::Value as V;
+        if let Some(v) = &f.compute_id {
+            add("u.compute_id =", V::Text(v.clone()));
+        }
+        if let Some(v) = &f.hostname {
+            add("u.hostname =", V::Text(v.clone()));
+        }
+        if let Some(v) = &f.region {
+            add("s.region =", V::Text(v.clone()));
+        }
+        if let Some(v) = &f.zone {
+            add("s.zone =", V::Text(v.clone()));
+        }
+        if let Some(v) = f.cpu_count {
+            add("u.cpu_count =", V::Integer(v));
+        }
+        if let Some(v) = &f.status {
+            add("u.status =", V::Text(v.clone()));
+        }
+        if let Some(v) = &f.deployment_id {
+            // Tag values may be strings or integers: compare as text either way.
+            add(
+                "CAST(json_extract(u.tags, '$.deployment_id') AS TEXT) =",
+                V::Text(v.clone()),
+            );
+        }
+        sql.push_str(" ORDER BY u.hostname, u.first_cpu");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), unit_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Atomically picks a FREE unit of a READY server matching the request and marks it
+    /// ALLOCATING with the owner's tags and key. Lowest hostname and CPU first.
+    pub fn claim_free(
+        &self,
+        cpu_count: u32,
+        region: Option<&str>,
+        zone: Option<&str>,
+        tags: Option<&Value>,
+        ssh_public_key: &str,
+        actor: &str,
+    ) -> Result<Option<Unit>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id: Option<String> = tx
+            .query_row(
+                "SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
+                 WHERE u.status = 'FREE' AND s.status = 'READY' AND u.cpu_count = ?1 \
+                 AND (?2 IS NULL OR s.region = ?2) AND (?3 IS NULL OR s.zone = ?3) \
+                 ORDER BY u.hostname, u.first_cpu LIMIT 1",
+                params![cpu_count, region, zone],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else { return Ok(None) };
+        let tags = tags
+            .map(|t| serde_json::to_string(t).map_err(corrupt))
+            .transpose()?;
+        tx.execute(
+            "UPDATE compute_units SET status = 'ALLOCATING', tags = ?2, ssh_public_key = ?3, \
+             allocated_by = ?4, started_at = NULL, updated_at = ?5 WHERE compute_id = ?1",
+            params![id, tags, ssh_public_key, actor, crate::time::now()],
+        )?;
+        let unit = tx.query_row(
+            &format!("{UNIT_SELECT} WHERE u.compute_id = ?1"),
+            [&id],
+            unit_from_row,
+        )?;
+        tx.commit()?;
+        Ok(Some(unit))
+    }
+
+    /// Compare-and-set: moves a unit to `to` only if its status is one of `from`.
+    pub fn transition(
+        &self,
+        compute_id: &str,
+        from: &[UnitStatus],
+        to: UnitStatus,
+        change: UnitChange,
+    ) -> Result<Transition> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT status FROM compute_units WHERE compute_id = ?1",
+                [compute_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(current) = current else {
+            return Ok(Transition::NotFound);
+        };
+        let current: UnitStatus = current.parse().map_err(StoreError::Corrupt)?;
+        if !from.contains(&current) {
+            return Ok(Transition::WrongState(current));
+        }
+        tx.execute(
+            "UPDATE compute_units SET status = ?2, updated_at = ?3 WHERE compute_id = ?1",
+            params![compute_id, to.as_str(), crate::time::now()],
+        )?;
+        if let Some(v) = change.started_at {
+            tx.execute(
+                "UPDATE compute_units SET started_at = ?2 WHERE compute_id = ?1",
+                params![compute_id, v],
+            )?;
+        }
+        if let Some(v) = change.tags {
+            let v = v
+                .map(|t| serde_json::to_string(&t).map_err(corrupt))
+                .transpose()?;
+            tx.execute(
+                "UPDATE compute_units SET tags = ?2 WHERE compute_id = ?1",
+                params![compute_id, v],
+            )?;
+        }
+        if let Some(v) = change.ssh_public_key {
+            tx.execute(
+                "UPDATE compute_units SET ssh_public_key = ?2 WHERE compute_id = ?1",
+                params![compute_id, v],
+            )?;
+        }
+        if let Some(v) = change.allocated_by {
+            tx.execute(
+                "UPDATE compute_units SET allocated_by = ?2 WHERE compute_id = ?1",
+                params![compute_id, v],
+            )?;
+        }
+        let unit = tx.query_row(
+            &format!("{UNIT_SELECT} WHERE u.compute_id = ?1"),
+            [compute_id],
+            unit_from_row,
+        )?;
+        tx.commit()?;
+        Ok(Transition::Done(Box::new(unit)))
+    }
+
+    pub fn record(&self, e: NewEvent<'_>) -> Result<i64> {
+        let conn = self.conn();
+        let (result, detail) = match e.result {
+            Ok(()) => ("ok", None),
+            Err(d) => ("error", Some(d)),
+        };
+        let js = |v: Option<Value>| v.map(|v| v.to_string());
+        conn.execute(
+            "INSERT INTO events (time, actor, operation, compute_id, hostname, result, detail, before, after) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                crate::time::now(),
+                e.actor,
+                e.operation,
+                e.compute_id,
+                e.hostname,
+                result,
+                detail,
+                js(e.before),
+                js(e.after)
+            ],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Newest first.
+    pub fn events(&self, f: &EventFilter) -> Result<Vec<Event>> {
+        let mut sql = String::from(
+            "SELECT id, time, actor, operation, compute_id, hostname, result, detail, before, after \
+             FROM events WHERE 1=1",
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut add = |cond: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+        };
+        use rusqlite::types::Value as V;
+        for (cond, v) in [
+            ("compute_id =", &f.compute_id),
+            ("hostname =", &f.hostname),
+            ("operation =", &f.operation),
+            ("actor =", &f.actor),
+            ("time >=", &f.since),
+            ("time <", &f.until),
+        ] {
+            if let Some(v) = v {
+                add(cond, V::Text(v.clone()));
+            }
+        }
+        if let Some(b) = f.before_id {
+            add("id <", V::Integer(b));
+        }
+        sql.push_str(&format!(
+            " ORDER BY id DESC LIMIT {}",
+            f.limit.clamp(1, 1000)
+        ));
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), event_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(hostname: &str) -> Server {
+        Server {
+            hostname: hostname.into(),
+            ip: "10.0.0.1".into(),
+            region: "eu".into(),
+            zone: "a".into(),
+            status: ServerStatus::Initializing,
+            cpu_ranges: vec!["0-1".into(), "2-3".into()],
+            port_base: 2000,
+            ports_per_cpu: 100,
+            uid_base: 20000,
+            limits: Limits::default(),
+            created_at: crate::time::now(),
+            updated_at: crate::time::now(),
+        }
+    }
+
+    fn units(h: &str) -> Vec<NewUnit> {
+        (0..2)
+            .map(|i| NewUnit {
+                compute_id: format!("{h}_{}-{}", 2 * i, 2 * i + 1),
+                cpu_range: format!("{}-{}", 2 * i, 2 * i + 1),
+                cpu_count: 2,
+                first_cpu: 2 * i,
+                uid: 20000 + 2 * i,
+                user: format!("u{}-{}", 2 * i, 2 * i + 1),
+                ports_range: String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn init_claim_transition_and_filters() {
+        let s = Store::open_in_memory().unwrap();
+        assert_eq!(s.begin_init(&server("h1"), &units("h1")).unwrap(), Ok(()));
+        // A second init of a live server is refused with its status.
+        assert_eq!(
+            s.begin_init(&server("h1"), &units("h1")).unwrap(),
+            Err(ServerStatus::Initializing)
+        );
+        // Units of a server that is not READY cannot be claimed.
+        assert!(
+            s.claim_free(2, None, None, None, "k", "a")
+                .unwrap()
+                .is_none()
+        );
+        s.set_server_status("h1", ServerStatus::Ready, Some(UnitStatus::Free))
+            .unwrap();
+        let tags = serde_json::json!({"deployment_id": "d1", "owner": "me"});
+        let u = s
+            .claim_free(2, Some("eu"), None, Some(&tags), "key", "alice")
+            .unwrap()
+            .unwrap();
+        assert_eq!(u.compute_id, "h1_0-1");
+        assert_eq!(u.status, UnitStatus::Allocating);
+        assert!(
+            s.claim_free(2, Some("us"), None, None, "k", "a")
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            s.claim_free(4, None, None, None, "k", "a")
+                .unwrap()
+                .is_none()
+        );
+        let f = UnitFilter {
+            deployment_id: Some("d1".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.units(&f).unwrap().len(), 1);
+        match s
+            .transition(
+                "h1_0-1",
+                &[UnitStatus::Free],
+                UnitStatus::Allocated,
+                UnitChange::default(),
+            )
+            .unwrap()
+        {
+            Transition::WrongState(UnitStatus::Allocating) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.transition(
+                "nope",
+                &[UnitStatus::Free],
+                UnitStatus::Free,
+                UnitChange::default()
+            )
+            .unwrap(),
+            Transition::NotFound
+        ));
+        let Transition::Done(u) = s
+            .transition(
+                "h1_0-1",
+                &[UnitStatus::Allocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (u.status, u.tags, u.ssh_public_key),
+            (UnitStatus::Free, None, None)
+        );
+        assert_eq!(s.units(&f).unwrap().len(), 0);
+        let f = UnitFilter {
+            status: Some("FREE".into()),
+            cpu_count: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(s.units(&f).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn events_page_newest_first() {
+        let s = Store::open_in_memory().unwrap();
+        for i in 0..5 {
+            s.record(NewEvent {
+                actor: "root",
+                operation: if i % 2 == 0 { "allocate" } else { "deallocate" },
+                compute_id: Some("h_0"),
+                hostname: Some("h"),
+                result: Ok(()),
+                before: None,
+                after: Some(serde_json::json!({"i": i})),
+            })
+            .unwrap();
+        }
+        let page = s
+            .events(&EventFilter {
+                limit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![5, 4]);
+        let next = s
+            .events(&EventFilter {
+                limit: 10,
+                before_id: Some(4),
+                operation: Some("allocate".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(next.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 1]);
+    }
+}
