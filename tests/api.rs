@@ -1,0 +1,813 @@
+//! End-to-end API tests: a real `kloigos serve` on a unix socket, a real SQLite file, and a
+//! temporary root standing in for the host.
+
+mod common;
+
+use common::{HOST, Server, files, ssh_key};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+
+fn alloc_body(cpu_count: Value, key: &str, tags: Value) -> String {
+    json!({"cpu_count": cpu_count, "tags": tags, "ssh_public_key": key}).to_string()
+}
+
+fn detail_types(v: &Value) -> Vec<(String, Value)> {
+    v["detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("detail is not a list: {v}"))
+        .iter()
+        .map(|d| {
+            assert!(d["msg"].is_string(), "{d}");
+            (
+                d["type"].as_str().unwrap_or_default().to_string(),
+                d["loc"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn full_lifecycle_over_the_api() {
+    let s = Server::start();
+    s.init(&["0-3", "4-7", "8-11", "12-15"]);
+
+    // init_server twice is a conflict.
+    let body = json!({"ip": "192.0.2.10", "region": "eu-west", "zone": "a", "hostname": HOST, "cpu_ranges": ["0-3"]});
+    let (code, v) = s.call("POST", "/api/admin/init_server", Some(&body.to_string()));
+    assert_eq!(code, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("already"), "{v}");
+
+    let (code, units) = s.get("/api/compute_units/");
+    assert_eq!(code, 200);
+    let units = units.as_array().unwrap().clone();
+    assert_eq!(units.len(), 4);
+    let first = &units[0];
+    // Upstream's fields, in upstream's order, then ours.
+    let keys: Vec<&str> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "compute_id",
+            "hostname",
+            "ip",
+            "cpu_count",
+            "cpu_range",
+            "region",
+            "zone",
+            "status",
+            "started_at",
+            "tags",
+            "cpu_list",
+            "ports_range",
+            "user",
+            "uid"
+        ]
+    );
+    assert_eq!(first["compute_id"], "testhost_0-3");
+    assert_eq!(first["cpu_list"], "0,1,2,3");
+    assert_eq!(first["ports_range"], "2000-2399");
+    assert_eq!(first["user"], "u0-3");
+    assert_eq!(first["status"], "FREE");
+    assert_eq!(first["started_at"], Value::Null);
+    // Without trailing slash too (FastAPI would redirect).
+    assert_eq!(s.get("/api/compute_units").1.as_array().unwrap().len(), 4);
+
+    // Every unit's files exist under the root; NUMA nodes follow the CPUs.
+    let slice = std::fs::read_to_string(
+        s.root()
+            .join("etc/systemd/system/user-20008.slice.d/50-kloigos.conf"),
+    )
+    .unwrap();
+    assert!(slice.contains("AllowedCPUs=8-11\n"), "{slice}");
+    assert!(slice.contains("AllowedMemoryNodes=1\n"), "{slice}");
+    assert!(s.root().join("etc/tmpfiles.d/kloigos-c12-15.conf").exists());
+    assert!(
+        s.root().join("home/u12-15/.bashrc").exists(),
+        "skeleton copied"
+    );
+    let nft = std::fs::read_to_string(s.root().join("var/lib/kloigos/kloigos.nft")).unwrap();
+    assert!(nft.contains("20012 . 3200-3599"), "{nft}");
+
+    // Allocate.
+    let key = ssh_key("alice@laptop");
+    let (code, a) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(
+            json!(4),
+            &key,
+            json!({"deployment_id": "dep-1", "owner": "alice", "n": 3, "l": ["x", "y"]}),
+        )),
+    );
+    assert_eq!(code, 200, "{a}");
+    assert_eq!(a["status"], "ALLOCATED");
+    assert_eq!(a["compute_id"], "testhost_0-3");
+    assert!(a["started_at"].as_str().unwrap().ends_with('Z'), "{a}");
+    assert_eq!(a["tags"]["owner"], "alice");
+    let ak = std::fs::read_to_string(s.root().join("home/u0-3/.ssh/authorized_keys")).unwrap();
+    assert_eq!(ak, format!("{key}\n"));
+    assert!(s.root().join("var/lib/systemd/linger/u0-3").exists());
+    assert!(
+        std::fs::read_to_string(s.root().join("etc/tmpfiles.d/kloigos-c0-3.conf"))
+            .unwrap()
+            .contains("linger/u0-3")
+    );
+
+    // Filters.
+    for (q, n) in [
+        ("deployment_id=dep-1", 1),
+        ("deployment_id=nope", 0),
+        ("status=ALLOCATED", 1),
+        ("status=FREE", 3),
+        ("cpu_count=4", 4),
+        ("cpu_count=2", 0),
+        ("hostname=testhost", 4),
+        ("hostname=other", 0),
+        ("region=eu-west&zone=a", 4),
+        ("zone=b", 0),
+        ("compute_id=testhost_4-7", 1),
+        ("unknown_param=1", 4),
+    ] {
+        let (code, v) = s.get(&format!("/api/compute_units/?{q}"));
+        assert_eq!(code, 200, "{q}");
+        assert_eq!(v.as_array().unwrap().len(), n, "{q}: {v}");
+    }
+    let (code, v) = s.get("/api/compute_units/?cpu_count=abc");
+    assert_eq!(code, 422);
+    assert_eq!(
+        detail_types(&v),
+        vec![("int_parsing".into(), json!(["query", "cpu_count"]))]
+    );
+    // An integer tag filters too.
+    let (code, b) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(
+            json!("4"),
+            &ssh_key("bob"),
+            json!({"deployment_id": 42}),
+        )),
+    );
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(
+        s.get("/api/compute_units/?deployment_id=42")
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // One unit.
+    let (code, v) = s.get("/api/compute_units/testhost_0-3");
+    assert_eq!((code, v["status"].clone()), (200, json!("ALLOCATED")));
+    let (code, v) = s.get("/api/compute_units/testhost_99");
+    assert_eq!(code, 404);
+    assert!(v["detail"].is_string());
+
+    // No capacity: a standard code with a detail.
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(3), &key, Value::Null)),
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("cpu_count=3"), "{v}");
+
+    // Deallocate: unknown, wrong state, then for real.
+    assert_eq!(
+        s.call("DELETE", "/api/compute_units/deallocate/testhost_77", None)
+            .0,
+        404
+    );
+    let (code, v) = s.call(
+        "DELETE",
+        "/api/compute_units/deallocate/testhost_8-11",
+        None,
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("FREE"), "{v}");
+    // The owner leaves things behind.
+    common::write(&s.root().join("opt/c0-3/app/bin/server"), "#!/bin/sh\n");
+    common::write(&s.root().join("mnt/c0-3/data.db"), "data");
+    common::write(&s.root().join("home/u0-3/.config/x"), "x");
+    common::write(
+        &s.root().join("var/spool/cron/crontabs/u0-3"),
+        "* * * * * evil\n",
+    );
+    std::os::unix::fs::symlink("/etc", s.root().join("home/u0-3/etc-link")).unwrap();
+    let (code, v) = s.call("DELETE", "/api/compute_units/deallocate/testhost_0-3", None);
+    assert_eq!((code, v), (200, json!({})));
+    assert!(!s.root().join("home/u0-3/.ssh/authorized_keys").exists());
+    assert!(!s.root().join("var/lib/systemd/linger/u0-3").exists());
+    assert!(!s.root().join("var/spool/cron/crontabs/u0-3").exists());
+    assert_eq!(
+        std::fs::read_dir(s.root().join("opt/c0-3"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(s.root().join("mnt/c0-3"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let home: BTreeSet<String> = std::fs::read_dir(s.root().join("home/u0-3"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        home,
+        BTreeSet::from([".bashrc".to_string(), ".ssh".to_string()])
+    );
+    assert!(
+        std::path::Path::new("/etc/hostname").exists()
+            || std::path::Path::new("/etc/passwd").exists()
+    );
+    let (_, v) = s.get("/api/compute_units/testhost_0-3");
+    assert_eq!(
+        (
+            v["status"].clone(),
+            v["tags"].clone(),
+            v["started_at"].clone()
+        ),
+        (json!("FREE"), Value::Null, Value::Null)
+    );
+    // Deallocating again is a wrong state.
+    assert_eq!(
+        s.call("DELETE", "/api/compute_units/deallocate/testhost_0-3", None)
+            .0,
+        409
+    );
+
+    // The audit log knows who did what.
+    let (code, ev) = s.get("/api/events?compute_id=testhost_0-3");
+    assert_eq!(code, 200);
+    let ops: Vec<&str> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["operation"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["deallocate", "allocate"]);
+    assert!(ev[0]["actor"].as_str().unwrap().contains("uid"), "{ev}");
+    assert_eq!(ev[0]["before"]["status"], "ALLOCATED");
+    assert_eq!(ev[0]["after"]["status"], "FREE");
+    let (_, page) = s.get(&format!("/api/events?limit=1&before={}", ev[0]["id"]));
+    assert_eq!(page.as_array().unwrap().len(), 1);
+    assert!(page[0]["id"].as_i64() < ev[0]["id"].as_i64());
+
+    // Decommission: refused while a unit is allocated, then forced.
+    let (code, v) = s.call(
+        "DELETE",
+        &format!("/api/admin/decommission_server/{HOST}"),
+        None,
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("testhost_4-7"),
+        "{v}"
+    );
+    assert_eq!(
+        s.call("DELETE", "/api/admin/decommission_server/nohost", None)
+            .0,
+        404
+    );
+    let (code, v) = s.call(
+        "DELETE",
+        &format!("/api/admin/decommission_server/{HOST}?force=maybe"),
+        None,
+    );
+    assert_eq!(code, 422, "{v}");
+    let (code, v) = s.call(
+        "DELETE",
+        &format!("/api/admin/decommission_server/{HOST}?force=true"),
+        None,
+    );
+    assert_eq!((code, v), (200, json!({})));
+    assert_eq!(s.get("/api/compute_units/").1, json!([]));
+    let left = files(&s.root());
+    assert_eq!(
+        left,
+        ["etc/hostname", "etc/skel/.bashrc"],
+        "everything Kloigos made is gone"
+    );
+    for d in ["opt/c0-3", "mnt/c4-7", "home/u8-11"] {
+        assert!(!s.root().join(d).exists(), "{d}");
+    }
+    let (_, servers) = s.get("/api/admin/servers");
+    assert_eq!(servers[0]["status"], "DECOMMISSIONED");
+    // And it can be initialized again.
+    s.init(&["0-7", "8-15"]);
+    assert_eq!(
+        s.get("/api/compute_units/?cpu_count=8")
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn validation_errors_have_fastapi_shape() {
+    let s = Server::start();
+    let post = |path: &str, body: &str| s.call("POST", path, Some(body));
+
+    let (code, v) = post("/api/admin/init_server", "{}");
+    assert_eq!(code, 422);
+    let missing: Vec<_> = detail_types(&v)
+        .into_iter()
+        .map(|(t, l)| (t, l[1].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        missing,
+        ["ip", "region", "zone", "hostname", "cpu_ranges"]
+            .map(|f| ("missing".to_string(), f.to_string()))
+    );
+    assert_eq!(v["detail"][0]["msg"], "Field required");
+
+    let (code, v) = post("/api/admin/init_server", "{not json");
+    assert_eq!(code, 422);
+    assert_eq!(detail_types(&v)[0].0, "json_invalid");
+    let (code, v) = post("/api/admin/init_server", "[]");
+    assert_eq!(
+        (code, detail_types(&v)[0].0.as_str()),
+        (422, "model_attributes_type")
+    );
+    let (code, v) = post("/api/admin/init_server", "");
+    assert_eq!(
+        (code, detail_types(&v)),
+        (422, vec![("missing".into(), json!(["body"]))])
+    );
+
+    let base = json!({"ip": "192.0.2.10", "region": "eu", "zone": "a", "hostname": HOST, "cpu_ranges": ["0-3"]});
+    let with = |k: &str, val: Value| {
+        let mut b = base.clone();
+        b[k] = val;
+        b.to_string()
+    };
+    for (k, val, typ, loc) in [
+        (
+            "cpu_ranges",
+            json!("0-3"),
+            "list_type",
+            json!(["body", "cpu_ranges"]),
+        ),
+        (
+            "cpu_ranges",
+            json!([1]),
+            "string_type",
+            json!(["body", "cpu_ranges", 0]),
+        ),
+        (
+            "cpu_ranges",
+            json!(["0-3", "3-5"]),
+            "value_error",
+            json!(["body", "cpu_ranges", 1]),
+        ),
+        (
+            "cpu_ranges",
+            json!(["14-17"]),
+            "value_error",
+            json!(["body", "cpu_ranges", 0]),
+        ),
+        (
+            "cpu_ranges",
+            json!(["5-3"]),
+            "value_error",
+            json!(["body", "cpu_ranges", 0]),
+        ),
+        (
+            "cpu_ranges",
+            json!([]),
+            "value_error",
+            json!(["body", "cpu_ranges"]),
+        ),
+        (
+            "hostname",
+            json!("Bad_Host"),
+            "value_error",
+            json!(["body", "hostname"]),
+        ),
+        (
+            "hostname",
+            json!("h\nx"),
+            "value_error",
+            json!(["body", "hostname"]),
+        ),
+        (
+            "ip",
+            json!("300.1.1.1"),
+            "value_error",
+            json!(["body", "ip"]),
+        ),
+        (
+            "region",
+            json!("eu{{x}}"),
+            "value_error",
+            json!(["body", "region"]),
+        ),
+        ("zone", json!(5), "string_type", json!(["body", "zone"])),
+        (
+            "port_base",
+            json!(0),
+            "value_error",
+            json!(["body", "port_base"]),
+        ),
+        (
+            "uid_base",
+            json!(500),
+            "value_error",
+            json!(["body", "uid_base"]),
+        ),
+        (
+            "limits",
+            json!({"io_read_bandwidth_max": ["/dev/vda 5M\nx"]}),
+            "value_error",
+            json!(["body", "limits"]),
+        ),
+        (
+            "limits",
+            json!({"nope": 1}),
+            "value_error",
+            json!(["body", "limits"]),
+        ),
+    ] {
+        let (code, v) = post("/api/admin/init_server", &with(k, val.clone()));
+        assert_eq!(code, 422, "{k}={val}: {v}");
+        assert_eq!(detail_types(&v), vec![(typ.to_string(), loc)], "{k}={val}");
+    }
+    // Ports beyond the kernel's ephemeral range are refused.
+    let (code, v) = post("/api/admin/init_server", &with("port_base", json!(32500)));
+    assert_eq!(code, 422, "{v}");
+    // Nothing was created by any of that.
+    assert_eq!(s.get("/api/admin/servers").1, json!([]));
+    assert_eq!(files(&s.root()), ["etc/hostname", "etc/skel/.bashrc"]);
+
+    s.init(&["0-3", "4-7"]);
+    let key = ssh_key("k");
+    for (body, typ, loc) in [
+        (
+            json!({"tags": null}),
+            "missing",
+            json!(["body", "ssh_public_key"]),
+        ),
+        (
+            json!({"ssh_public_key": key}),
+            "missing",
+            json!(["body", "tags"]),
+        ),
+        (
+            json!({"tags": null, "ssh_public_key": 5}),
+            "string_type",
+            json!(["body", "ssh_public_key"]),
+        ),
+        (
+            json!({"tags": null, "ssh_public_key": "ssh-ed25519 AAAA"}),
+            "value_error",
+            json!(["body", "ssh_public_key"]),
+        ),
+        (
+            json!({"tags": null, "ssh_public_key": format!("command=\"/bin/sh\" {key}")}),
+            "value_error",
+            json!(["body", "ssh_public_key"]),
+        ),
+        (
+            json!({"tags": null, "ssh_public_key": format!("{key}\n{key}")}),
+            "value_error",
+            json!(["body", "ssh_public_key"]),
+        ),
+        (
+            json!({"tags": [], "ssh_public_key": key}),
+            "dict_type",
+            json!(["body", "tags"]),
+        ),
+        (
+            json!({"tags": {"k": {"x": 1}}, "ssh_public_key": key}),
+            "value_error",
+            json!(["body", "tags", "k"]),
+        ),
+        (
+            json!({"tags": {"k": "a\nb"}, "ssh_public_key": key}),
+            "value_error",
+            json!(["body", "tags", "k"]),
+        ),
+        (
+            json!({"cpu_count": "four", "tags": null, "ssh_public_key": key}),
+            "int_parsing",
+            json!(["body", "cpu_count"]),
+        ),
+        (
+            json!({"cpu_count": 2.5, "tags": null, "ssh_public_key": key}),
+            "int_from_float",
+            json!(["body", "cpu_count"]),
+        ),
+        (
+            json!({"cpu_count": 0, "tags": null, "ssh_public_key": key}),
+            "value_error",
+            json!(["body", "cpu_count"]),
+        ),
+        (
+            json!({"region": "a b", "tags": null, "ssh_public_key": key}),
+            "value_error",
+            json!(["body", "region"]),
+        ),
+    ] {
+        let (code, v) = post("/api/compute_units/allocate", &body.to_string());
+        assert_eq!(code, 422, "{body}: {v}");
+        assert_eq!(detail_types(&v), vec![(typ.to_string(), loc)], "{body}");
+    }
+    // Several problems are reported together.
+    let (code, v) = post("/api/compute_units/allocate", r#"{"cpu_count": "x"}"#);
+    assert_eq!(code, 422);
+    assert_eq!(detail_types(&v).len(), 3, "{v}");
+    // None of it allocated anything.
+    assert_eq!(
+        s.get("/api/compute_units/?status=FREE")
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(
+        s.get("/api/events?operation=allocate")
+            .1
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // Unknown paths and methods, FastAPI style.
+    assert_eq!(s.get("/api/nope"), (404, json!({"detail": "Not Found"})));
+    assert_eq!(
+        s.call("PUT", "/api/compute_units/allocate", Some("{}")),
+        (405, json!({"detail": "Method Not Allowed"}))
+    );
+}
+
+#[test]
+fn openapi_and_health() {
+    let s = Server::start();
+    let (code, doc) = s.get("/openapi.json");
+    assert_eq!(code, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for p in [
+        "/api/compute_units/allocate",
+        "/api/compute_units/deallocate/{compute_id}",
+        "/api/compute_units/",
+        "/api/admin/init_server",
+        "/api/admin/decommission_server/{hostname}",
+    ] {
+        assert!(doc["paths"][p].is_object(), "missing {p}");
+    }
+    let schema = &doc["components"]["schemas"]["ComputeUnitRequest"];
+    let required: BTreeSet<&str> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(required.contains("ssh_public_key"), "{schema}");
+    let (code, h) = s.get("/healthz");
+    assert_eq!(
+        (code, h["status"].clone(), h["hostname"].clone()),
+        (200, json!("ok"), json!(HOST))
+    );
+}
+
+#[test]
+fn fifty_concurrent_allocations_on_ten_units() {
+    let s = Server::start();
+    s.init(
+        &(0..10)
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let results: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    s.call(
+                        "POST",
+                        "/api/compute_units/allocate",
+                        Some(&alloc_body(
+                            json!(1),
+                            &ssh_key(&format!("user{i}")),
+                            json!({"owner": format!("user{i}")}),
+                        )),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<&Value> = results
+        .iter()
+        .filter(|(c, _)| *c == 200)
+        .map(|(_, v)| v)
+        .collect();
+    let conflicts = results.iter().filter(|(c, _)| *c == 409).count();
+    assert_eq!((ok.len(), conflicts), (10, 40), "{results:?}");
+    let ids: BTreeSet<&str> = ok
+        .iter()
+        .map(|v| v["compute_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 10, "every allocation got its own unit");
+    // Each unit's key is the one of the owner the API said it went to.
+    for v in ok {
+        let owner = v["tags"]["owner"].as_str().unwrap();
+        let key = std::fs::read_to_string(s.root().join(format!(
+            "home/{}/.ssh/authorized_keys",
+            v["user"].as_str().unwrap()
+        )))
+        .unwrap();
+        assert!(key.trim_end().ends_with(owner), "{key} vs {owner}");
+    }
+    assert_eq!(
+        s.get("/api/compute_units/?status=ALLOCATED")
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+}
+
+#[test]
+fn crash_mid_allocation_is_rolled_back_at_restart() {
+    let mut s = Server::start_with_env(&[("KLOIGOS_TEST_PAUSE", "allocate:30")]);
+    s.init(&["0-7", "8-15"]);
+    let socket = s.socket.clone();
+    let key = ssh_key("crash");
+    let req = std::thread::spawn(move || {
+        // The server dies under this request.
+        let r = std::panic::catch_unwind(|| {
+            common::http(
+                &socket,
+                "POST",
+                "/api/compute_units/allocate",
+                Some(&alloc_body(json!(8), &key, Value::Null)),
+            )
+        });
+        r.is_err() || r.map(|(c, _)| c != 200).unwrap_or(true)
+    });
+    // Wait until the allocation is half done: ALLOCATING in the database, key on disk.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, v) = s.get("/api/compute_units/?status=ALLOCATING");
+        if v.as_array().is_some_and(|a| a.len() == 1)
+            && s.root().join("home/u0-7/.ssh/authorized_keys").exists()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "allocation never reached the pause point"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    s.kill9();
+    assert!(
+        req.join().unwrap(),
+        "the interrupted request did not succeed"
+    );
+    // Restart without the pause: reconcile at start rolls the unit back.
+    s.extra_env.clear();
+    s.spawn();
+    let (_, units) = s.get("/api/compute_units/");
+    for u in units.as_array().unwrap() {
+        assert_eq!(u["status"], "FREE", "{u}");
+    }
+    // Files match the database: no key, no linger, tmpfiles without linger.
+    assert!(!s.root().join("home/u0-7/.ssh/authorized_keys").exists());
+    assert!(!s.root().join("var/lib/systemd/linger/u0-7").exists());
+    assert!(
+        !std::fs::read_to_string(s.root().join("etc/tmpfiles.d/kloigos-c0-7.conf"))
+            .unwrap()
+            .contains("linger")
+    );
+    let (_, ev) = s.get("/api/events?operation=reconcile");
+    assert_eq!(ev[0]["compute_id"], "testhost_0-7", "{ev}");
+    assert_eq!(ev[0]["before"]["status"], "ALLOCATING");
+    // And the unit can be allocated normally now.
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(8), &ssh_key("again"), Value::Null)),
+    );
+    assert_eq!(
+        (code, v["compute_id"].clone()),
+        (200, json!("testhost_0-7")),
+        "{v}"
+    );
+    // A second reconcile (from the CLI, as an admin would run it) finds nothing to do.
+    s.kill9();
+    let out = std::process::Command::new(common::bin())
+        .args(["reconcile", "--templates", "/nonexistent", "--root"])
+        .arg(s.root())
+        .arg("--db")
+        .arg(s.db())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "reconcile: nothing to do"
+    );
+}
+
+#[test]
+fn cli_tables_json_and_errors() {
+    let s = Server::start();
+    let out = s.cli(&[
+        "init-server",
+        "--hostname",
+        HOST,
+        "--ip",
+        "192.0.2.10",
+        "--region",
+        "eu",
+        "--zone",
+        "a",
+        "0-7",
+        "8-15",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = s.cli(&["units"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("COMPUTE_ID"), "{table}");
+    assert!(
+        table.contains("testhost_8-15") && table.contains("FREE"),
+        "{table}"
+    );
+    let keyfile = s.dir.path().join("id.pub");
+    std::fs::write(&keyfile, format!("{}\n", ssh_key("cli"))).unwrap();
+    let out = s.cli(&[
+        "--json",
+        "allocate",
+        "--cpu-count",
+        "8",
+        "--ssh-key",
+        keyfile.to_str().unwrap(),
+        "--tag",
+        "deployment_id=d9",
+        "--tag",
+        "n:=5",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["status"].clone(), v["tags"]["n"].clone()),
+        (json!("ALLOCATED"), json!(5))
+    );
+    // An API error is a message on stderr and a non-zero exit.
+    let out = s.cli(&[
+        "allocate",
+        "--cpu-count",
+        "3",
+        "--ssh-key",
+        keyfile.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no FREE compute unit"),
+        "{out:?}"
+    );
+    let out = s.cli(&["allocate", "--ssh-key", "ssh-ed25519 AAAAnope"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ssh_public_key"),
+        "{out:?}"
+    );
+    let out = s.cli(&["deallocate", "testhost_0-7"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = s.cli(&["events", "--operation", "deallocate"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("testhost_0-7"),
+        "{out:?}"
+    );
+    let out = s.cli(&["decommission", HOST]);
+    assert!(out.status.success(), "{out:?}");
+    // No server to talk to: a clear message.
+    let out = std::process::Command::new(common::bin())
+        .args(["--socket", "/nonexistent/k.sock", "units"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{out:?}"
+    );
+}

@@ -1,0 +1,226 @@
+//! Test support: a real `kloigos serve` process on a unix socket, with a real SQLite file and a
+//! temporary root, and a minimal HTTP/1.1 client.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const HOST: &str = "testhost";
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kloigos")
+}
+
+impl Server {
+    /// A fake host with 16 online CPUs on two NUMA nodes.
+    pub fn start() -> Server {
+        Self::start_with_env(&[])
+    }
+
+    pub fn start_with_env(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        write(&root.join("etc/hostname"), &format!("{HOST}\n"));
+        write(&root.join("sys/devices/system/cpu/online"), "0-15\n");
+        write(&root.join("sys/devices/system/node/node0/cpulist"), "0-7\n");
+        write(
+            &root.join("sys/devices/system/node/node1/cpulist"),
+            "8-15\n",
+        );
+        write(
+            &root.join("proc/sys/net/ipv4/ip_local_port_range"),
+            "32768\t60999\n",
+        );
+        write(&root.join("etc/skel/.bashrc"), "# skel\n");
+        let mut s = Server {
+            socket: dir.path().join("kloigos.sock"),
+            dir,
+            child: None,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("kloigos.db")
+    }
+
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen"])
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(self.root())
+            .arg("--db")
+            .arg(self.db())
+            .args(["--templates", "/nonexistent"])
+            .env("KLOIGOS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn kloigos serve"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "kloigos serve did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        http(&self.socket, method, path, body)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None)
+    }
+
+    pub fn init(&self, ranges: &[&str]) {
+        let body = serde_json::json!({
+            "ip": "192.0.2.10", "region": "eu-west", "zone": "a", "hostname": HOST,
+            "cpu_ranges": ranges,
+        });
+        let (code, v) = self.call("POST", "/api/admin/init_server", Some(&body.to_string()));
+        assert_eq!(code, 200, "{v}");
+    }
+
+    /// Runs the CLI against this server's unix socket.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run kloigos")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn write(path: &Path, content: &str) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, content).expect("write");
+}
+
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").expect("http response");
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let payload = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    let v = serde_json::from_str(&payload).unwrap_or(Value::String(payload));
+    (code, v)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+pub fn ssh_key(comment: &str) -> String {
+    // A syntactically valid ed25519 public key: type string + 32 key bytes.
+    use base64::Engine;
+    let mut blob = Vec::new();
+    blob.extend_from_slice(&11u32.to_be_bytes());
+    blob.extend_from_slice(b"ssh-ed25519");
+    blob.extend_from_slice(&32u32.to_be_bytes());
+    let seed = comment
+        .bytes()
+        .fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    blob.extend((0..32u8).map(|i| i.wrapping_mul(seed)));
+    format!(
+        "ssh-ed25519 {} {comment}",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
+/// Every file under `root`, relative, sorted, excluding the inputs the test wrote itself.
+pub fn files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p
+                    .strip_prefix(base)
+                    .expect("under base")
+                    .display()
+                    .to_string();
+                if !rel.starts_with("sys/") && !rel.starts_with("proc/") {
+                    out.push(rel);
+                }
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
