@@ -456,7 +456,7 @@ fn parse_tags(f: &mut Fields<'_>) -> Option<Value> {
     Some(Value::Object(out))
 }
 
-fn parse_allocate(body: &Bytes) -> Result<Allocate, Vec<FieldError>> {
+pub fn parse_allocate(body: &Bytes) -> Result<Allocate, Vec<FieldError>> {
     let obj = json_object(body)?;
     let mut f = Fields {
         obj: &obj,
@@ -548,7 +548,7 @@ fn parse_limits(f: &mut Fields<'_>) -> Limits {
     }
 }
 
-fn parse_init_server(body: &Bytes) -> Result<InitServer, Vec<FieldError>> {
+pub fn parse_init_server(body: &Bytes) -> Result<InitServer, Vec<FieldError>> {
     let obj = json_object(body)?;
     let mut f = Fields {
         obj: &obj,

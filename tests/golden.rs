@@ -1,0 +1,136 @@
+//! Golden-directory tests of everything Kloigos renders. Each `tests/golden/NN-case/` holds:
+//! - `case.json`: `{"init": <init_server body>, "allocate": [<allocate bodies>], "deallocate": [ids]}`
+//! - `root/`: the host before (sysfs topology, /etc/hostname, /etc/skel, ...)
+//! - `templates/` (optional): an admin's overrides, as in /etc/kloigos/templates
+//! - `expected/`: every file Kloigos wrote, compared as text.
+//!
+//! The case runs through the same request parsing and service code as the API, against a copy
+//! of `root/`. `UPDATE_GOLDEN=1 cargo test --test golden` rewrites `expected/` for review.
+
+use kloigos::service::{Config, Kloigos};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn tree(base: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                out.insert(rel, std::fs::read_to_string(&p).unwrap_or_default());
+            }
+        }
+    }
+    walk(base, base, &mut out);
+    out
+}
+
+fn copy(from: &Path, to: &Path) {
+    for (rel, content) in tree(from) {
+        let dst = to.join(rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::write(dst, content).unwrap();
+    }
+}
+
+fn run_case(case: &Path) -> Result<(), String> {
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    copy(&case.join("root"), &root);
+    let before = tree(&root);
+    let k = Kloigos::open(&Config {
+        db: tmp.path().join("k.db"),
+        root: root.clone(),
+        templates: vec![case.join("templates")],
+        hostname: None,
+        kill_grace: std::time::Duration::ZERO,
+    })
+    .map_err(|e| e.to_string())?;
+    let body = axum::body::Bytes::from(spec["init"].to_string());
+    let init = kloigos::api::parse_init_server(&body).map_err(|e| format!("{e:?}"))?;
+    k.init_server(init, "golden").map_err(|e| e.to_string())?;
+    for a in spec["allocate"].as_array().into_iter().flatten() {
+        let req = kloigos::api::parse_allocate(&axum::body::Bytes::from(a.to_string()))
+            .map_err(|e| format!("{e:?}"))?;
+        k.allocate(req, "golden").map_err(|e| e.to_string())?;
+    }
+    for d in spec["deallocate"].as_array().into_iter().flatten() {
+        k.deallocate(d.as_str().unwrap(), "golden", &|_| Ok(()))
+            .map_err(|e| e.to_string())?;
+    }
+    // What Kloigos wrote: every file that is new or changed.
+    let after: BTreeMap<String, String> = tree(&root)
+        .into_iter()
+        .filter(|(p, c)| before.get(p) != Some(c))
+        .collect();
+    let expected_dir = case.join("expected");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        let _ = std::fs::remove_dir_all(&expected_dir);
+        for (rel, content) in &after {
+            let p = expected_dir.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        return Ok(());
+    }
+    let expected = tree(&expected_dir);
+    let mut problems = Vec::new();
+    for (p, want) in &expected {
+        match after.get(p) {
+            None => problems.push(format!("missing {p}")),
+            Some(got) if got != want => problems.push(format!(
+                "{p} differs:\n--- expected\n{want}\n--- got\n{got}"
+            )),
+            _ => {}
+        }
+    }
+    for p in after.keys().filter(|p| !expected.contains_key(*p)) {
+        problems.push(format!("unexpected {p}"));
+    }
+    // Running reconcile over the result must change nothing: the render is stable.
+    let report = k.reconcile("golden").map_err(|e| e.to_string())?;
+    if !report.is_clean() {
+        problems.push(format!(
+            "reconcile after the case was not clean: {report:?}"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+#[test]
+fn golden_cases() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("case.json").exists())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 4,
+        "golden cases missing in {}",
+        dir.display()
+    );
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|c| {
+            run_case(c)
+                .err()
+                .map(|e| format!("== {}:\n{e}", c.display()))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
