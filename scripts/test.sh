@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (as root, on a fresh Debian 12 machine with cargo):
+# installs what the tests need, checks formatting and lints, runs the unit, golden, API and
+# kernel (nftables in a network namespace) tests, then the end-to-end tests in a VM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n=== %s\n' "$*"; }
+start=$(date +%s)
+
+step "dependencies"
+need=()
+for pair in nft:nftables unshare:util-linux setpriv:util-linux ip:iproute2 ssh-keygen:openssh-client; do
+  command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
+if ((${#need[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+step "unit, golden, API and kernel tests"
+cargo test --locked
+
+if [[ -x tests/vm/e2e.sh && ${KLOIGOS_SKIP_VM:-} != 1 ]]; then
+  step "end-to-end tests in a VM"
+  tests/vm/e2e.sh
+fi
+echo
+echo "suite finished in $(( $(date +%s) - start )) s"
