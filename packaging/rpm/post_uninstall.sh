@@ -1,0 +1,8 @@
+# Kloigos %postun: %systemd_postun_with_restart written out.
+if [ -d /run/systemd/system ]; then
+	systemctl daemon-reload >/dev/null 2>&1 || :
+fi
+if [ "$1" -ge 1 ]; then
+	# Upgrade: restart a running service so it runs the new binary.
+	systemctl try-restart kloigos.service >/dev/null 2>&1 || :
+fi

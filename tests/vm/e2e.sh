@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# End-to-end tests of the Kloigos packages on a real systemd: builds the .deb twice (the second
+# with a higher version, for the upgrade) and the .rpm, boots a throw-away Debian 12 VM (vm.sh),
+# runs tests/vm/guest.sh's phases in it, reboots it in the middle, and prints each check with
+# its time and a closing `N passed, M failed` line. Exits non-zero if any check failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+VM=tests/vm/vm.sh
+LOG=target/e2e
+mkdir -p "$LOG"
+t_start=$EPOCHREALTIME
+elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+results=()
+record() { results+=("$1 $2 $3 ${4:-}"); echo "RESULT $1 $2 $3 ${4:-}"; }
+fatal() { echo "e2e: $*" >&2; record setup FAIL 0 "$*"; summary; exit 1; }
+summary() {
+  local pass=0 fail=0
+  echo; echo "== end-to-end checks (seconds)"
+  for r in "${results[@]}"; do
+    read -r name verdict secs detail <<<"$r"
+    printf '  %-28s %-4s %6ss %s\n' "$name" "$verdict" "$secs" "$detail"
+    [[ $verdict == PASS ]] && ((pass++)) || ((fail++))
+  done
+  echo "  total $(elapsed "$t_start") s"
+  echo "e2e: $pass passed, $fail failed"
+  ((fail == 0))
+}
+trap '$VM down >/dev/null 2>&1 || true' EXIT
+
+# ---- packages
+t=$EPOCHREALTIME
+rm -rf target/packages
+scripts/package.sh >"$LOG/package.log" 2>&1 || { tail -30 "$LOG/package.log"; fatal "package build failed"; }
+VERSION_SUFFIX=+up1 KLOIGOS_LINTIAN=0 scripts/package.sh >>"$LOG/package.log" 2>&1 || fatal "second package build failed"
+record packages-build-lintian PASS "$(elapsed "$t")"
+
+# RPM: no RPM-based VM here; check its file list and scriptlets.
+t=$EPOCHREALTIME
+command -v rpm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rpm >/dev/null; }
+rpmf=$(ls target/packages/kloigos-*.rpm | grep -v '\.up1' | head -1)
+list=$(rpm -qlp "$rpmf" 2>/dev/null); scripts=$(rpm -qp --scripts "$rpmf" 2>/dev/null)
+missing=()
+for f in /usr/bin/kloigos /usr/lib/systemd/system/kloigos.socket /usr/lib/systemd/system/kloigos.service \
+         /usr/lib/systemd/system/kloigos-nftables.service /usr/lib/kloigos/templates/nftables.nft \
+         /usr/lib/sysusers.d/kloigos.conf /usr/lib/tmpfiles.d/kloigos.conf /etc/default/kloigos \
+         /usr/lib/systemd/system-preset/50-kloigos.preset; do
+  grep -qx "$f" <<<"$list" || missing+=("$f")
+done
+for s in 'postinstall scriptlet' 'systemctl --no-reload preset kloigos.socket' 'preuninstall scriptlet' \
+         'disable --now kloigos.socket' 'postuninstall scriptlet' 'try-restart kloigos.service' 'systemd-sysusers'; do
+  grep -qF "$s" <<<"$scripts" || missing+=("scriptlet: $s")
+done
+if ((${#missing[@]})); then record rpm-files-scriptlets FAIL "$(elapsed "$t")" "missing: ${missing[*]}"
+else record rpm-files-scriptlets PASS "$(elapsed "$t")"; fi
+
+# ---- the VM
+t=$EPOCHREALTIME
+$VM image >"$LOG/image.log" 2>&1 || { tail -20 "$LOG/image.log"; fatal "VM image build failed"; }
+record vm-image PASS "$(elapsed "$t")"
+t=$EPOCHREALTIME
+$VM up >"$LOG/up.log" 2>&1 || { tail -40 "$LOG/up.log"; fatal "VM did not boot"; }
+record vm-boot PASS "$(elapsed "$t")"
+$VM ssh 'mkdir -p /root/pkgs' && $VM put target/packages/. /root/pkgs/ && $VM put tests/vm/guest.sh /root/guest.sh \
+  || fatal "cannot copy the packages into the VM"
+
+phase() {
+  local out
+  out=$($VM ssh "bash /root/guest.sh $1" 2>&1)
+  echo "$out" >>"$LOG/guest.log"
+  while read -r _ name verdict secs detail; do
+    record "$name" "$verdict" "$secs" "$detail"
+  done < <(grep '^RESULT ' <<<"$out")
+  [[ $1 == before ]] || grep -q '^RESULT ' <<<"$out" || record "phase-$1" FAIL 0 "no result (see $LOG/guest.log)"
+}
+: >"$LOG/guest.log"
+phase before
+phase install
+phase units
+phase upgrade
+t=$EPOCHREALTIME
+if $VM reboot >"$LOG/reboot.log" 2>&1; then
+  record vm-reboot PASS "$(elapsed "$t")"
+  phase reboot
+else
+  record vm-reboot FAIL "$(elapsed "$t")" "guest did not come back"
+fi
+phase purge
+$VM ssh 'journalctl -b -u kloigos.service --no-pager' >"$LOG/journal.log" 2>&1
+t=$EPOCHREALTIME
+$VM down >/dev/null 2>&1
+record vm-shutdown PASS "$(elapsed "$t")"
+summary

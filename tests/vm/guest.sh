@@ -1,0 +1,279 @@
+#!/usr/bin/env bash
+# Runs INSIDE the test VM as root: the end-to-end checks of Kloigos on a real systemd host.
+# Each check prints one line `RESULT <name> PASS|FAIL <seconds> <detail>`; checks assert the real
+# effect (a process's affinity, a refused connection, a missing file), not an exit code alone.
+#
+#   guest.sh before      snapshot the host before Kloigos is installed
+#   guest.sh install     a. install the .deb, socket activation, STATUS=, idle exit
+#   guest.sh units       b-g. init_server, ssh, CPUs and limits, ports, files, deallocation
+#   guest.sh upgrade     j. upgrade in place (run before the reboot)
+#   guest.sh reboot      h. after a reboot: slices, nftables, allocations; nftables restart
+#   guest.sh purge       i. decommission, apt purge: the host is as before
+set -u
+export LC_ALL=C
+PKGS=/root/pkgs
+KEYS=/root/keys
+SNAP=/root/snapshot
+HOST=$(hostname)
+U0=u0 U1=u1 UID0=20000 UID1=20001
+
+t0=0
+start() { t0=$EPOCHREALTIME; }
+secs() { awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+result() { echo "RESULT $1 $2 $(secs) ${3:-}"; }
+# check NAME CONDITION-OUTPUT: PASS when the accumulated failures list is empty.
+fails=()
+expect() { # expect DESCRIPTION ACTUAL WANTED
+  if [[ "$2" != "$3" ]]; then fails+=("$1: got '$2', want '$3'"); fi
+}
+expect_match() { # expect_match DESCRIPTION ACTUAL REGEX
+  if ! [[ "$2" =~ $3 ]]; then fails+=("$1: got '$2', want /$3/"); fi
+}
+finish() { # finish NAME
+  if ((${#fails[@]} == 0)); then result "$1" PASS; else result "$1" FAIL "$(IFS='; '; echo "${fails[*]}")"; fi
+  fails=()
+}
+
+as_user() { # as_user USER KEY CMD: a real ssh login of the unit's user
+  ssh -q -i "$KEYS/$2" -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+    -o ConnectTimeout=5 "$1@127.0.0.1" "$3"
+}
+
+wait_for() { # wait_for SECONDS CMD...
+  local end=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do ((SECONDS < end)) || return 1; sleep 0.5; done
+}
+
+snapshot() {
+  {
+    echo "## passwd"; getent passwd | cut -d: -f1,3 | sort
+    echo "## group"; getent group | cut -d: -f1,3 | sort
+    echo "## systemd"; find /etc/systemd/system -name '*kloigos*' -o -name 'user-*.slice.d' -o -name 'user@*.service.d' | sort
+    echo "## tmpfiles"; ls /etc/tmpfiles.d | sort
+    echo "## dirs"; ls -d /opt/* /mnt/* /home/* /var/lib/kloigos /etc/kloigos 2>/dev/null | sort
+    echo "## linger"; ls /var/lib/systemd/linger 2>/dev/null | sort
+    echo "## nft"; nft list tables | sort
+  }
+}
+
+curl_api() { curl -s --max-time 30 "$@"; }
+
+case ${1:-} in
+before)
+  mkdir -p "$KEYS"
+  for k in k1 k2 k3 other; do [[ -f $KEYS/$k ]] || ssh-keygen -q -t ed25519 -N '' -C "$k@test" -f "$KEYS/$k"; done
+  snapshot >"$SNAP.before"
+  ;;
+
+install)
+  start
+  deb=$(ls $PKGS/kloigos_*_amd64.deb | grep -v '+up' | head -1)
+  out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb" 2>&1); rc=$?
+  expect "apt install" "$rc" 0
+  [[ $rc == 0 ]] || echo "$out" | tail -20
+  expect "socket enabled" "$(systemctl is-enabled kloigos.socket)" enabled
+  expect "socket active" "$(systemctl is-active kloigos.socket)" active
+  expect "service inactive before the first request" "$(systemctl is-active kloigos.service)" inactive
+  expect "group kloigos" "$(getent group kloigos | cut -d: -f1)" kloigos
+  # Short idle time for the test; the conffile is kept on upgrade with --force-confold.
+  sed -i 's/^KLOIGOS_IDLE_TIMEOUT=.*/KLOIGOS_IDLE_TIMEOUT=5/' /etc/default/kloigos
+  cli=$(kloigos servers 2>&1); rc=$?
+  expect "first request (CLI over the unix socket)" "$rc" 0
+  expect_match "CLI table" "$cli" '^HOSTNAME'
+  expect "service started by the socket" "$(systemctl is-active kloigos.service)" active
+  expect_match "STATUS= line" "$(systemctl show -p StatusText --value kloigos.service)" 'listening on .*kloigos.sock'
+  expect_match "systemctl status shows it" "$(systemctl status kloigos.service --no-pager 2>&1 | grep -i 'Status:')" 'units, 0 allocated'
+  expect_match "curl over TCP" "$(curl_api http://127.0.0.1:8000/healthz)" '"status":"ok"'
+  wait_for 20 bash -c '[[ $(systemctl is-active kloigos.service) == inactive ]]'
+  expect "service idle-exits" "$(systemctl is-active kloigos.service)" inactive
+  expect "socket still listening" "$(systemctl is-active kloigos.socket)" active
+  expect_match "next request starts it again" "$(curl_api http://127.0.0.1:8000/healthz)" '"status":"ok"'
+  expect "service runs again" "$(systemctl is-active kloigos.service)" active
+  expect_match "journal has structured logs" "$(journalctl -u kloigos.service -o verbose --no-pager 2>/dev/null | grep -c 'SYSLOG_IDENTIFIER=kloigos')" '^[1-9]'
+  finish a-install-socket-activation
+  ;;
+
+units)
+  # ---- b. init_server for this VM, one unit per CPU, with limits
+  start
+  ip=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
+  out=$(kloigos init-server --hostname "$HOST" --ip "${ip:-127.0.0.1}" --region test --zone vm \
+        --limits '{"tasks_max": 64, "memory_max_per_cpu": 268435456}' 0 1 2 3 2>&1)
+  expect "init-server" "$?" 0
+  for i in 0 1 2 3; do
+    expect "user u$i" "$(getent passwd u$i | cut -d: -f3,6)" "$((20000 + i)):/home/u$i"
+    expect "AllowedCPUs of user-$((20000 + i)).slice" "$(systemctl show -p AllowedCPUs --value user-$((20000 + i)).slice)" "$i"
+  done
+  expect "TasksMax" "$(systemctl show -p TasksMax --value user-$UID0.slice)" 64
+  expect "MemoryMax" "$(systemctl show -p MemoryMax --value user-$UID0.slice)" 268435456
+  expect_match "nft table loaded" "$(nft list table inet kloigos 2>&1)" '20003 \. 2300-2399'
+  expect "units FREE" "$(kloigos units --status FREE --json | grep -c '"compute_id"')" 4
+  [[ -n "$out" ]] || true
+  finish b-init-server
+
+  # ---- c. allocation and ssh with the owner's key only
+  start
+  a=$(kloigos --json allocate --cpu-count 1 --ssh-key $KEYS/k1.pub --tag owner=alice --tag deployment_id=e2e)
+  expect_match "allocated unit 0" "$a" "\"compute_id\": \"${HOST}_0\""
+  expect_match "started_at set" "$a" '"started_at": "20'
+  expect "ssh with the owner's key" "$(as_user $U0 k1 'id -un' 2>&1)" "$U0"
+  as_user $U0 other true 2>/dev/null
+  expect "ssh with another key refused" "$?" 255
+  b=$(kloigos --json allocate --cpu-count 1 --ssh-key $KEYS/k2.pub --tag owner=bob)
+  expect_match "allocated unit 1" "$b" "\"compute_id\": \"${HOST}_1\""
+  as_user $U1 k1 true 2>/dev/null
+  expect "alice's key does not open bob's unit" "$?" 255
+  expect "linger on" "$(loginctl show-user $U0 -p Linger --value)" yes
+  finish c-allocate-ssh
+
+  # ---- d. CPUs and limits: from an ssh session and from a systemd --user service
+  start
+  expect "ssh session CPUs" "$(as_user $U0 k1 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 0
+  expect_match "ssh session cgroup" "$(as_user $U0 k1 'cat /proc/self/cgroup')" "user-$UID0.slice"
+  as_user $U0 k1 'systemd-run --user --unit=e2e-svc sleep 600' >/dev/null 2>&1
+  pid=$(as_user $U0 k1 'systemctl --user show -p MainPID --value e2e-svc')
+  expect "user service CPUs" "$(awk '/Cpus_allowed_list/ {print $2}' /proc/${pid:-0}/status 2>/dev/null)" 0
+  expect_match "user service cgroup" "$(cat /proc/${pid:-0}/cgroup 2>/dev/null)" "user-$UID0.slice/user@$UID0.service"
+  expect "unit 1 runs on CPU 1" "$(as_user $U1 k2 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 1
+  forked=$(as_user $U0 k1 'python3 -c "
+import os, time
+n = 0
+try:
+    for i in range(300):
+        if os.fork() == 0:
+            time.sleep(120); os._exit(0)
+        n += 1
+except OSError:
+    pass
+print(n)"' 2>/dev/null)
+  expect_match "fork bomb stops at TasksMax=64 (forked $forked)" "${forked:-x}" '^[0-9]+$'
+  ((${forked:-999} < 64)) || fails+=("fork bomb forked ${forked:-?} processes, TasksMax is 64")
+  pkill -KILL -u $U0 -f 'import os, time' 2>/dev/null
+  wait_for 10 bash -c "! pgrep -u $U0 -f 'import os, time'"
+  expect "pids.max" "$(cat /sys/fs/cgroup/user.slice/user-$UID0.slice/pids.max)" 64
+  finish d-cpus-and-limits
+
+  # ---- e. ports: 2000-2099 for unit 0, 2100-2199 for unit 1
+  start
+  serve='import socket,sys
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(("0.0.0.0",int(sys.argv[1]))); s.listen(8); s.settimeout(60)
+while True:
+    c,_=s.accept(); c.sendall(b"hello"); c.close()'
+  probe='import socket,sys
+try:
+    s=socket.create_connection(("127.0.0.1",int(sys.argv[1])),timeout=2); s.settimeout(2); print("open" if s.recv(5)==b"hello" else "silent")
+except Exception: print("closed")'
+  printf '%s\n' "$serve" >/tmp/serve.py; printf '%s\n' "$probe" >/tmp/probe.py; chmod 644 /tmp/serve.py /tmp/probe.py
+  for p in 2050 2150 9050; do as_user $U0 k1 "nohup python3 /tmp/serve.py $p </dev/null >/dev/null 2>&1 &"; done
+  python3 /tmp/serve.py 7050 >/dev/null 2>&1 &
+  root_srv=$!
+  sleep 1
+  expect "own port from the host" "$(python3 /tmp/probe.py 2050)" open
+  expect "own port from the other unit's user" "$(as_user $U1 k2 'python3 /tmp/probe.py 2050')" open
+  expect "the other unit's port" "$(python3 /tmp/probe.py 2150)" closed
+  expect "a port outside every range" "$(python3 /tmp/probe.py 9050)" closed
+  expect "outgoing connection of the unit's user" "$(as_user $U0 k1 'python3 /tmp/probe.py 7050')" open
+  kill $root_srv 2>/dev/null
+  expect_match "fence counter moved" "$(nft list chain inet kloigos output)" 'counter packets [1-9]'
+  finish e-ports
+
+  # ---- f. files
+  start
+  for d in /opt/c0 /mnt/c0 /home/u0; do
+    expect "$d owner and mode" "$(stat -c '%U:%G %a' $d)" "$U0:$U0 750"
+  done
+  as_user $U0 k1 'echo secret > /opt/c0/secret; echo data > /mnt/c0/data; echo x > ~/notes'
+  as_user $U1 k2 'cat /opt/c0/secret' >/dev/null 2>&1; expect "other unit cannot read /opt/c0" "$?" 1
+  as_user $U1 k2 'ls /home/u0' >/dev/null 2>&1; expect "other unit cannot list /home/u0" "$?" 2
+  as_user $U1 k2 'touch /mnt/c0/intruder' >/dev/null 2>&1; expect "other unit cannot write /mnt/c0" "$?" 1
+  expect "no intruder file" "$(ls /mnt/c0)" data
+  finish f-files
+
+  # ---- g. deallocation: nothing of the owner survives
+  start
+  as_user $U0 k1 'nohup sleep 1000 </dev/null >/dev/null 2>&1 &
+    nohup python3 -c "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)" </dev/null >/dev/null 2>&1 &
+    systemd-run --user --unit=e2e-longrun sleep 1000 >/dev/null
+    echo "* * * * * touch /tmp/cron-ran" | crontab -
+    echo "touch /tmp/at-ran" | at now + 2 hours 2>/dev/null
+    echo junk > /tmp/u0-tmpfile; mkdir -p ~/.config/app; echo x > ~/.config/app/state' >/dev/null 2>&1
+  expect_match "owner has processes before" "$(pgrep -u $U0 -c)" '^[1-9]'
+  expect_match "owner has an at job before" "$(find /var/spool/cron/atjobs -user $U0 -type f | wc -l)" '^[1-9]'
+  out=$(kloigos deallocate "${HOST}_0" 2>&1)
+  expect "deallocate" "$?" 0
+  expect "no process of the user left" "$(pgrep -u $U0 -c)" 0
+  as_user $U0 k1 true 2>/dev/null; expect "key no longer works" "$?" 255
+  expect "crontab gone" "$(crontab -l -u $U0 2>&1 | grep -c 'touch')" 0
+  expect "at job gone" "$(find /var/spool/cron/atjobs -user $U0 -type f | wc -l)" 0
+  expect "tmp file gone" "$(ls /tmp/u0-tmpfile 2>/dev/null)" ""
+  expect "/opt/c0 empty" "$(ls -A /opt/c0)" ""
+  expect "/mnt/c0 empty" "$(ls -A /mnt/c0)" ""
+  expect "home back to the skeleton" "$(ls -A /home/u0 | sort | tr '\n' ' ')" "$(ls -A /etc/skel | cat - <(echo .ssh) | sort | tr '\n' ' ')"
+  expect "linger off" "$(ls /var/lib/systemd/linger/$U0 2>/dev/null)" ""
+  expect "unit FREE" "$(kloigos --json unit ${HOST}_0 | grep -o '"status": "[A-Z_]*"')" '"status": "FREE"'
+  c=$(kloigos --json allocate --cpu-count 1 --ssh-key $KEYS/k3.pub --tag owner=carol)
+  expect_match "reallocated the same unit" "$c" "\"compute_id\": \"${HOST}_0\""
+  expect "new owner logs in" "$(as_user $U0 k3 'id -un' 2>&1)" "$U0"
+  expect "new owner starts clean" "$(as_user $U0 k3 'ls -A ~/.config /opt/c0 /mnt/c0 2>/dev/null | grep -v : | grep -c .')" 0
+  expect "no user service from before" "$(as_user $U0 k3 'systemctl --user list-units --all --no-legend e2e-longrun.service e2e-svc.service | wc -l')" 0
+  finish g-deallocate
+  ;;
+
+upgrade)
+  start
+  before=$(kloigos --json units --status ALLOCATED | grep -c '"compute_id"')
+  pid_before=$(systemctl show -p MainPID --value kloigos.service)
+  [[ $pid_before != 0 ]] || fails+=("service not running before the upgrade")
+  deb=$(ls $PKGS/kloigos_*+up*_amd64.deb | head -1)
+  out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold "$deb" 2>&1)
+  expect "apt upgrade" "$?" 0
+  expect_match "new version installed" "$(dpkg-query -W -f '${Version}' kloigos)" '\+up'
+  expect "socket active" "$(systemctl is-active kloigos.socket)" active
+  expect_match "service not failed" "$(systemctl is-failed kloigos.service)" '^(active|inactive)$'
+  pid_after=$(systemctl show -p MainPID --value kloigos.service)
+  [[ $pid_before != "$pid_after" ]] || fails+=("the old service process $pid_before still runs")
+  expect "allocations kept" "$(kloigos --json units --status ALLOCATED | grep -c '"compute_id"')" "$before"
+  expect_match "new binary serves" "$(curl_api http://127.0.0.1:8000/healthz)" '"status":"ok"'
+  expect "idle setting kept" "$(grep ^KLOIGOS_IDLE_TIMEOUT /etc/default/kloigos)" KLOIGOS_IDLE_TIMEOUT=5
+  expect "owner still logs in" "$(as_user $U1 k2 'id -un' 2>&1)" "$U1"
+  finish j-upgrade
+  ;;
+
+reboot)
+  start
+  expect "socket active after boot" "$(systemctl is-active kloigos.socket)" active
+  expect "nft restore unit" "$(systemctl is-active kloigos-nftables.service)" active
+  expect_match "nft table after boot" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
+  expect "slice after boot" "$(systemctl show -p AllowedCPUs --value user-$UID1.slice)" 1
+  expect "allocations after boot" "$(kloigos --json units --status ALLOCATED | grep -c '"compute_id"')" 2
+  expect "owner logs in after boot" "$(as_user $U1 k2 'id -un' 2>&1)" "$U1"
+  expect "lingering user manager after boot" "$(systemctl is-active user@$UID1.service)" active
+  systemctl restart nftables.service
+  sleep 1
+  expect_match "table survives nftables restart" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
+  systemctl reload nftables.service 2>/dev/null || true
+  sleep 1
+  expect_match "table survives nftables reload" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
+  python3 /tmp/serve.py 7051 >/dev/null 2>&1 & srv=$!
+  as_user $U1 k2 'nohup python3 /tmp/serve.py 2001 </dev/null >/dev/null 2>&1 &'; sleep 1
+  expect "fence still enforced after restart" "$(python3 /tmp/probe.py 2001)" closed
+  kill $srv 2>/dev/null
+  finish h-reboot
+  ;;
+
+purge)
+  start
+  out=$(kloigos decommission --force "$HOST" 2>&1)
+  expect "decommission --force" "$?" 0
+  DEBIAN_FRONTEND=noninteractive apt-get purge -y -q kloigos >/dev/null 2>&1
+  expect "apt purge" "$?" 0
+  snapshot >"$SNAP.after"
+  d=$(diff "$SNAP.before" "$SNAP.after")
+  expect "host as before (diff of users, groups, unit files, tmpfiles, dirs, linger, nft tables)" "$d" ""
+  expect "no process of unit users" "$(pgrep -u 20000,20001,20002,20003 -c 2>/dev/null)" 0
+  expect "no socket left" "$(systemctl is-active kloigos.socket)" inactive
+  finish i-decommission-purge
+  ;;
+
+*) sed -n 2,14p "$0"; exit 2 ;;
+esac
