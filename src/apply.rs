@@ -260,16 +260,45 @@ impl Host {
             let conf = self.path(plan.tmpfiles_conf());
             self.run("systemd-tmpfiles", &["--create", &conf.to_string_lossy()])?;
         } else {
-            for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
-                let p = self.path(d);
-                fs::create_dir_all(&p).map_err(io_err(&p))?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o750)).map_err(io_err(&p))?;
-            }
-            let ssh = self.path(format!("{}/.ssh", plan.dirs.home));
-            fs::create_dir_all(&ssh).map_err(io_err(&ssh))?;
-            fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700)).map_err(io_err(&ssh))?;
+            self.tmpfiles_emulate(&plan.tmpfiles_conf())?;
         }
         self.fill_skeleton(plan)
+    }
+
+    /// What `systemd-tmpfiles --create` does with the `d`, `D` and `f` lines of a file, for a
+    /// root that is not a live system (ownership is left alone: the users do not exist there).
+    fn tmpfiles_emulate(&self, conf: &Path) -> Result<()> {
+        let conf_path = self.path(conf);
+        let text = fs::read_to_string(&conf_path).map_err(io_err(&conf_path))?;
+        for line in text.lines().map(str::trim) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(kind), Some(path)) = (fields.first(), fields.get(1)) else {
+                continue;
+            };
+            let mode = fields.get(2).and_then(|m| u32::from_str_radix(m, 8).ok());
+            let p = self.path(path);
+            match *kind {
+                "d" | "D" => {
+                    fs::create_dir_all(&p).map_err(io_err(&p))?;
+                    if let Some(m) = mode {
+                        fs::set_permissions(&p, fs::Permissions::from_mode(m))
+                            .map_err(io_err(&p))?;
+                    }
+                }
+                "f" if !p.exists() => {
+                    if let Some(dir) = p.parent() {
+                        fs::create_dir_all(dir).map_err(io_err(dir))?;
+                    }
+                    fs::write(&p, "").map_err(io_err(&p))?;
+                    if let Some(m) = mode {
+                        fs::set_permissions(&p, fs::Permissions::from_mode(m))
+                            .map_err(io_err(&p))?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Copies /etc/skel into the unit's home when the home holds nothing but `.ssh`.

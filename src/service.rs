@@ -696,17 +696,19 @@ impl Kloigos {
     fn release(&self, plan: &UnitPlan) -> Result<()> {
         let mut plan = plan.clone();
         plan.allocated = false;
+        // tmpfiles.d without the linger flag first: recreating the skeleton below runs
+        // systemd-tmpfiles on that file, which would otherwise bring the flag back.
+        for f in self.renderer.unit_files(&self.facts, &plan)? {
+            if f.path == plan.tmpfiles_conf() {
+                self.host.write(&f, None)?;
+            }
+        }
         // No new logins first, then no processes, then no files.
         self.host.remove_authorized_key(&plan)?;
         self.host.set_linger(&plan, false)?;
         self.host.kill_user(&plan, self.kill_grace)?;
         self.host.remove_user_leftovers(&plan)?;
         self.host.wipe_dirs(&plan)?;
-        for f in self.renderer.unit_files(&self.facts, &plan)? {
-            if f.path == plan.tmpfiles_conf() {
-                self.host.write(&f, None)?;
-            }
-        }
         // A login that raced the key removal is gone with this second pass.
         self.host.kill_user(&plan, Duration::ZERO)?;
         Ok(())

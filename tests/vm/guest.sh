@@ -14,6 +14,8 @@ export LC_ALL=C
 PKGS=/root/pkgs
 KEYS=/root/keys
 SNAP=/root/snapshot
+# Test helpers every user can read, outside /tmp (cleaned at boot).
+E2E=/usr/local/share/kloigos-e2e
 HOST=$(hostname)
 U0=u0 U1=u1 UID0=20000 UID1=20001
 
@@ -62,6 +64,8 @@ case ${1:-} in
 before)
   mkdir -p "$KEYS"
   for k in k1 k2 k3 other; do [[ -f $KEYS/$k ]] || ssh-keygen -q -t ed25519 -N '' -C "$k@test" -f "$KEYS/$k"; done
+  # An admin's firewall is part of the host before Kloigos (the reboot phase restarts it).
+  systemctl start nftables.service
   snapshot >"$SNAP.before"
   ;;
 
@@ -163,16 +167,17 @@ while True:
 try:
     s=socket.create_connection(("127.0.0.1",int(sys.argv[1])),timeout=2); s.settimeout(2); print("open" if s.recv(5)==b"hello" else "silent")
 except Exception: print("closed")'
-  printf '%s\n' "$serve" >/tmp/serve.py; printf '%s\n' "$probe" >/tmp/probe.py; chmod 644 /tmp/serve.py /tmp/probe.py
-  for p in 2050 2150 9050; do as_user $U0 k1 "nohup python3 /tmp/serve.py $p </dev/null >/dev/null 2>&1 &"; done
-  python3 /tmp/serve.py 7050 >/dev/null 2>&1 &
+  mkdir -p $E2E
+  printf '%s\n' "$serve" >$E2E/serve.py; printf '%s\n' "$probe" >$E2E/probe.py; chmod 644 $E2E/serve.py $E2E/probe.py
+  for p in 2050 2150 9050; do as_user $U0 k1 "nohup python3 $E2E/serve.py $p </dev/null >/dev/null 2>&1 &"; done
+  python3 $E2E/serve.py 7050 >/dev/null 2>&1 &
   root_srv=$!
   sleep 1
-  expect "own port from the host" "$(python3 /tmp/probe.py 2050)" open
-  expect "own port from the other unit's user" "$(as_user $U1 k2 'python3 /tmp/probe.py 2050')" open
-  expect "the other unit's port" "$(python3 /tmp/probe.py 2150)" closed
-  expect "a port outside every range" "$(python3 /tmp/probe.py 9050)" closed
-  expect "outgoing connection of the unit's user" "$(as_user $U0 k1 'python3 /tmp/probe.py 7050')" open
+  expect "own port from the host" "$(python3 $E2E/probe.py 2050)" open
+  expect "own port from the other unit's user" "$(as_user $U1 k2 "python3 $E2E/probe.py 2050")" open
+  expect "the other unit's port" "$(python3 $E2E/probe.py 2150)" closed
+  expect "a port outside every range" "$(python3 $E2E/probe.py 9050)" closed
+  expect "outgoing connection of the unit's user" "$(as_user $U0 k1 "python3 $E2E/probe.py 7050")" open
   kill $root_srv 2>/dev/null
   expect_match "fence counter moved" "$(nft list chain inet kloigos output)" 'counter packets [1-9]'
   finish e-ports
@@ -254,9 +259,9 @@ reboot)
   systemctl reload nftables.service 2>/dev/null || true
   sleep 1
   expect_match "table survives nftables reload" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
-  python3 /tmp/serve.py 7051 >/dev/null 2>&1 & srv=$!
-  as_user $U1 k2 'nohup python3 /tmp/serve.py 2001 </dev/null >/dev/null 2>&1 &'; sleep 1
-  expect "fence still enforced after restart" "$(python3 /tmp/probe.py 2001)" closed
+  python3 $E2E/serve.py 7051 >/dev/null 2>&1 & srv=$!
+  as_user $U1 k2 "nohup python3 $E2E/serve.py 2001 </dev/null >/dev/null 2>&1 &"; sleep 1
+  expect "fence still enforced after restart" "$(python3 $E2E/probe.py 2001)" closed
   kill $srv 2>/dev/null
   finish h-reboot
   ;;

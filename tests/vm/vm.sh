@@ -67,17 +67,24 @@ ensure_host_deps() {
     [ssh]=openssh-client [scp]=openssh-client [ssh-keygen]=openssh-client [mkfs.ext4]=e2fsprogs)
   local cmd missing=()
   for cmd in "${!need[@]}"; do
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
   done
   ((${#missing[@]})) || return 0
-  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-  ((EUID == 0)) || die "missing host packages (${missing[*]}); run as root to install them"
+  ((EUID == 0)) || die "missing host commands (${missing[*]}); run as root to install them"
+  # Install the whole set in one transaction: apt may have to swap versions (e.g. a backported
+  # qemu-utils conflicts with bookworm's qemu-system-x86 and is replaced by the matching one).
+  local pkgs; pkgs=$(printf '%s\n' "${need[@]}" | sort -u | tr '\n' ' ')
   local t; t=$(now)
-  log "installing host packages: ${missing[*]}"
+  log "installing host packages (missing: ${missing[*]}): $pkgs"
   export DEBIAN_FRONTEND=noninteractive
   mkdir -p "$DIR"
-  { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } >"$DIR/apt-host.log" 2>&1 \
+  # shellcheck disable=SC2086
+  { apt-get update -q && apt-get install -y -q --no-install-recommends $pkgs; } >"$DIR/apt-host.log" 2>&1 \
     || { tail -20 "$DIR/apt-host.log" >&2; die "apt-get failed; see $DIR/apt-host.log"; }
+  grep -E '^(Remv|Removing) ' "$DIR/apt-host.log" | sed 's/^/vm.sh: apt: /' >&2 || true
+  for cmd in "${!need[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || die "$cmd still missing after installing $pkgs"
+  done
   log "host packages installed in $(since "$t") s"
 }
 
