@@ -19,7 +19,7 @@ summary() {
   for r in "${results[@]}"; do
     read -r name verdict secs detail <<<"$r"
     printf '  %-28s %-4s %6ss %s\n' "$name" "$verdict" "$secs" "$detail"
-    [[ $verdict == PASS ]] && ((pass++)) || ((fail++))
+    if [[ $verdict == PASS ]]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
   done
   echo "  total $(elapsed "$t_start") s"
   echo "e2e: $pass passed, $fail failed"

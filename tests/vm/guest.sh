@@ -145,7 +145,7 @@ n = 0
 try:
     for i in range(300):
         if os.fork() == 0:
-            time.sleep(120); os._exit(0)
+            os.closerange(0, 3); time.sleep(120); os._exit(0)
         n += 1
 except OSError:
     pass
