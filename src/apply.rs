@@ -134,7 +134,13 @@ impl Host {
         let path = self.path(rel);
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            // A parent that is not a directory cannot hold the file either.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(io_err(&path)(e)),
         }
     }
@@ -367,7 +373,12 @@ impl Host {
     }
 
     pub fn remove_authorized_key(&self, plan: &UnitPlan) -> Result<()> {
-        self.check_no_symlink(&format!("{}/.ssh", plan.dirs.home))?;
+        let ssh = self.path(format!("{}/.ssh", plan.dirs.home));
+        if fs::symlink_metadata(&ssh).is_ok_and(|m| m.file_type().is_symlink()) {
+            // A user's symlink: removing the link itself is safe, following it is not.
+            fs::remove_file(&ssh).map_err(io_err(&ssh))?;
+            return Ok(());
+        }
         self.remove(plan.authorized_keys())?;
         Ok(())
     }

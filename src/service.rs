@@ -546,8 +546,9 @@ impl Kloigos {
         for p in plans {
             // Keep going after an error: a half-removed unit is reported, not hidden.
             let r = (|| -> Result<()> {
-                self.release(p)?;
-                for f in [p.slice_dropin(), p.user_service_dropin(), p.tmpfiles_conf()] {
+                self.host.remove(p.tmpfiles_conf())?;
+                self.end_ownership(p)?;
+                for f in [p.slice_dropin(), p.user_service_dropin()] {
                     self.host.remove(&f)?;
                     if let Some(parent) =
                         f.parent().filter(|d| d.starts_with("etc/systemd/system/"))
@@ -703,14 +704,20 @@ impl Kloigos {
                 self.host.write(&f, None)?;
             }
         }
-        // No new logins first, then no processes, then no files.
-        self.host.remove_authorized_key(&plan)?;
-        self.host.set_linger(&plan, false)?;
-        self.host.kill_user(&plan, self.kill_grace)?;
-        self.host.remove_user_leftovers(&plan)?;
+        self.end_ownership(&plan)?;
         self.host.wipe_dirs(&plan)?;
         // A login that raced the key removal is gone with this second pass.
         self.host.kill_user(&plan, Duration::ZERO)?;
+        Ok(())
+    }
+
+    /// No new logins first, then no processes, then nothing the owner left outside its
+    /// directories.
+    fn end_ownership(&self, plan: &UnitPlan) -> Result<()> {
+        self.host.remove_authorized_key(plan)?;
+        self.host.set_linger(plan, false)?;
+        self.host.kill_user(plan, self.kill_grace)?;
+        self.host.remove_user_leftovers(plan)?;
         Ok(())
     }
 

@@ -811,3 +811,69 @@ fn cli_tables_json_and_errors() {
         "{out:?}"
     );
 }
+
+#[test]
+fn failed_apply_is_rolled_back_and_audited() {
+    let s = Server::start();
+    // init_server fails on the host (tmpfiles.d is not a directory): nothing is left behind.
+    common::write(&s.root().join("etc/tmpfiles.d"), "not a directory");
+    let body = json!({"ip": "192.0.2.10", "region": "eu", "zone": "a", "hostname": HOST, "cpu_ranges": ["0-3", "4-7"]});
+    let (code, v) = s.call("POST", "/api/admin/init_server", Some(&body.to_string()));
+    assert_eq!(code, 500, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("rolled back"), "{v}");
+    assert_eq!(s.get("/api/admin/servers").1, json!([]));
+    assert_eq!(
+        files(&s.root()),
+        ["etc/hostname", "etc/skel/.bashrc", "etc/tmpfiles.d"]
+    );
+    let (_, ev) = s.get("/api/events?operation=init_server");
+    assert_eq!(
+        (ev[0]["result"].as_str(), ev[0]["actor"].is_string()),
+        (Some("error"), true),
+        "{ev}"
+    );
+    std::fs::remove_file(s.root().join("etc/tmpfiles.d")).unwrap();
+    s.init(&["0-3", "4-7"]);
+
+    // allocate fails (the home's .ssh was swapped for a symlink): the unit is FREE again, the
+    // link's target is untouched, the failure is audited, and the next allocation works.
+    let outside = s.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let ssh_dir = s.root().join("home/u0-3/.ssh");
+    std::fs::remove_dir_all(&ssh_dir).unwrap();
+    std::os::unix::fs::symlink(&outside, &ssh_dir).unwrap();
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(4), &ssh_key("a"), json!({"owner": "a"}))),
+    );
+    assert_eq!(code, 500, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("rolled back"), "{v}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+    let (_, u) = s.get("/api/compute_units/testhost_0-3");
+    assert_eq!(
+        (u["status"].clone(), u["tags"].clone()),
+        (json!("FREE"), Value::Null)
+    );
+    let (_, ev) = s.get("/api/events?operation=allocate");
+    assert_eq!(
+        (ev[0]["result"].as_str(), ev[0]["after"]["status"].as_str()),
+        (Some("error"), Some("FREE")),
+        "{ev}"
+    );
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(4), &ssh_key("b"), Value::Null)),
+    );
+    assert_eq!(
+        (code, v["compute_id"].clone()),
+        (200, json!("testhost_0-3")),
+        "{v}"
+    );
+    assert!(s.root().join("home/u0-3/.ssh/authorized_keys").is_file());
+}
