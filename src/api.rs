@@ -3,6 +3,7 @@
 //! Request bodies are parsed by hand from JSON values so that every problem is reported the
 //! way FastAPI/pydantic reports it, all at once.
 
+use crate::auth::{Caller, Role, Tokens};
 use crate::model::{CpuList, PortPlan, ports, validate};
 use crate::render::validate_io_limit;
 use crate::service::{self, Allocate, FieldError, InitServer, Kloigos, OpError};
@@ -10,7 +11,7 @@ use crate::store::{EventFilter, Limits, Server, Unit, UnitFilter};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -47,7 +48,23 @@ impl Peer {
     }
 }
 
-pub type AppState = Arc<Kloigos>;
+/// Everything a request handler needs.
+pub struct App {
+    pub kloigos: Kloigos,
+    pub tokens: Tokens,
+    /// Role of a TCP caller without a token (None: such calls get 401). For playbooks that
+    /// cannot send a header; off by default.
+    pub tcp_anonymous: Option<Role>,
+}
+
+impl std::ops::Deref for App {
+    type Target = Kloigos;
+    fn deref(&self) -> &Kloigos {
+        &self.kloigos
+    }
+}
+
+pub type AppState = Arc<App>;
 
 // ---- schemas (for the OpenAPI document; field order is the JSON order) -------------------
 
@@ -159,6 +176,23 @@ pub struct ServerResponse {
     pub created_at: String,
     /// True for the host this Kloigos runs on (its units are applied here).
     pub local: bool,
+    /// NUMA nodes and their CPUs (the local host only; empty when unknown).
+    pub numa_nodes: Vec<NumaNode>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NumaNode {
+    pub node: u32,
+    /// CPUs of the node, `0-15,32-47`.
+    pub cpus: String,
+}
+
+/// The caller, as the API sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WhoAmI {
+    pub actor: String,
+    /// `admin`, `user` or `readonly`.
+    pub role: String,
 }
 
 /// FastAPI's validation error item.
@@ -185,11 +219,26 @@ pub struct ErrorDetail {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Κλοηγός / Kloigos API", description = "Compute units cut from Linux hosts with systemd and nftables. Compatible with upstream Kloigos v0.2 under /api."),
-    paths(allocate, deallocate, list_units, get_unit, init_server, decommission_server, list_servers, list_events, healthz),
-    components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, HTTPValidationError, ValidationError, ErrorDetail, TagValue, Limits, crate::store::Event)),
-    tags((name = "compute_units"), (name = "admin"), (name = "audit"))
+    paths(allocate, deallocate, list_units, get_unit, init_server, decommission_server, list_servers, list_events, whoami, healthz),
+    components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, NumaNode, WhoAmI, HTTPValidationError, ValidationError, ErrorDetail, TagValue, Limits, crate::store::Event)),
+    tags((name = "compute_units"), (name = "admin"), (name = "audit")),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
 )]
 pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 // ---- errors ------------------------------------------------------------------------------
 
@@ -741,15 +790,12 @@ fn peer_of(ext: &axum::http::Extensions) -> Peer {
     responses((status = 200, body = ComputeUnitResponse), (status = 409, description = "No FREE unit matches", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
 async fn allocate(
     State(k): State<AppState>,
-    req: axum::extract::Request,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
 ) -> ApiResult<Json<ComputeUnitResponse>> {
-    let (parts, body) = req.into_parts();
-    let peer = peer_of(&parts.extensions);
-    let body = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .map_err(|e| ApiError::detail(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
+    require(&k, &caller, Role::User, "allocate", None).await?;
     let req = parse_allocate(&body).map_err(ApiError::invalid)?;
-    let actor = peer.actor();
+    let actor = caller.actor.clone();
     let unit = blocking(move || k.allocate(req, &actor)).await?;
     Ok(Json((&unit).into()))
 }
@@ -760,11 +806,38 @@ async fn allocate(
     responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Not in a state that can be deallocated", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
 async fn deallocate(
     State(k): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    ext: axum::http::Extensions,
 ) -> ApiResult<Json<Value>> {
-    let actor = peer_of(&ext).actor();
-    blocking(move || k.deallocate(&id, &actor, &|_| Ok(()))).await?;
+    require(&k, &caller, Role::User, "deallocate", Some(&id)).await?;
+    let k2 = k.clone();
+    let who = caller.clone();
+    let r = blocking(move || {
+        k2.deallocate(&id, &who.actor, &|unit| {
+            // A user may give back only what it allocated.
+            if who.role >= Role::Admin || unit.allocated_by.as_deref() == Some(who.actor.as_str()) {
+                Ok(())
+            } else {
+                Err(OpError::Forbidden(format!(
+                    "{} may only deallocate units it allocated; {} was allocated by {}",
+                    who.actor,
+                    unit.compute_id,
+                    unit.allocated_by.as_deref().unwrap_or("someone else")
+                )))
+            }
+        })
+    })
+    .await;
+    if let Err(ApiError(StatusCode::FORBIDDEN, v)) = &r {
+        audit_denied(
+            &k,
+            &caller,
+            "deallocate",
+            v["detail"].as_str().unwrap_or("forbidden"),
+        )
+        .await;
+    }
+    r?;
     Ok(Json(json!({})))
 }
 
@@ -778,6 +851,7 @@ async fn deallocate(
     responses((status = 200, body = Vec<ComputeUnitResponse>), (status = 422, body = HTTPValidationError)))]
 async fn list_units(
     State(k): State<AppState>,
+    Extension(_caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Vec<ComputeUnitResponse>>> {
     let q = query_map(raw.as_deref());
@@ -805,6 +879,7 @@ async fn list_units(
     responses((status = 200, body = ComputeUnitResponse), (status = 404, body = ErrorDetail)))]
 async fn get_unit(
     State(k): State<AppState>,
+    Extension(_caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ComputeUnitResponse>> {
     let unit = blocking(move || k.unit(&id)).await?;
@@ -817,13 +892,11 @@ async fn get_unit(
     responses((status = 200, body = Object), (status = 409, description = "Server already initialized", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
 async fn init_server(
     State(k): State<AppState>,
-    req: axum::extract::Request,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let (parts, body) = req.into_parts();
-    let actor = peer_of(&parts.extensions).actor();
-    let body = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .map_err(|e| ApiError::detail(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
+    require(&k, &caller, Role::Admin, "init_server", None).await?;
+    let actor = caller.actor.clone();
     let req = parse_init_server(&body).map_err(ApiError::invalid)?;
     blocking(move || k.init_server(req, &actor)).await?;
     Ok(Json(json!({})))
@@ -836,17 +909,18 @@ async fn init_server(
     responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Units still in use", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
 async fn decommission_server(
     State(k): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(hostname): Path<String>,
     RawQuery(raw): RawQuery,
-    ext: axum::http::Extensions,
 ) -> ApiResult<Json<Value>> {
+    require(&k, &caller, Role::Admin, "decommission_server", None).await?;
     let q = query_map(raw.as_deref());
     let mut errors = Vec::new();
     let force = query_bool(&q, "force", &mut errors);
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    let actor = peer_of(&ext).actor();
+    let actor = caller.actor.clone();
     blocking(move || k.decommission(&hostname, force, &actor)).await?;
     Ok(Json(json!({})))
 }
@@ -865,19 +939,36 @@ fn server_response(s: &Server, local: &str) -> ServerResponse {
         limits: s.limits.clone(),
         created_at: s.created_at.clone(),
         local: s.hostname == local,
+        numa_nodes: Vec::new(),
     }
 }
 
 /// Servers known to this Kloigos (additive endpoint).
 #[utoipa::path(get, path = "/api/admin/servers", tag = "admin",
     responses((status = 200, body = Vec<ServerResponse>)))]
-async fn list_servers(State(k): State<AppState>) -> ApiResult<Json<Vec<ServerResponse>>> {
+async fn list_servers(
+    State(k): State<AppState>,
+    Extension(_caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<ServerResponse>>> {
     let k2 = k.clone();
     let servers = blocking(move || k2.servers()).await?;
+    let topology: Vec<NumaNode> = crate::model::numa::topology(k.host().root())
+        .into_iter()
+        .map(|(node, cpus)| NumaNode {
+            node,
+            cpus: cpus.to_ranges(),
+        })
+        .collect();
     Ok(Json(
         servers
             .iter()
-            .map(|s| server_response(s, k.local_hostname()))
+            .map(|s| {
+                let mut r = server_response(s, k.local_hostname());
+                if r.local {
+                    r.numa_nodes = topology.clone();
+                }
+                r
+            })
             .collect(),
     ))
 }
@@ -892,6 +983,7 @@ async fn list_servers(State(k): State<AppState>) -> ApiResult<Json<Vec<ServerRes
     responses((status = 200, body = Vec<crate::store::Event>), (status = 422, body = HTTPValidationError)))]
 async fn list_events(
     State(k): State<AppState>,
+    Extension(_caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Vec<crate::store::Event>>> {
     let q = query_map(raw.as_deref());
@@ -914,6 +1006,148 @@ async fn list_events(
     Ok(Json(blocking(move || k.events(&f)).await?))
 }
 
+/// Who the API takes the caller for, and its role.
+#[utoipa::path(get, path = "/api/whoami", tag = "admin", responses((status = 200, body = WhoAmI), (status = 401, body = ErrorDetail)))]
+async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        actor: caller.actor,
+        role: caller.role.to_string(),
+    })
+}
+
+/// Refuses (403, audited) a caller whose role is below `role`.
+async fn require(
+    k: &AppState,
+    caller: &Caller,
+    role: Role,
+    operation: &str,
+    target: Option<&str>,
+) -> ApiResult<()> {
+    if caller.role >= role {
+        return Ok(());
+    }
+    let detail = format!(
+        "{operation}{} needs role {role}; {} has role {}",
+        target.map(|t| format!(" of {t}")).unwrap_or_default(),
+        caller.actor,
+        caller.role
+    );
+    audit_denied(k, caller, operation, &detail).await;
+    Err(ApiError::detail(StatusCode::FORBIDDEN, detail))
+}
+
+async fn audit_denied(k: &AppState, caller: &Caller, operation: &str, detail: &str) {
+    tracing::warn!(actor = %caller.actor, operation, detail, "denied");
+    let (k, actor, operation, detail) = (
+        k.clone(),
+        caller.actor.clone(),
+        operation.to_string(),
+        detail.to_string(),
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        k.store.record(crate::store::NewEvent {
+            actor: &actor,
+            operation: &operation,
+            compute_id: None,
+            hostname: None,
+            result: Err(&format!("denied: {detail}")),
+            before: None,
+            after: None,
+        })
+    })
+    .await;
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn unauthorized(detail: &str) -> Response {
+    let mut r = ApiError::detail(StatusCode::UNAUTHORIZED, detail).into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+/// Works out the caller of every request: peer credentials on the unix socket, a bearer token
+/// over TCP. `/api/...` needs a caller; the dashboard, docs, OpenAPI document and health check
+/// do not.
+async fn authenticate(
+    State(k): State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let needs_caller = req.uri().path().starts_with("/api/") || req.uri().path() == "/api";
+    let peer = peer_of(req.extensions());
+    let caller = match &peer {
+        Peer::Unix { uid, gid, .. } => {
+            let (uid, gid) = (*uid, *gid);
+            tokio::task::spawn_blocking(move || crate::auth::unix_caller(uid, gid))
+                .await
+                .ok()
+        }
+        Peer::Tcp(addr) => match bearer(req.headers()) {
+            Some(secret) => {
+                let tokens = k.tokens.clone();
+                match tokio::task::spawn_blocking(move || tokens.verify(&secret)).await {
+                    Ok(Ok(Some(entry))) => Some(Caller {
+                        actor: format!("token:{}", entry.name),
+                        role: entry.role,
+                    }),
+                    Ok(Ok(None)) => {
+                        let who = Caller {
+                            actor: format!("tcp {addr}"),
+                            role: Role::Readonly,
+                        };
+                        let what = format!("{} {}", req.method(), req.uri().path());
+                        tracing::warn!(peer = %addr, request = %what, "invalid bearer token");
+                        audit_denied(
+                            &k,
+                            &who,
+                            "authenticate",
+                            &format!("invalid bearer token for {what}"),
+                        )
+                        .await;
+                        return unauthorized("invalid bearer token");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot read the token file");
+                        return ApiError::detail(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("cannot check tokens: {e}"),
+                        )
+                        .into_response();
+                    }
+                    Err(_) => None,
+                }
+            }
+            None => k.tcp_anonymous.map(|role| Caller {
+                actor: format!("anonymous(tcp {})", addr.ip()),
+                role,
+            }),
+        },
+        Peer::Unknown => None,
+    };
+    match caller {
+        Some(c) => {
+            req.extensions_mut().insert(c);
+        }
+        None if needs_caller => {
+            return unauthorized(
+                "authentication required: send Authorization: Bearer <token> (see `kloigos token create`)",
+            );
+        }
+        None => {}
+    }
+    next.run(req).await
+}
+
 /// Liveness: the database answers.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Object)))]
 async fn healthz(State(k): State<AppState>) -> ApiResult<Json<Value>> {
@@ -933,6 +1167,17 @@ async fn openapi() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         doc.to_json().unwrap_or_else(|_| "{}".into()),
     )
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -960,11 +1205,43 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/admin/servers", get(list_servers))
         .route("/api/events", get(list_events))
+        .route("/api/whoami", get(whoami))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
+        .route(
+            "/",
+            get(|| async {
+                asset(
+                    "text/html; charset=utf-8",
+                    include_str!("../web/index.html"),
+                )
+            }),
+        )
+        .route(
+            "/assets/app.js",
+            get(|| async {
+                asset(
+                    "text/javascript; charset=utf-8",
+                    include_str!("../web/app.js"),
+                )
+            }),
+        )
+        .route(
+            "/assets/app.css",
+            get(|| async { asset("text/css; charset=utf-8", include_str!("../web/app.css")) }),
+        )
+        .with_state(state.clone())
+        // Interactive docs; swagger-ui's assets come from the swagger-ui-dist crate, built in.
+        .merge(swagger_ui_dist::generate_routes(
+            swagger_ui_dist::ApiDefinition {
+                uri_prefix: "/docs",
+                api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
+                title: Some("Kloigos API"),
+            },
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(state, authenticate))
 }
 
 #[cfg(test)]

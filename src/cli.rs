@@ -86,6 +86,20 @@ pub enum Command {
         /// Skip the reconcile pass at start.
         #[arg(long)]
         no_reconcile: bool,
+        /// Bearer tokens for TCP callers (managed with `kloigos token`).
+        #[arg(long, env = "KLOIGOS_TOKENS", default_value = crate::auth::DEFAULT_TOKENS)]
+        tokens: PathBuf,
+        /// Role of a TCP caller without a token (admin, user or readonly). Unset: 401. Only for
+        /// clients that cannot send a header, on hosts where every local user is trusted.
+        #[arg(long, env = "KLOIGOS_TCP_ANONYMOUS_ROLE")]
+        tcp_anonymous_role: Option<crate::auth::Role>,
+    },
+    /// Manage the bearer tokens of TCP clients (run as root on the host).
+    Token {
+        #[arg(long, env = "KLOIGOS_TOKENS", default_value = crate::auth::DEFAULT_TOKENS)]
+        tokens: PathBuf,
+        #[command(subcommand)]
+        action: TokenAction,
     },
     /// Re-render everything from the database, repair drift, finish half-done operations.
     Reconcile {
@@ -182,6 +196,21 @@ pub enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// Create a token and print its secret (shown only once).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        role: crate::auth::Role,
+    },
+    /// List tokens (names, roles, creation times; never secrets).
+    List,
+    /// Revoke a token by name.
+    Revoke { name: String },
+}
+
 /// Runs a command; the listeners of `serve` must already be taken (see main).
 pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<()> {
     match cli.command {
@@ -190,7 +219,46 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             listen,
             idle_timeout,
             no_reconcile,
-        } => serve(local, listen, idle_timeout, no_reconcile, systemd_listeners),
+            tokens,
+            tcp_anonymous_role,
+        } => serve(
+            local,
+            listen,
+            idle_timeout,
+            no_reconcile,
+            crate::auth::Tokens::new(tokens),
+            tcp_anonymous_role,
+            systemd_listeners,
+        ),
+        Command::Token { tokens, action } => {
+            let t = crate::auth::Tokens::new(&tokens);
+            match action {
+                TokenAction::Create { name, role } => println!("{}", t.create(&name, role)?),
+                TokenAction::List => {
+                    let entries = t.list()?;
+                    if cli.json {
+                        println!("{}", serde_json::to_string_pretty(&entries)?);
+                    } else {
+                        print_table(
+                            &["NAME", "ROLE", "CREATED"],
+                            entries
+                                .iter()
+                                .map(|e| {
+                                    vec![e.name.clone(), e.role.to_string(), e.created.clone()]
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+                TokenAction::Revoke { name } => {
+                    if !t.revoke(&name)? {
+                        bail!("no token named {name:?} in {}", tokens.display());
+                    }
+                    println!("token {name} revoked");
+                }
+            }
+            Ok(())
+        }
         Command::Reconcile { local } => {
             let k = Kloigos::open(&local.config())?;
             let report = k.reconcile(&actor())?;
@@ -251,6 +319,8 @@ fn serve(
     listen: Vec<String>,
     idle_timeout: u64,
     no_reconcile: bool,
+    tokens: crate::auth::Tokens,
+    tcp_anonymous: Option<crate::auth::Role>,
     systemd_listeners: Vec<crate::server::Listener>,
 ) -> Result<()> {
     let mut listeners = systemd_listeners;
@@ -280,7 +350,11 @@ fn serve(
         k.local_hostname(),
         local.root.display()
     );
-    let app = crate::api::router(std::sync::Arc::new(k));
+    let app = crate::api::router(std::sync::Arc::new(crate::api::App {
+        kloigos: k,
+        tokens,
+        tcp_anonymous,
+    }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -554,7 +628,10 @@ fn client(socket: &std::path::Path, url: Option<&str>, as_json: bool, cmd: Comma
             ),
             None,
         ),
-        Command::Serve { .. } | Command::Reconcile { .. } | Command::Render { .. } => {
+        Command::Serve { .. }
+        | Command::Reconcile { .. }
+        | Command::Render { .. }
+        | Command::Token { .. } => {
             unreachable!("local commands are handled by run()")
         }
     };

@@ -71,14 +71,26 @@ fn socket_activated_ready_status_and_idle_exit() {
         msg.contains(&format!("http://127.0.0.1:{port}")) && msg.contains("k.sock"),
         "both sockets taken: {msg}"
     );
-    // TCP, the second socket.
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.write_all(b"GET /api/compute_units/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    // TCP, the second socket: the API needs a bearer token there; the health check does not.
+    let tcp_get = |path: &str| {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         .unwrap();
-    let mut resp = String::new();
-    tcp.read_to_string(&mut resp).unwrap();
+        let mut resp = String::new();
+        tcp.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    let resp = tcp_get("/api/compute_units/");
     assert!(
-        resp.starts_with("HTTP/1.1 200") && resp.ends_with("[]"),
+        resp.starts_with("HTTP/1.1 401") && resp.contains("www-authenticate: Bearer"),
+        "{resp}"
+    );
+    let resp = tcp_get("/healthz");
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("\"status\":\"ok\""),
         "{resp}"
     );
     // Idle: no connection for 2 s and it exits cleanly, telling systemd it stops.
