@@ -17,6 +17,8 @@ pub struct Server {
     pub child: Option<Child>,
     pub socket: PathBuf,
     pub extra_env: Vec<(String, String)>,
+    /// Also listening on 127.0.0.1:<tcp>, with bearer tokens from `dir/tokens`.
+    pub tcp: Option<u16>,
 }
 
 pub fn bin() -> &'static str {
@@ -29,7 +31,20 @@ impl Server {
         Self::start_with_env(&[])
     }
 
+    /// Unix socket and TCP, with a token file.
+    pub fn start_tcp() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        Self::start_full(&[], Some(port))
+    }
+
     pub fn start_with_env(env: &[(&str, &str)]) -> Server {
+        Self::start_full(env, None)
+    }
+
+    fn start_full(env: &[(&str, &str)], tcp: Option<u16>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("root");
         write(&root.join("etc/hostname"), &format!("{HOST}\n"));
@@ -52,6 +67,7 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            tcp,
         };
         s.spawn();
         s
@@ -59,6 +75,48 @@ impl Server {
 
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")
+    }
+
+    pub fn tokens(&self) -> PathBuf {
+        self.dir.path().join("tokens")
+    }
+
+    /// `kloigos token create`: the secret of a new token.
+    pub fn token(&self, name: &str, role: &str) -> String {
+        let out = Command::new(bin())
+            .args(["token", "--tokens"])
+            .arg(self.tokens())
+            .args(["create", "--name", name, "--role", role])
+            .output()
+            .expect("kloigos token create");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A request over TCP with an optional bearer token.
+    pub fn tcp_call(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let port = self.tcp.expect("server started with start_tcp");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+        let body = body.unwrap_or("");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("send");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read");
+        parse_response(&raw)
     }
 
     pub fn db(&self) -> PathBuf {
@@ -75,9 +133,14 @@ impl Server {
             .arg("--db")
             .arg(self.db())
             .args(["--templates", "/nonexistent"])
+            .arg("--tokens")
+            .arg(self.tokens())
             .env("KLOIGOS_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        if let Some(port) = self.tcp {
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        }
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
@@ -148,7 +211,11 @@ pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16
     s.write_all(req.as_bytes()).expect("send");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
-    let text = String::from_utf8_lossy(&raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(raw);
     let (head, rest) = text.split_once("\r\n\r\n").expect("http response");
     let code: u16 = head
         .split_whitespace()
