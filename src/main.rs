@@ -22,7 +22,16 @@ fn main() -> ExitCode {
     match kloigos::cli::run(cli, listeners) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kloigos: {e:#}");
+            // Our errors already quote their cause; add only the causes not said yet.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("kloigos: {msg}");
             ExitCode::FAILURE
         }
     }

@@ -907,40 +907,48 @@ impl Kloigos {
     pub fn reconcile(&self, actor: &str) -> Result<ReconcileReport> {
         let _lock = self.lock()?;
         let mut report = ReconcileReport::default();
+        // Servers half decommissioned: finish the job first, so their units are not re-rendered.
         for server in self.store.servers()? {
+            if server.status == ServerStatus::Decommissioning {
+                let units = self.store.units(&UnitFilter {
+                    hostname: Some(server.hostname.clone()),
+                    ..Default::default()
+                })?;
+                self.finish_decommission(&server, &units)?;
+                report
+                    .servers_fixed
+                    .push(format!("{}: decommission finished", server.hostname));
+                self.record(
+                    actor,
+                    "reconcile",
+                    None,
+                    Some(&server.hostname),
+                    Ok(()),
+                    Some(json!({"status": "DECOMMISSIONING"})),
+                    Some(json!({"status": "DECOMMISSIONED"})),
+                );
+            }
+        }
+        // Every file, user, directory and the table as the inventory says...
+        let (written, removed) = self.apply_local(None)?;
+        report.files_changed.extend(written);
+        report.files_removed.extend(removed);
+        // ...then each unit's ownership: keys, lingering, operations a crash cut short.
+        for server in self.store.servers()? {
+            if !matches!(
+                server.status,
+                ServerStatus::Initializing | ServerStatus::Ready
+            ) {
+                continue;
+            }
             let units = self.store.units(&UnitFilter {
                 hostname: Some(server.hostname.clone()),
                 ..Default::default()
             })?;
-            match server.status {
-                ServerStatus::Decommissioning => {
-                    self.finish_decommission(&server, &units)?;
-                    report
-                        .servers_fixed
-                        .push(format!("{}: decommission finished", server.hostname));
-                    self.record(
-                        actor,
-                        "reconcile",
-                        None,
-                        Some(&server.hostname),
-                        Ok(()),
-                        Some(json!({"status": "DECOMMISSIONING"})),
-                        Some(json!({"status": "DECOMMISSIONED"})),
-                    );
-                    continue;
-                }
-                ServerStatus::Decommissioned
-                | ServerStatus::InitFail
-                | ServerStatus::DecommissionFail => continue,
-                ServerStatus::Initializing | ServerStatus::Ready => {}
-            }
             for unit in &units {
                 self.reconcile_unit(&server, unit, actor, &mut report)?;
             }
         }
-        let (written, removed) = self.apply_local(None)?;
-        report.files_changed.extend(written);
-        report.files_removed.extend(removed);
         for server in self.store.servers()? {
             if server.status == ServerStatus::Initializing {
                 self.store.set_server_status(

@@ -877,3 +877,86 @@ fn failed_apply_is_rolled_back_and_audited() {
     );
     assert!(s.root().join("home/u0-3/.ssh/authorized_keys").is_file());
 }
+
+#[test]
+fn reconcile_repairs_drift() {
+    let mut s = Server::start();
+    s.init(&["0-7", "8-15"]);
+    let key = ssh_key("drift");
+    let (code, _) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(8), &key, Value::Null)),
+    );
+    assert_eq!(code, 200);
+    s.kill9();
+    let r = s.root();
+    let slice = r.join("etc/systemd/system/user-20008.slice.d/50-kloigos.conf");
+    let good_slice = std::fs::read_to_string(&slice).unwrap();
+    let nft = r.join("var/lib/kloigos/kloigos.nft");
+    let good_nft = std::fs::read_to_string(&nft).unwrap();
+    // Drift: an edited drop-in, a deleted tmpfiles.d file, a lost key, a stray key on a FREE
+    // unit, a truncated table, and a stale drop-in of a unit that no longer exists.
+    std::fs::write(&slice, "[Slice]\nAllowedCPUs=0-15\n").unwrap();
+    std::fs::remove_file(r.join("etc/tmpfiles.d/kloigos-c0-7.conf")).unwrap();
+    std::fs::remove_file(r.join("home/u0-7/.ssh/authorized_keys")).unwrap();
+    common::write(
+        &r.join("home/u8-15/.ssh/authorized_keys"),
+        "ssh-ed25519 AAAA intruder\n",
+    );
+    std::fs::write(&nft, "").unwrap();
+    common::write(
+        &r.join("etc/systemd/system/user-29999.slice.d/50-kloigos.conf"),
+        "[Slice]\n",
+    );
+    let reconcile = || {
+        let out = std::process::Command::new(common::bin())
+            .args([
+                "--json",
+                "reconcile",
+                "--templates",
+                "/nonexistent",
+                "--root",
+            ])
+            .arg(s.root())
+            .arg("--db")
+            .arg(s.db())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = reconcile();
+    assert_eq!(std::fs::read_to_string(&slice).unwrap(), good_slice);
+    assert_eq!(std::fs::read_to_string(&nft).unwrap(), good_nft);
+    assert!(r.join("etc/tmpfiles.d/kloigos-c0-7.conf").exists());
+    assert_eq!(
+        std::fs::read_to_string(r.join("home/u0-7/.ssh/authorized_keys")).unwrap(),
+        format!("{key}\n")
+    );
+    assert!(!r.join("home/u8-15/.ssh/authorized_keys").exists());
+    assert!(!r.join("etc/systemd/system/user-29999.slice.d").exists());
+    let removed = report["files_removed"].as_array().unwrap();
+    assert_eq!(
+        removed,
+        &vec![json!(
+            "etc/systemd/system/user-29999.slice.d/50-kloigos.conf"
+        )],
+        "{report}"
+    );
+    assert_eq!(
+        report["units_fixed"].as_array().unwrap().len(),
+        2,
+        "{report}"
+    );
+    // Idempotent: the second run finds nothing.
+    let again = reconcile();
+    for k in [
+        "files_changed",
+        "files_removed",
+        "units_fixed",
+        "servers_fixed",
+    ] {
+        assert_eq!(again[k], json!([]), "{again}");
+    }
+}
