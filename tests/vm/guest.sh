@@ -215,6 +215,7 @@ except Exception: print("closed")'
   expect "/mnt/c0 empty" "$(ls -A /mnt/c0)" ""
   expect "home back to the skeleton" "$(ls -A /home/u0 | sort | tr '\n' ' ')" "$(ls -A /etc/skel | cat - <(echo .ssh) | sort | tr '\n' ' ')"
   expect "linger off" "$(ls /var/lib/systemd/linger/$U0 2>/dev/null)" ""
+  expect_match "journal entries with COMPUTE_ID= and OPERATION=" "$(journalctl -q -o cat COMPUTE_ID=${HOST}_0 OPERATION=deallocate | wc -l)" '^[1-9]'
   expect "unit FREE" "$(kloigos --json unit ${HOST}_0 | grep -o '"status": "[A-Z_]*"')" '"status": "FREE"'
   c=$(kloigos --json allocate --cpu-count 1 --ssh-key $KEYS/k3.pub --tag owner=carol)
   expect_match "reallocated the same unit" "$c" "\"compute_id\": \"${HOST}_0\""
