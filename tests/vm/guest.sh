@@ -271,6 +271,10 @@ purge)
   start
   out=$(kloigos decommission --force "$HOST" 2>&1)
   expect "decommission --force" "$?" 0
+  DEBIAN_FRONTEND=noninteractive apt-get remove -y -q kloigos >/dev/null 2>&1
+  expect "apt remove" "$?" 0
+  expect "remove stops the socket" "$(systemctl is-active kloigos.socket)" inactive
+  expect "remove keeps the state" "$(ls /var/lib/kloigos/kloigos.db 2>&1)" /var/lib/kloigos/kloigos.db
   DEBIAN_FRONTEND=noninteractive apt-get purge -y -q kloigos >/dev/null 2>&1
   expect "apt purge" "$?" 0
   snapshot >"$SNAP.after"
