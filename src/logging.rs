@@ -13,7 +13,12 @@ pub fn init() {
         && let Ok(journald) = tracing_journald::layer()
     {
         let _ = registry
-            .with(journald.with_syslog_identifier("kloigos".into()))
+            .with(
+                journald
+                    .with_syslog_identifier("kloigos".into())
+                    // Fields as COMPUTE_ID=, OPERATION=, not F_COMPUTE_ID=.
+                    .with_field_prefix(None),
+            )
             .try_init();
         return;
     }
