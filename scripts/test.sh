@@ -9,7 +9,7 @@ start=$(date +%s)
 
 step "dependencies"
 need=()
-for pair in nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux ip:iproute2 ssh-keygen:openssh-client; do
+for pair in curl:curl nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux ip:iproute2 ssh-keygen:openssh-client; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then
@@ -25,6 +25,9 @@ step "unit, golden, API and kernel tests"
 cargo test --locked
 
 echo "unit, golden, API and kernel tests done after $(( $(date +%s) - start )) s"
+
+step "dashboard in a browser (headless Chromium, playwright-core)"
+tests/browser/run.sh
 
 if [[ ${KLOIGOS_SKIP_VM:-} != 1 ]]; then
   step "packages and end-to-end tests in a VM"
