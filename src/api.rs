@@ -110,6 +110,8 @@ pub struct ComputeUnitResponse {
     pub user: String,
     /// Additive: the unit's Unix UID.
     pub uid: u32,
+    /// Additive: who allocated it (`token:NAME` or `unix:USER(uid N)`); null unless allocated.
+    pub allocated_by: Option<String>,
 }
 
 impl From<&Unit> for ComputeUnitResponse {
@@ -139,6 +141,7 @@ impl From<&Unit> for ComputeUnitResponse {
             ports_range: Some(u.ports_range.clone()),
             user: u.user.clone(),
             uid: u.uid,
+            allocated_by: u.allocated_by.clone(),
         }
     }
 }

@@ -65,7 +65,8 @@ fn full_lifecycle_over_the_api() {
             "cpu_list",
             "ports_range",
             "user",
-            "uid"
+            "uid",
+            "allocated_by"
         ]
     );
     assert_eq!(first["compute_id"], "testhost_0-3");

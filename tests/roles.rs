@@ -188,6 +188,16 @@ fn every_role_against_every_endpoint() {
         Some(&alloc("ops")),
     ));
     let d = id(s.call("POST", "/api/compute_units/allocate", Some(&alloc("root"))));
+    let owner = |unit: &str| s.get(&format!("/api/compute_units/{unit}")).1["allocated_by"].clone();
+    assert_eq!(
+        (owner(&a), owner(&c)),
+        (json!("token:alice"), json!("token:ops"))
+    );
+    assert!(
+        owner(&d).as_str().unwrap().starts_with("unix:"),
+        "{}",
+        owner(&d)
+    );
 
     // deallocate: a user only its own; admin anything; readonly and other local users nothing.
     let dealloc = |tok: Option<&str>, unit: &str| {

@@ -159,6 +159,7 @@ function setToken(token, anonymous = false) {
 
 function setRole(role, actor) {
   state.role = ['admin', 'user', 'readonly'].includes(role) ? role : 'readonly';
+  state.actor = actor || '';
   document.body.dataset.role = state.role;
   $('#whoami').innerHTML = actor
     ? `<span class="role role-${esc(state.role)}">${esc(state.role)}</span> <span class="mono">${esc(actor)}</span>`
@@ -359,7 +360,9 @@ function startedShort(t, seconds = true) {
 
 function unitRow(u, i) {
   const tags = u.other.map(([k, v]) => `<span class="tag">${esc(k)}=${esc(v)}</span>`).join('');
-  const act = DEALLOCATABLE.has(u.status)
+  // A user may give back only the units it allocated (the server enforces it too).
+  const mine = state.role !== 'user' || u.allocated_by === state.actor;
+  const act = DEALLOCATABLE.has(u.status) && mine
     ? `<button type="button" class="small danger-ghost need-user" data-action="deallocate" data-id="${esc(u.compute_id)}">Deallocate</button>`
     : '';
   return (
