@@ -128,6 +128,15 @@ units)
   as_user $U1 k1 true 2>/dev/null
   expect "alice's key does not open bob's unit" "$?" 255
   expect "linger on" "$(loginctl show-user $U0 -p Linger --value)" yes
+  # Peer credentials on the unix socket: group kloigos is admin, anyone else only reads.
+  id opsadmin >/dev/null 2>&1 || useradd -m -G kloigos opsadmin
+  id plainuser >/dev/null 2>&1 || useradd -m plainuser
+  expect_match "group kloigos member is admin" "$(runuser -u opsadmin -- kloigos --json units --status ALLOCATED 2>&1 | grep -c compute_id)" '^2$'
+  out=$(runuser -u plainuser -- kloigos allocate --cpu-count 1 --ssh-key $KEYS/k3.pub 2>&1)
+  expect_match "other local user refused changes" "$out" 'needs role user.*HTTP 403'
+  out=$(as_user $U1 k2 "kloigos deallocate ${HOST}_1" 2>&1)
+  expect_match "a unit's own user refused changes" "$out" 'HTTP 403'
+  expect_match "a unit's own user may read" "$(as_user $U1 k2 'kloigos --json units' 2>&1 | grep -c compute_id)" '^4$'
   finish c-allocate-ssh
 
   # ---- d. CPUs and limits: from an ssh session and from a systemd --user service
@@ -277,6 +286,7 @@ purge)
   expect "remove keeps the state" "$(ls /var/lib/kloigos/kloigos.db 2>&1)" /var/lib/kloigos/kloigos.db
   DEBIAN_FRONTEND=noninteractive apt-get purge -y -q kloigos >/dev/null 2>&1
   expect "apt purge" "$?" 0
+  userdel -r opsadmin 2>/dev/null; userdel -r plainuser 2>/dev/null
   snapshot >"$SNAP.after"
   d=$(diff "$SNAP.before" "$SNAP.after")
   expect "host as before (diff of users, groups, unit files, tmpfiles, dirs, linger, nft tables)" "$d" ""
