@@ -260,6 +260,26 @@ fn full_lifecycle_over_the_api() {
     assert!(ev[0]["actor"].as_str().unwrap().contains("uid"), "{ev}");
     assert_eq!(ev[0]["before"]["status"], "ALLOCATED");
     assert_eq!(ev[0]["after"]["status"], "FREE");
+    // Time and actor filters.
+    let t0 = ev[1]["time"].as_str().unwrap();
+    let (_, since) = s.get(&format!("/api/events?compute_id=testhost_0-3&since={t0}"));
+    assert_eq!(
+        since.as_array().unwrap().len(),
+        2,
+        "since is inclusive: {since}"
+    );
+    let (_, until) = s.get(&format!("/api/events?compute_id=testhost_0-3&until={t0}"));
+    assert_eq!(until, json!([]), "until is exclusive");
+    let actor = ev[0]["actor"]
+        .as_str()
+        .unwrap()
+        .replace(' ', "%20")
+        .replace('(', "%28")
+        .replace(')', "%29");
+    let (_, by) = s.get(&format!("/api/events?actor={actor}&operation=allocate"));
+    assert!(by.as_array().unwrap().len() >= 2, "{by}");
+    let (_, none) = s.get("/api/events?actor=token:nobody");
+    assert_eq!(none, json!([]));
     let (_, page) = s.get(&format!("/api/events?limit=1&before={}", ev[0]["id"]));
     assert_eq!(page.as_array().unwrap().len(), 1);
     assert!(page[0]["id"].as_i64() < ev[0]["id"].as_i64());
