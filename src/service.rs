@@ -421,10 +421,7 @@ impl Kloigos {
 
     /// Removes what a failed init created for `server`, leaving the other units as they are.
     fn rollback_init(&self, server: &Server) -> Result<()> {
-        let units = self.store.units(&UnitFilter {
-            hostname: Some(server.hostname.clone()),
-            ..Default::default()
-        })?;
+        let units = self.store.units_of(&server.hostname)?;
         let plans = units
             .iter()
             .map(|u| self.plan(server, u))
@@ -447,10 +444,7 @@ impl Kloigos {
             ) {
                 continue;
             }
-            for unit in self.store.units(&UnitFilter {
-                hostname: Some(server.hostname.clone()),
-                ..Default::default()
-            })? {
+            for unit in self.store.units_of(&server.hostname)? {
                 let plan = self.plan(&server, &unit)?;
                 out.push((server.clone(), unit, plan));
             }
@@ -828,10 +822,7 @@ impl Kloigos {
                 "server {hostname} is already DECOMMISSIONED"
             )));
         }
-        let units = self.store.units(&UnitFilter {
-            hostname: Some(hostname.to_string()),
-            ..Default::default()
-        })?;
+        let units = self.store.units_of(&hostname)?;
         let busy: Vec<&str> = units
             .iter()
             .filter(|u| !matches!(u.status, UnitStatus::Free | UnitStatus::Unavailable))
@@ -910,10 +901,7 @@ impl Kloigos {
         // Servers half decommissioned: finish the job first, so their units are not re-rendered.
         for server in self.store.servers()? {
             if server.status == ServerStatus::Decommissioning {
-                let units = self.store.units(&UnitFilter {
-                    hostname: Some(server.hostname.clone()),
-                    ..Default::default()
-                })?;
+                let units = self.store.units_of(&server.hostname)?;
                 self.finish_decommission(&server, &units)?;
                 report
                     .servers_fixed
@@ -941,10 +929,7 @@ impl Kloigos {
             ) {
                 continue;
             }
-            let units = self.store.units(&UnitFilter {
-                hostname: Some(server.hostname.clone()),
-                ..Default::default()
-            })?;
+            let units = self.store.units_of(&server.hostname)?;
             for unit in &units {
                 self.reconcile_unit(&server, unit, actor, &mut report)?;
             }

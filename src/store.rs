@@ -585,6 +585,14 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Every unit of one server.
+    pub fn units_of(&self, hostname: &str) -> Result<Vec<Unit>> {
+        self.units(&UnitFilter {
+            hostname: Some(hostname.to_string()),
+            ..Default::default()
+        })
+    }
+
     /// Atomically picks a FREE unit of a READY server matching the request and marks it
     /// ALLOCATING with the owner's tags and key. Lowest hostname and CPU first.
     pub fn claim_free(
