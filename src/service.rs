@@ -822,7 +822,7 @@ impl Kloigos {
                 "server {hostname} is already DECOMMISSIONED"
             )));
         }
-        let units = self.store.units_of(&hostname)?;
+        let units = self.store.units_of(hostname)?;
         let busy: Vec<&str> = units
             .iter()
             .filter(|u| !matches!(u.status, UnitStatus::Free | UnitStatus::Unavailable))
