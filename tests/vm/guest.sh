@@ -132,7 +132,7 @@ units)
   id opsadmin >/dev/null 2>&1 || useradd -m -G kloigos opsadmin
   id plainuser >/dev/null 2>&1 || useradd -m plainuser
   expect_match "group kloigos member is admin" "$(runuser -u opsadmin -- kloigos --json units --status ALLOCATED 2>&1 | grep -c compute_id)" '^2$'
-  out=$(runuser -u plainuser -- kloigos allocate --cpu-count 1 --ssh-key $KEYS/k3.pub 2>&1)
+  out=$(runuser -u plainuser -- kloigos allocate --cpu-count 1 --ssh-key "$(cat $KEYS/k3.pub)" 2>&1)
   expect_match "other local user refused changes" "$out" 'needs role user.*HTTP 403'
   out=$(as_user $U1 k2 "kloigos deallocate ${HOST}_1" 2>&1)
   expect_match "a unit's own user refused changes" "$out" 'HTTP 403'
