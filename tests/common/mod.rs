@@ -102,21 +102,9 @@ impl Server {
         body: Option<&str>,
     ) -> (u16, Value) {
         let port = self.tcp.expect("server started with start_tcp");
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-        let body = body.unwrap_or("");
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).expect("send");
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).expect("read");
-        parse_response(&raw)
+        exchange(s, token, method, path, body)
     }
 
     pub fn db(&self) -> PathBuf {
@@ -200,11 +188,25 @@ pub fn write(path: &Path, content: &str) {
 }
 
 pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut s = UnixStream::connect(socket).expect("connect");
+    let s = UnixStream::connect(socket).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    exchange(s, None, method, path, body)
+}
+
+/// One HTTP/1.1 request and its whole response on a fresh connection.
+fn exchange(
+    mut s: impl Read + Write,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
