@@ -903,17 +903,12 @@ impl Kloigos {
             if server.status == ServerStatus::Decommissioning {
                 let units = self.store.units_of(&server.hostname)?;
                 self.finish_decommission(&server, &units)?;
-                report
-                    .servers_fixed
-                    .push(format!("{}: decommission finished", server.hostname));
-                self.record(
+                self.server_fixed(
                     actor,
-                    "reconcile",
-                    None,
-                    Some(&server.hostname),
-                    Ok(()),
-                    Some(json!({"status": "DECOMMISSIONING"})),
-                    Some(json!({"status": "DECOMMISSIONED"})),
+                    &mut report,
+                    &server.hostname,
+                    ServerStatus::Decommissioning,
+                    ServerStatus::Decommissioned,
                 );
             }
         }
@@ -941,17 +936,12 @@ impl Kloigos {
                     ServerStatus::Ready,
                     Some(UnitStatus::Free),
                 )?;
-                report
-                    .servers_fixed
-                    .push(format!("{}: init finished", server.hostname));
-                self.record(
+                self.server_fixed(
                     actor,
-                    "reconcile",
-                    None,
-                    Some(&server.hostname),
-                    Ok(()),
-                    Some(json!({"status": "INITIALIZING"})),
-                    Some(json!({"status": "READY"})),
+                    &mut report,
+                    &server.hostname,
+                    ServerStatus::Initializing,
+                    ServerStatus::Ready,
                 );
             }
         }
@@ -959,6 +949,29 @@ impl Kloigos {
             info!(operation = "reconcile", ?report, "reconciled");
         }
         Ok(report)
+    }
+
+    /// Reports and audits a server that reconcile moved from `from` to `to`.
+    fn server_fixed(
+        &self,
+        actor: &str,
+        report: &mut ReconcileReport,
+        hostname: &str,
+        from: ServerStatus,
+        to: ServerStatus,
+    ) {
+        report
+            .servers_fixed
+            .push(format!("{hostname}: {from} -> {to}"));
+        self.record(
+            actor,
+            "reconcile",
+            None,
+            Some(hostname),
+            Ok(()),
+            Some(json!({ "status": from })),
+            Some(json!({ "status": to })),
+        );
     }
 
     fn reconcile_unit(
