@@ -158,7 +158,8 @@ pub fn unit_json(u: &Unit) -> Value {
 }
 
 fn test_pause(point: &str) {
-    // Test-only crash window: KLOIGOS_TEST_PAUSE=allocate:5 sleeps 5 s mid-allocation.
+    // Test-only crash window: KLOIGOS_TEST_PAUSE=allocate:5 sleeps 5 s mid-allocation
+    // (points: allocate, init_server).
     if let Ok(v) = std::env::var("KLOIGOS_TEST_PAUSE")
         && let Some((p, secs)) = v.split_once(':')
         && p == point
@@ -377,6 +378,7 @@ impl Kloigos {
                 req.hostname
             )));
         }
+        test_pause("init_server");
         let after = json!({"hostname": server.hostname, "cpu_ranges": server.cpu_ranges});
         if self.is_local(&req.hostname) {
             info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "applying");

@@ -981,3 +981,59 @@ fn reconcile_repairs_drift() {
         assert_eq!(again[k], json!([]), "{again}");
     }
 }
+
+#[test]
+fn crash_mid_init_server_is_finished_at_restart() {
+    let mut s = Server::start_with_env(&[("KLOIGOS_TEST_PAUSE", "init_server:30")]);
+    let socket = s.socket.clone();
+    let body = json!({"ip": "192.0.2.10", "region": "eu", "zone": "a", "hostname": HOST, "cpu_ranges": ["0-7", "8-15"]}).to_string();
+    let req = std::thread::spawn(move || {
+        std::panic::catch_unwind(|| {
+            common::http(&socket, "POST", "/api/admin/init_server", Some(&body))
+        })
+        .is_err()
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.get("/api/admin/servers").1[0]["status"] != "INITIALIZING" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "init never reached the pause point"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(s.get("/api/compute_units/").1[0]["status"], "UNAVAILABLE");
+    s.kill9();
+    assert!(
+        req.join().unwrap(),
+        "the interrupted request did not succeed"
+    );
+    s.extra_env.clear();
+    s.spawn();
+    // Reconcile at start finished the init: the server is READY, its units FREE and on disk.
+    let (_, servers) = s.get("/api/admin/servers");
+    assert_eq!(servers[0]["status"], "READY", "{servers}");
+    let (_, units) = s.get("/api/compute_units/?status=FREE");
+    assert_eq!(units.as_array().unwrap().len(), 2, "{units}");
+    for f in [
+        "etc/systemd/system/user-20008.slice.d/50-kloigos.conf",
+        "etc/tmpfiles.d/kloigos-c0-7.conf",
+        "var/lib/kloigos/kloigos.nft",
+    ] {
+        assert!(s.root().join(f).exists(), "{f}");
+    }
+    let (_, ev) = s.get("/api/events?operation=reconcile");
+    assert_eq!(
+        (
+            ev[0]["before"]["status"].as_str(),
+            ev[0]["after"]["status"].as_str()
+        ),
+        (Some("INITIALIZING"), Some("READY")),
+        "{ev}"
+    );
+    let (code, _) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(8), &ssh_key("x"), Value::Null)),
+    );
+    assert_eq!(code, 200);
+}
