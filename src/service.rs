@@ -1032,11 +1032,15 @@ impl Kloigos {
                         .units_fixed
                         .push(format!("{id}: authorized key restored"));
                 }
-                if let Some(p) = &plan
-                    && !self.host.path(p.linger_file()).exists()
-                {
-                    self.host.set_linger(p, true)?;
-                    report.units_fixed.push(format!("{id}: linger restored"));
+                if let Some(p) = &plan {
+                    if !self.host.path(p.linger_file()).exists() {
+                        self.host.set_linger(p, true)?;
+                        report.units_fixed.push(format!("{id}: linger restored"));
+                    } else if self.host.is_live() {
+                        // tmpfiles.d may have put the flag back without logind knowing:
+                        // make sure the owner's user manager runs now, not at the next boot.
+                        self.host.set_linger(p, true)?;
+                    }
                 }
             }
             UnitStatus::Free | UnitStatus::Unavailable => {
