@@ -34,20 +34,6 @@ pub enum Peer {
     Unknown,
 }
 
-impl Peer {
-    /// The actor named in the audit log.
-    pub fn actor(&self) -> String {
-        match self {
-            Peer::Unix { uid, .. } => match nix::unistd::User::from_uid((*uid).into()) {
-                Ok(Some(u)) => format!("{}(uid {uid})", u.name),
-                _ => format!("uid {uid}"),
-            },
-            Peer::Tcp(a) => format!("tcp {a}"),
-            Peer::Unknown => "unknown".into(),
-        }
-    }
-}
-
 /// Everything a request handler needs.
 pub struct App {
     pub kloigos: Kloigos,

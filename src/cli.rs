@@ -306,12 +306,13 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
     }
 }
 
+/// The audit log's name for whoever runs a local command, as the API would name them.
 fn actor() -> String {
-    let uid = nix::unistd::getuid();
-    match nix::unistd::User::from_uid(uid) {
-        Ok(Some(u)) => format!("{}(uid {uid}) cli", u.name),
-        _ => format!("uid {uid} cli"),
-    }
+    let caller = crate::auth::unix_caller(
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    format!("{} cli", caller.actor)
 }
 
 fn serve(

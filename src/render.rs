@@ -11,13 +11,6 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-pub const TEMPLATE_NAMES: [&str; 4] = [
-    "slice.conf",
-    "user-service.conf",
-    "tmpfiles.conf",
-    "nftables.nft",
-];
-
 const BUILTIN: [(&str, &str); 4] = [
     ("slice.conf", include_str!("../templates/slice.conf")),
     (
@@ -207,10 +200,6 @@ impl UnitPlan {
         Ok(())
     }
 
-    pub fn cpu_list(&self) -> Result<CpuList, RenderError> {
-        Ok(self.cpu_range.parse()?)
-    }
-
     pub fn slice_dropin(&self) -> PathBuf {
         PathBuf::from(format!(
             "etc/systemd/system/user-{}.slice.d/50-kloigos.conf",
@@ -332,26 +321,36 @@ impl Renderer {
         host: &HostFacts,
         plan: &UnitPlan,
     ) -> Result<Vec<RenderedFile>, RenderError> {
+        [
+            ("slice.conf", plan.slice_dropin()),
+            ("user-service.conf", plan.user_service_dropin()),
+            ("tmpfiles.conf", plan.tmpfiles_conf()),
+        ]
+        .into_iter()
+        .map(|(template, path)| self.unit_file(host, plan, template, path))
+        .collect()
+    }
+
+    /// Only the tmpfiles.d file: what changes when a unit is allocated or released.
+    pub fn tmpfiles(&self, host: &HostFacts, plan: &UnitPlan) -> Result<RenderedFile, RenderError> {
+        self.unit_file(host, plan, "tmpfiles.conf", plan.tmpfiles_conf())
+    }
+
+    fn unit_file(
+        &self,
+        host: &HostFacts,
+        plan: &UnitPlan,
+        template: &str,
+        path: PathBuf,
+    ) -> Result<RenderedFile, RenderError> {
         let mut ctx = tera::Context::new();
         ctx.insert("unit", plan);
         ctx.insert("host", host);
-        Ok(vec![
-            RenderedFile {
-                path: plan.slice_dropin(),
-                content: self.render("slice.conf", &ctx)?,
-                mode: 0o644,
-            },
-            RenderedFile {
-                path: plan.user_service_dropin(),
-                content: self.render("user-service.conf", &ctx)?,
-                mode: 0o644,
-            },
-            RenderedFile {
-                path: plan.tmpfiles_conf(),
-                content: self.render("tmpfiles.conf", &ctx)?,
-                mode: 0o644,
-            },
-        ])
+        Ok(RenderedFile {
+            path,
+            content: self.render(template, &ctx)?,
+            mode: 0o644,
+        })
     }
 
     /// The whole `inet kloigos` table for the units of this host.

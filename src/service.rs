@@ -679,11 +679,8 @@ impl Kloigos {
         self.host.write_authorized_key(&plan, key)?;
         test_pause("allocate");
         // tmpfiles.d now carries the linger flag; no daemon-reload is needed for that.
-        for f in self.renderer.unit_files(&self.facts, &plan)? {
-            if f.path == plan.tmpfiles_conf() {
-                self.host.write(&f, None)?;
-            }
-        }
+        self.host
+            .write(&self.renderer.tmpfiles(&self.facts, &plan)?, None)?;
         self.host.set_linger(&plan, true)?;
         Ok(())
     }
@@ -695,11 +692,8 @@ impl Kloigos {
         plan.allocated = false;
         // tmpfiles.d without the linger flag first: recreating the skeleton below runs
         // systemd-tmpfiles on that file, which would otherwise bring the flag back.
-        for f in self.renderer.unit_files(&self.facts, &plan)? {
-            if f.path == plan.tmpfiles_conf() {
-                self.host.write(&f, None)?;
-            }
-        }
+        self.host
+            .write(&self.renderer.tmpfiles(&self.facts, &plan)?, None)?;
         self.end_ownership(&plan)?;
         self.host.wipe_dirs(&plan)?;
         // A login that raced the key removal is gone with this second pass.

@@ -7,29 +7,12 @@
 //! The case runs through the same request parsing and service code as the API, against a copy
 //! of `root/`. `UPDATE_GOLDEN=1 cargo test --test golden` rewrites `expected/` for review.
 
+mod common;
+
+use common::tree;
 use kloigos::service::{Config, Kloigos};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-fn tree(base: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(base, &p, out);
-            } else {
-                let rel = p.strip_prefix(base).unwrap().display().to_string();
-                out.insert(rel, std::fs::read_to_string(&p).unwrap_or_default());
-            }
-        }
-    }
-    walk(base, base, &mut out);
-    out
-}
 
 fn copy(from: &Path, to: &Path) {
     for (rel, content) in tree(from) {

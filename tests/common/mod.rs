@@ -266,10 +266,9 @@ pub fn ssh_key(comment: &str) -> String {
     )
 }
 
-/// Every file under `root`, relative, sorted, excluding the inputs the test wrote itself.
-pub fn files(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+/// Every file under `base`: relative path → text, sorted by path.
+pub fn tree(base: &Path) -> std::collections::BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -283,13 +282,19 @@ pub fn files(root: &Path) -> Vec<String> {
                     .expect("under base")
                     .display()
                     .to_string();
-                if !rel.starts_with("sys/") && !rel.starts_with("proc/") {
-                    out.push(rel);
-                }
+                out.insert(rel, std::fs::read_to_string(&p).unwrap_or_default());
             }
         }
     }
-    walk(root, root, &mut out);
-    out.sort();
+    let mut out = std::collections::BTreeMap::new();
+    walk(base, base, &mut out);
     out
+}
+
+/// Every file under `root`, relative, sorted, excluding the fake sysfs and procfs inputs.
+pub fn files(root: &Path) -> Vec<String> {
+    tree(root)
+        .into_keys()
+        .filter(|rel| !rel.starts_with("sys/") && !rel.starts_with("proc/"))
+        .collect()
 }
