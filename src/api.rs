@@ -184,14 +184,28 @@ pub struct WhoAmI {
     pub role: String,
 }
 
-/// FastAPI's validation error item.
+/// One step of a validation error's `loc`: a field name or a list index (FastAPI's shape).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum LocItem {
+    String(String),
+    Integer(i64),
+}
+
+/// FastAPI's validation error item (the document's view of `service::FieldError`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ValidationError {
-    #[schema(value_type = Vec<Object>)]
-    pub loc: Vec<Value>,
+    /// Where: `["body", "tags", "owner"]`, `["body", "cpu_ranges", 0]`, `["query", "limit"]`.
+    pub loc: Vec<LocItem>,
     pub msg: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// The offending input, as sent (any JSON value).
+    #[schema(value_type = Value)]
+    pub input: Value,
+    /// Details of the error, e.g. `{"error": "..."}`.
+    #[schema(value_type = Option<Object>)]
+    pub ctx: Option<Value>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -209,7 +223,7 @@ pub struct ErrorDetail {
 #[openapi(
     info(title = "Κλοηγός / Kloigos API", description = "Compute units cut from Linux hosts with systemd and nftables. Compatible with upstream Kloigos v0.2 under /api."),
     paths(allocate, deallocate, list_units, get_unit, init_server, decommission_server, list_servers, list_events, whoami, healthz),
-    components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, NumaNode, WhoAmI, HTTPValidationError, ValidationError, ErrorDetail, TagValue, Limits, crate::store::Event)),
+    components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, NumaNode, WhoAmI, HTTPValidationError, ValidationError, LocItem, ErrorDetail, TagValue, Limits, crate::store::Event)),
     tags((name = "compute_units"), (name = "admin"), (name = "audit")),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -1169,6 +1183,63 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
+/// The largest request body accepted (axum's default, made explicit).
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// `{"detail": ...}` for an error response that is not JSON yet (axum's extractor rejections,
+/// such as a body over [`MAX_BODY`] while it is read, are plain text), from its text or, when
+/// it has none, its status.
+fn detail_json(status: StatusCode, text: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(text);
+    let text = text.trim();
+    let detail = if text.is_empty() {
+        status.canonical_reason().unwrap_or("Error")
+    } else {
+        text
+    };
+    json!({ "detail": detail })
+}
+
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"))
+}
+
+/// Every error is JSON: refuses an announced body over [`MAX_BODY`] before reading it, and
+/// turns any other error response that is not JSON into `{"detail": ...}`.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return ApiError::detail(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes"),
+        )
+        .into_response();
+    }
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(resp.headers()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = detail_json(status, &text).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 async fn not_found() -> ApiError {
     ApiError::detail(StatusCode::NOT_FOUND, "Not Found")
 }
@@ -1231,6 +1302,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state, authenticate))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(json_errors))
 }
 
 #[cfg(test)]

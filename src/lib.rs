@@ -8,6 +8,7 @@
 pub mod api;
 pub mod apply;
 pub mod auth;
+pub mod canned;
 pub mod cli;
 pub mod logging;
 pub mod model;

@@ -4,6 +4,7 @@
 //! start the service again on the next connection.
 
 use crate::api::Peer;
+use crate::canned::JsonErrors;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -231,7 +232,8 @@ fn spawn_conn<I>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(io, svc);
+        // Hyper's own error responses (unparsable request) get JSON bodies too.
+        .serve_connection(TokioIo::new(JsonErrors::new(io.into_inner())), svc);
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
         if let Err(e) = conn.await {

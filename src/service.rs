@@ -157,14 +157,29 @@ pub fn unit_json(u: &Unit) -> Value {
     })
 }
 
+/// Seconds to sleep at pause point `point`, given the value of `KLOIGOS_TEST_PAUSE`
+/// (`allocate:5` sleeps 5 s mid-allocation; points: allocate, init_server). Test builds only:
+/// without the `test-hooks` feature there is no pause, whatever the environment says.
+#[cfg(feature = "test-hooks")]
+fn pause_secs(point: &str, setting: Option<&str>) -> Option<u64> {
+    let (p, secs) = setting?.split_once(':')?;
+    if p == point { secs.parse().ok() } else { None }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn pause_secs(_point: &str, _setting: Option<&str>) -> Option<u64> {
+    None
+}
+
+/// A crash window for the tests: sleeps at `point` when `KLOIGOS_TEST_PAUSE` names it. The
+/// variable is read only in builds with the `test-hooks` feature (the release binary has not
+/// even the name).
 fn test_pause(point: &str) {
-    // Test-only crash window: KLOIGOS_TEST_PAUSE=allocate:5 sleeps 5 s mid-allocation
-    // (points: allocate, init_server).
-    if let Ok(v) = std::env::var("KLOIGOS_TEST_PAUSE")
-        && let Some((p, secs)) = v.split_once(':')
-        && p == point
-        && let Ok(secs) = secs.parse::<u64>()
-    {
+    #[cfg(feature = "test-hooks")]
+    let setting = std::env::var("KLOIGOS_TEST_PAUSE").ok();
+    #[cfg(not(feature = "test-hooks"))]
+    let setting: Option<String> = None;
+    if let Some(secs) = pause_secs(point, setting.as_deref()) {
         warn!(point, secs, "test pause point");
         std::thread::sleep(Duration::from_secs(secs));
     }
@@ -1073,5 +1088,27 @@ impl Kloigos {
 
     pub fn template_sources(&self) -> &[(String, String)] {
         &self.renderer.sources
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pause_secs;
+
+    #[cfg(not(feature = "test-hooks"))]
+    #[test]
+    fn without_test_hooks_the_pause_setting_is_ignored() {
+        assert_eq!(pause_secs("allocate", Some("allocate:5")), None);
+        assert_eq!(pause_secs("init_server", Some("init_server:30")), None);
+    }
+
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn with_test_hooks_the_pause_setting_names_a_point() {
+        assert_eq!(pause_secs("allocate", Some("allocate:5")), Some(5));
+        assert_eq!(pause_secs("init_server", Some("allocate:5")), None);
+        assert_eq!(pause_secs("allocate", Some("allocate:x")), None);
+        assert_eq!(pause_secs("allocate", Some("allocate")), None);
+        assert_eq!(pause_secs("allocate", None), None);
     }
 }

@@ -666,6 +666,8 @@ fn fifty_concurrent_allocations_on_ten_units() {
     );
 }
 
+/// Needs the `test-hooks` feature: the crash window is KLOIGOS_TEST_PAUSE.
+#[cfg(feature = "test-hooks")]
 #[test]
 fn crash_mid_allocation_is_rolled_back_at_restart() {
     let mut s = Server::start_with_env(&[("KLOIGOS_TEST_PAUSE", "allocate:30")]);
@@ -982,6 +984,8 @@ fn reconcile_repairs_drift() {
     }
 }
 
+/// Needs the `test-hooks` feature: the crash window is KLOIGOS_TEST_PAUSE.
+#[cfg(feature = "test-hooks")]
 #[test]
 fn crash_mid_init_server_is_finished_at_restart() {
     let mut s = Server::start_with_env(&[("KLOIGOS_TEST_PAUSE", "init_server:30")]);
