@@ -225,7 +225,7 @@ pub struct ErrorDetail {
     paths(allocate, deallocate, list_units, get_unit, init_server, decommission_server, list_servers, list_events, whoami, healthz),
     components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, NumaNode, WhoAmI, HTTPValidationError, ValidationError, LocItem, ErrorDetail, TagValue, Limits, crate::store::Event)),
     tags((name = "compute_units"), (name = "admin"), (name = "audit")),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     security(("bearer" = []))
 )]
 pub struct ApiDoc;
@@ -240,6 +240,79 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// The error responses that any operation of a kind can give, declared on each of them (so a
+/// client generated from the document knows them): every `/api` call may get 401 (no or a bad
+/// token), a changing one 403 (role too low), one with a path parameter 400 (not UTF-8), one
+/// with a body 413 (over 2 MB), and every operation 500. All are `ErrorDetail`.
+struct CommonErrors;
+
+const COMMON_ERRORS: [(&str, &str); 5] = [
+    ("400", "The URL could not be decoded"),
+    ("401", "Authentication required, or an invalid bearer token"),
+    ("403", "The caller's role does not allow this"),
+    ("413", "Request body over 2 MB"),
+    ("500", "Internal error"),
+];
+
+/// Which of [`COMMON_ERRORS`] an operation can give.
+fn common_errors(path: &str, method: &str, has_body: bool) -> Vec<&'static str> {
+    let api = path.starts_with("/api/");
+    let mut out = Vec::new();
+    if path.contains('{') {
+        out.push("400");
+    }
+    if api {
+        out.push("401");
+    }
+    if api && method != "get" {
+        out.push("403");
+    }
+    if has_body {
+        out.push("413");
+    }
+    out.push("500");
+    out
+}
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (code, description) in COMMON_ERRORS {
+            let content = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorDetail")))
+                .build();
+            components.responses.insert(
+                format!("E{code}"),
+                RefOr::T(
+                    ResponseBuilder::new()
+                        .description(description)
+                        .content("application/json", content)
+                        .build(),
+                ),
+            );
+        }
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for (method, op) in [
+                ("get", &mut item.get),
+                ("post", &mut item.post),
+                ("put", &mut item.put),
+                ("delete", &mut item.delete),
+            ] {
+                let Some(op) = op else { continue };
+                for code in common_errors(path, method, op.request_body.is_some()) {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| {
+                            RefOr::Ref(Ref::new(format!("#/components/responses/E{code}")))
+                        });
+                }
+            }
+        }
     }
 }
 
