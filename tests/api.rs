@@ -597,11 +597,201 @@ fn openapi_and_health() {
         .map(|r| r.as_str().unwrap())
         .collect();
     assert!(required.contains("ssh_public_key"), "{schema}");
+    // A validation error's loc is a list of field names and indices, as FastAPI sends it.
+    let loc = &doc["components"]["schemas"]["ValidationError"]["properties"]["loc"];
+    assert_eq!(
+        loc["items"]["$ref"], "#/components/schemas/LocItem",
+        "{loc}"
+    );
+    let kinds: BTreeSet<&str> = doc["components"]["schemas"]["LocItem"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, BTreeSet::from(["string", "integer"]));
+    // Every API operation declares the errors it can give.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let codes: BTreeSet<&str> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let mut want = BTreeSet::from(["200", "500"]);
+            if path.starts_with("/api/") {
+                want.insert("401");
+            }
+            if method != "get" {
+                want.insert("403");
+            }
+            if op.get("requestBody").is_some() {
+                want.extend(["413", "422"]);
+            }
+            assert!(codes.is_superset(&want), "{method} {path}: {codes:?}");
+        }
+    }
     let (code, h) = s.get("/healthz");
     assert_eq!(
         (code, h["status"].clone(), h["hostname"].clone()),
         (200, json!("ok"), json!(HOST))
     );
+}
+
+/// Sends `head`, then `body` from another thread (ignoring a server that stops reading it),
+/// and reads one response: status, lower-cased head, and the body parsed as JSON.
+fn raw_exchange(
+    mut reader: impl std::io::Read,
+    mut writer: impl std::io::Write + Send + 'static,
+    head: &[u8],
+    body: Vec<u8>,
+) -> (u16, String, Value) {
+    writer.write_all(head).expect("send");
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(&body);
+    });
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => panic!("no whole response: {}", String::from_utf8_lossy(&raw)),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let head = head.to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no content-length: {head}"));
+        if rest.len() >= length {
+            let code = head
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let json = serde_json::from_str(&rest[..length])
+                .unwrap_or_else(|e| panic!("{e}: not JSON: {text}"));
+            drop(reader);
+            let _ = sender.join();
+            return (code, head, json);
+        }
+    }
+}
+
+#[test]
+fn every_error_is_json_on_unix_and_tcp() {
+    let s = Server::start_tcp();
+    let port = s.tcp.unwrap();
+    let token = s.token("raw", "admin");
+    let long_url = format!("/api/compute_units/{}", "a".repeat(70 * 1024));
+    let big_header = format!("X-Big: {}\r\n", "b".repeat(8 * 1024));
+    let huge_header = format!("X-Big: {}\r\n", "h".repeat(500 * 1024));
+    let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
+    // (what, method, path, extra headers, body, status); over TCP with an admin token.
+    let cases: Vec<(&str, &str, &str, &str, Vec<u8>, u16)> = vec![
+        (
+            "bad header line",
+            "GET",
+            "/healthz",
+            "Bad Header: x\r\n",
+            vec![],
+            400,
+        ),
+        ("70 KB URL", "GET", &long_url, "", vec![], 414),
+        // An 8 KB header is fine; 500 KB is over hyper's buffer.
+        ("8 KB header", "GET", "/api/nope", &big_header, vec![], 404),
+        (
+            "500 KB header",
+            "GET",
+            "/healthz",
+            &huge_header,
+            vec![],
+            431,
+        ),
+        (
+            "3 MB body",
+            "POST",
+            "/api/compute_units/allocate",
+            "Content-Type: application/json\r\nContent-Length: 3000000\r\n",
+            vec![b'{'; 3_000_000],
+            413,
+        ),
+        (
+            "3 MB chunked body",
+            "POST",
+            "/api/compute_units/allocate",
+            "Transfer-Encoding: chunked\r\n",
+            format!("{}0\r\n\r\n", chunk.repeat(3)).into_bytes(),
+            413,
+        ),
+        ("unknown route", "GET", "/api/nope", "", vec![], 404),
+        (
+            "wrong method",
+            "PUT",
+            "/api/whoami",
+            "Content-Length: 0\r\n",
+            vec![],
+            405,
+        ),
+        (
+            "path not UTF-8",
+            "GET",
+            "/api/compute_units/%ff",
+            "",
+            vec![],
+            400,
+        ),
+    ];
+    let mut requests: Vec<(String, Vec<u8>, Vec<u8>, u16)> = vec![(
+        "garbage request line".into(),
+        b"GARBAGE\r\n\r\n".to_vec(),
+        vec![],
+        400,
+    )];
+    for (what, method, path, extra, body, status) in cases {
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}");
+        requests.push((
+            what.into(),
+            format!("{head}\r\n").into_bytes(),
+            body.clone(),
+            status,
+        ));
+        let auth = format!("Authorization: Bearer {token}\r\n");
+        requests.push((
+            format!("{what} over TCP"),
+            format!("{head}{auth}\r\n").into_bytes(),
+            body,
+            status,
+        ));
+    }
+    for (what, head, body, want) in requests {
+        let (code, head_seen, v) = if what.ends_with("over TCP") {
+            let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let writer = stream.try_clone().unwrap();
+            raw_exchange(stream, writer, &head, body)
+        } else {
+            let stream = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+            let writer = stream.try_clone().unwrap();
+            raw_exchange(stream, writer, &head, body)
+        };
+        assert_eq!(code, want, "{what}: {head_seen}\n{v}");
+        assert!(
+            head_seen.contains("\r\ncontent-type: application/json\r\n"),
+            "{what}: {head_seen}"
+        );
+        assert!(v["detail"].is_string(), "{what}: {v}");
+    }
+    // A garbage request over TCP too, and the server is still there.
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let writer = stream.try_clone().unwrap();
+    let (code, _, v) = raw_exchange(stream, writer, b"\x16\x03\x01 TLS?\r\n\r\n", vec![]);
+    assert_eq!((code, v["detail"].is_string()), (400, true), "{v}");
+    assert_eq!(s.get("/healthz").0, 200);
 }
 
 #[test]
