@@ -20,14 +20,21 @@ rustup component list --installed 2>/dev/null | grep -q clippy || rustup compone
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --all-features --locked -- -D warnings
 
 step "unit, golden, API and kernel tests"
-cargo test --locked
+# test-hooks: the crash-window tests (KLOIGOS_TEST_PAUSE); release builds have no such hooks.
+cargo test --locked --features test-hooks
+# ... and without the feature the pause setting is ignored.
+cargo test --locked --lib service::tests
 
 echo "unit, golden, API and kernel tests done after $(( $(date +%s) - start )) s"
 
 step "dashboard in a browser (headless Chromium, playwright-core)"
 tests/browser/run.sh
+
+step "API fuzzing from the OpenAPI document (schemathesis)"
+tests/fuzz/run.sh   # ends with 'fuzz: N passed, M failed'
 
 if [[ ${KLOIGOS_SKIP_VM:-} != 1 ]]; then
   step "packages and end-to-end tests in a VM"
