@@ -1405,6 +1405,85 @@ mod tests {
     }
 
     #[test]
+    fn plain_error_bodies_become_detail() {
+        assert_eq!(
+            detail_json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                b"Failed to buffer the request body: length limit exceeded\n"
+            ),
+            json!({"detail": "Failed to buffer the request body: length limit exceeded"})
+        );
+        assert_eq!(
+            detail_json(StatusCode::BAD_REQUEST, b"  "),
+            json!({"detail": "Bad Request"})
+        );
+        assert_eq!(
+            detail_json(StatusCode::BAD_REQUEST, b"\xff bad"),
+            json!({"detail": "\u{fffd} bad"})
+        );
+    }
+
+    #[test]
+    fn which_operations_declare_which_errors() {
+        assert_eq!(
+            common_errors("/api/compute_units/allocate", "post", true),
+            ["401", "403", "413", "500"]
+        );
+        assert_eq!(
+            common_errors("/api/compute_units/{compute_id}", "get", false),
+            ["400", "401", "500"]
+        );
+        assert_eq!(
+            common_errors("/api/admin/decommission_server/{hostname}", "delete", false),
+            ["400", "401", "403", "500"]
+        );
+        assert_eq!(common_errors("/healthz", "get", false), ["500"]);
+    }
+
+    /// What the API sends as a validation error matches what the document declares.
+    #[test]
+    fn field_errors_match_the_validation_error_schema() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schema = &doc["components"]["schemas"]["ValidationError"];
+        let declared: Vec<&str> = schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let errors = parse_init_server(&Bytes::from_static(
+            br#"{"ip": "x", "cpu_ranges": ["0-3", 7], "limits": {"io_weight": 0}}"#,
+        ))
+        .unwrap_err();
+        assert!(errors.len() > 3, "{errors:?}");
+        for e in serde_json::to_value(&errors).unwrap().as_array().unwrap() {
+            let sent = e.as_object().unwrap();
+            for k in sent.keys() {
+                assert!(declared.contains(&k.as_str()), "{k} not declared: {schema}");
+            }
+            for k in &required {
+                assert!(sent.contains_key(*k), "{k} missing from {e}");
+            }
+            for step in e["loc"].as_array().unwrap() {
+                assert!(step.is_string() || step.is_i64(), "{step} in {e}");
+            }
+        }
+        let item_types: Vec<&str> = doc["components"]["schemas"]["LocItem"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["type"].as_str())
+            .collect();
+        assert_eq!(item_types, ["string", "integer"]);
+    }
+
+    #[test]
     fn body_errors_have_fastapi_shape() {
         let e = json_object(&Bytes::from_static(b"")).unwrap_err();
         assert_eq!(

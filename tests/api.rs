@@ -693,7 +693,7 @@ fn every_error_is_json_on_unix_and_tcp() {
     let huge_header = format!("X-Big: {}\r\n", "h".repeat(500 * 1024));
     let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
     // (what, method, path, extra headers, body, status); over TCP with an admin token.
-    let cases: Vec<(&str, &str, &str, &str, Vec<u8>, u16)> = vec![
+    let cases = vec![
         (
             "bad header line",
             "GET",
@@ -702,9 +702,16 @@ fn every_error_is_json_on_unix_and_tcp() {
             vec![],
             400,
         ),
-        ("70 KB URL", "GET", &long_url, "", vec![], 414),
+        ("70 KB URL", "GET", long_url.as_str(), "", vec![], 414),
         // An 8 KB header is fine; 500 KB is over hyper's buffer.
-        ("8 KB header", "GET", "/api/nope", &big_header, vec![], 404),
+        (
+            "8 KB header",
+            "GET",
+            "/api/nope",
+            big_header.as_str(),
+            vec![],
+            404,
+        ),
         (
             "500 KB header",
             "GET",
