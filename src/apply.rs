@@ -30,8 +30,8 @@
 
 mod dirfd;
 
-pub use dirfd::DirFd;
 use crate::render::{RenderedFile, UnitPlan};
+pub use dirfd::DirFd;
 use dirfd::Owner;
 use std::ffi::OsStr;
 use std::fs;
@@ -391,14 +391,12 @@ impl Host {
     /// Installs the owner's key: `.ssh` is made a directory of the unit's (a link or file
     /// there is removed, not followed), the key written atomically inside it.
     pub fn write_authorized_key(&self, plan: &UnitPlan, key_line: &str) -> Result<()> {
-        let home = self
-            .unit_dir(plan, &plan.dirs.home, None)?
-            .ok_or_else(|| {
-                ApplyError::Conflict(format!(
-                    "{} is missing or not a directory",
-                    self.path(&plan.dirs.home).display()
-                ))
-            })?;
+        let home = self.unit_dir(plan, &plan.dirs.home, None)?.ok_or_else(|| {
+            ApplyError::Conflict(format!(
+                "{} is missing or not a directory",
+                self.path(&plan.dirs.home).display()
+            ))
+        })?;
         let owner = self.owner(plan);
         let ssh = home.ensure_dir(OsStr::new(".ssh"), 0o700, owner)?;
         ssh.write_file(

@@ -1013,9 +1013,7 @@ impl Kloigos {
             Ok(()) => {
                 if unit.problem.is_some() {
                     self.store.set_problem(id, None)?;
-                    report
-                        .units_fixed
-                        .push(format!("{id}: problem cleared"));
+                    report.units_fixed.push(format!("{id}: problem cleared"));
                 }
             }
             Err(e) => {

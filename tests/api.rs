@@ -1122,19 +1122,34 @@ fn a_wrecked_unit_never_stops_the_service() {
     // Restarting again does not flood the audit log with the same problem.
     s.kill9();
     s.spawn();
-    assert_eq!(s.get("/api/compute_units/testhost_8-11").1["problem"], json!(problem));
+    assert_eq!(
+        s.get("/api/compute_units/testhost_8-11").1["problem"],
+        json!(problem)
+    );
     assert_eq!(failures(&s), 1);
 
     // An admin deallocates it: a clean skeleton, the mark gone.
-    let (code, v) = s.call("DELETE", "/api/compute_units/deallocate/testhost_8-11", None);
+    let (code, v) = s.call(
+        "DELETE",
+        "/api/compute_units/deallocate/testhost_8-11",
+        None,
+    );
     assert_eq!(code, 200, "{v}");
     let (_, u) = s.get("/api/compute_units/testhost_8-11");
-    assert_eq!((u["status"].clone(), u["problem"].clone()), (json!("FREE"), Value::Null));
+    assert_eq!(
+        (u["status"].clone(), u["problem"].clone()),
+        (json!("FREE"), Value::Null)
+    );
     assert_eq!(
         files(&r.join("home/u8-11")),
         [".bashrc"],
         "only the skeleton is left"
     );
     assert!(r.join("home/u8-11/.ssh").is_dir());
-    assert_eq!(std::fs::read_dir(r.join("home/u8-11/.ssh")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(r.join("home/u8-11/.ssh"))
+            .unwrap()
+            .count(),
+        0
+    );
 }

@@ -186,7 +186,8 @@ impl DirFd {
 
     /// Names in this directory (without `.` and `..`), read through a fresh handle.
     pub fn entries(&self) -> Result<Vec<OsString>> {
-        let fd = openat(&self.fd, ".", dir_flags(), Mode::empty()).map_err(|e| err(&self.path, e))?;
+        let fd =
+            openat(&self.fd, ".", dir_flags(), Mode::empty()).map_err(|e| err(&self.path, e))?;
         let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| err(&self.path, e))?;
         let mut names = Vec::new();
         for e in dir.iter() {
@@ -258,13 +259,15 @@ impl DirFd {
 
     /// Creates the new regular file `name` (`O_EXCL`, never through a symlink).
     fn create_file(&self, name: &OsStr, mode: u32) -> Result<(File, ())> {
-        let flags = OFlag::O_WRONLY
-            | OFlag::O_CREAT
-            | OFlag::O_EXCL
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_CLOEXEC;
-        let fd = openat(&self.fd, name, flags, Mode::from_bits_truncate(mode & 0o700))
-            .map_err(|e| self.err(name, e))?;
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(
+            &self.fd,
+            name,
+            flags,
+            Mode::from_bits_truncate(mode & 0o700),
+        )
+        .map_err(|e| self.err(name, e))?;
         Ok((File::from(fd), ()))
     }
 
@@ -279,9 +282,7 @@ impl DirFd {
     ) -> Result<bool> {
         let mut dst = match self.create_file(name, mode) {
             Ok((f, ())) => f,
-            Err(ApplyError::Io { source, .. })
-                if source.raw_os_error() == Some(libc::EEXIST) =>
-            {
+            Err(ApplyError::Io { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
                 return Ok(false);
             }
             Err(e) => return Err(e),
