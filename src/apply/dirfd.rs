@@ -18,8 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How often an operation retries when a tenant keeps changing the entry under it.
 const RETRIES: usize = 16;
-/// Deepest tree a removal descends into (one open descriptor per level).
-const MAX_DEPTH: usize = 256;
+/// Deepest a removal descends (one open descriptor per level) before it moves the rest up.
+const MAX_DEPTH: usize = 64;
+/// Passes of [`DirFd::empty`] that move deep directories up: trees up to
+/// `MAX_DEPTH * MAX_HOISTS` levels deep go.
+const MAX_HOISTS: usize = 1 << 16;
 /// Largest file [`DirFd::read_file`] reads.
 pub const READ_LIMIT: u64 = 1 << 20;
 
@@ -27,6 +30,13 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn dir_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+/// What one pass of [`DirFd::empty`] left for the next.
+#[derive(Default)]
+struct Pass {
+    hoisted: bool,
+    refilled: bool,
 }
 
 /// Owner and group to give what Kloigos creates; `None` leaves root's.
@@ -302,10 +312,6 @@ impl DirFd {
     /// Removes the entry `name`, whatever it is (a directory with everything in it, never
     /// following a symlink nor crossing into another filesystem). Returns whether it existed.
     pub fn remove_entry(&self, name: &OsStr) -> Result<bool> {
-        self.remove_entry_at(name, 0)
-    }
-
-    fn remove_entry_at(&self, name: &OsStr, depth: usize) -> Result<bool> {
         check_name(name).map_err(|e| self.err(name, e))?;
         for _ in 0..RETRIES {
             match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
@@ -321,14 +327,8 @@ impl DirFd {
                 Err(Errno::ELOOP | Errno::ENOTDIR) => continue,
                 Err(e) => return Err(self.err(name, e)),
             };
-            if sub.stat()?.st_dev != self.stat()?.st_dev {
-                // Something mounted in the tree (a FUSE mount of the tenant's): left to an admin.
-                return Err(ApplyError::Conflict(format!(
-                    "{} is a mount point; not removing it",
-                    sub.path.display()
-                )));
-            }
-            sub.empty_at(depth + 1)?;
+            self.same_fs(&sub)?;
+            sub.empty()?;
             match unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir) {
                 Ok(()) => return Ok(true),
                 Err(Errno::ENOENT) => return Ok(false),
@@ -343,22 +343,85 @@ impl DirFd {
         )))
     }
 
-    /// Removes everything inside this directory (not the directory itself).
-    pub fn empty(&self) -> Result<()> {
-        self.empty_at(0)
-    }
-
-    fn empty_at(&self, depth: usize) -> Result<()> {
-        if depth > MAX_DEPTH {
+    /// Refuses to descend into something mounted in the tree (a tenant's FUSE mount, say):
+    /// that is left to an admin.
+    fn same_fs(&self, sub: &DirFd) -> Result<()> {
+        if sub.stat()?.st_dev != self.stat()?.st_dev {
             return Err(ApplyError::Conflict(format!(
-                "{}: directory tree deeper than {MAX_DEPTH} levels; not removing it",
-                self.path.display()
+                "{} is a mount point; not removing it",
+                sub.path.display()
             )));
         }
-        for name in self.entries()? {
-            self.remove_entry_at(&name, depth)?;
-        }
         Ok(())
+    }
+
+    /// Removes everything inside this directory (not the directory itself), in passes over
+    /// its entries. A tree of any depth goes with a bounded number of open descriptors: a
+    /// directory [`MAX_DEPTH`] levels down is first moved up into this one, then removed by a
+    /// later pass.
+    pub fn empty(&self) -> Result<()> {
+        let (mut hoists, mut races) = (0usize, 0usize);
+        loop {
+            let mut pass = Pass::default();
+            for name in self.entries()? {
+                self.clear(&name, self, 0, &mut pass)?;
+            }
+            if pass.hoisted {
+                hoists += 1;
+            } else if pass.refilled {
+                races += 1;
+            } else {
+                return Ok(());
+            }
+            if hoists > MAX_HOISTS || races > RETRIES {
+                return Err(ApplyError::Conflict(format!(
+                    "{} keeps changing; giving up",
+                    self.path.display()
+                )));
+            }
+        }
+    }
+
+    /// Removes the entry `name` of this directory, `depth` levels below `top`.
+    fn clear(&self, name: &OsStr, top: &DirFd, depth: usize, pass: &mut Pass) -> Result<()> {
+        match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+            Err(Errno::EISDIR) => {}
+            Err(e) => return Err(self.err(name, e)),
+        }
+        if depth >= MAX_DEPTH {
+            let hoisted = OsString::from(format!(
+                ".kloigos-deep-{}-{}",
+                std::process::id(),
+                TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            renameat(&self.fd, name, &top.fd, hoisted.as_os_str())
+                .map_err(|e| self.err(name, e))?;
+            pass.hoisted = true;
+            return Ok(());
+        }
+        let sub = match self.open_dir(name) {
+            Ok(d) => d,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                // Swapped for a non-directory since: the next pass takes it.
+                pass.refilled = true;
+                return Ok(());
+            }
+            Err(e) => return Err(self.err(name, e)),
+        };
+        self.same_fs(&sub)?;
+        for n in sub.entries()? {
+            sub.clear(&n, top, depth + 1, pass)?;
+        }
+        match unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR) => {
+                pass.refilled = true;
+                Ok(())
+            }
+            Err(e) => Err(self.err(name, e)),
+        }
     }
 
     /// Removes the entries owned by `uid`; with `recurse`, also inside directories it does not
@@ -511,6 +574,21 @@ mod tests {
             0o600
         );
         assert_eq!(fs::read(d.join("sub/f")).unwrap(), b"g");
+    }
+
+    #[test]
+    fn empty_takes_a_tree_deeper_than_the_descriptor_budget() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("d");
+        let mut deep = d.clone();
+        for _ in 0..(MAX_DEPTH * 3 + 5) {
+            deep.push("x");
+        }
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("f"), "x").unwrap();
+        let h = DirFd::open_trusted(&d).unwrap();
+        h.empty().unwrap();
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
     }
 
     #[test]
