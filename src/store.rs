@@ -618,7 +618,7 @@ impl Store {
         let id: Option<String> = tx
             .query_row(
                 "SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
-                 WHERE u.status = 'FREE' AND s.status = 'READY' AND u.cpu_count = ?1 \
+                 WHERE u.status = 'FREE' AND u.problem IS NULL AND s.status = 'READY' AND u.cpu_count = ?1 \
                  AND (?2 IS NULL OR s.region = ?2) AND (?3 IS NULL OR s.zone = ?3) \
                  ORDER BY u.hostname, u.first_cpu LIMIT 1",
                 params![cpu_count, region, zone],
@@ -897,6 +897,49 @@ mod tests {
             (UnitStatus::Free, None, None)
         );
         assert_eq!(s.units(&f).unwrap().len(), 0);
+        // A FREE unit reconcile could not repair is not handed out, until its mark is cleared;
+        // a transition that clears the owner's fields clears the mark too.
+        s.set_problem("h1_0-1", Some("home wrecked")).unwrap();
+        assert_eq!(
+            s.unit("h1_0-1").unwrap().unwrap().problem.as_deref(),
+            Some("home wrecked")
+        );
+        let other = s
+            .claim_free(2, None, None, None, "k", "a")
+            .unwrap()
+            .unwrap();
+        assert_ne!(other.compute_id, "h1_0-1");
+        let Transition::Done(u) = s
+            .transition(
+                &other.compute_id,
+                &[UnitStatus::Allocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(u.problem, None);
+        s.set_problem("h1_0-1", None).unwrap();
+        let again = s
+            .claim_free(2, None, None, None, "k", "a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.compute_id, "h1_0-1");
+        s.set_problem("h1_0-1", Some("x")).unwrap();
+        let Transition::Done(u) = s
+            .transition(
+                "h1_0-1",
+                &[UnitStatus::Allocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(u.problem, None);
         let f = UnitFilter {
             status: Some("FREE".into()),
             cpu_count: Some(2),
