@@ -116,8 +116,10 @@ impl Host {
         })
     }
 
-    /// Writes a system file (in a directory only root can write) atomically unless it already
-    /// holds exactly that with that mode and owner. Returns whether anything changed.
+    /// Writes a system file atomically unless it already holds exactly that with that mode and
+    /// owner. Returns whether anything changed. `read`, `write` and `remove` resolve the
+    /// directory by path: only for directories no tenant can write (/etc, /var/lib); a unit's
+    /// tree goes through the unit methods below.
     pub fn write(&self, f: &RenderedFile, owner: Option<(u32, u32)>) -> Result<bool> {
         let (dir, name) = self.split_or_err(&f.path)?;
         let dir = DirFd::create_trusted(&dir)?;
@@ -333,14 +335,24 @@ impl Host {
                 continue;
             };
             let comps: Vec<&str> = rest.split('/').filter(|c| !c.is_empty()).collect();
-            let top_mode = if comps.is_empty() { mode } else { 0o750 };
-            let mut dir = self
-                .unit_dir(plan, top, Some(top_mode))?
-                .ok_or_else(|| ApplyError::Conflict(format!("cannot create {top}")))?;
-            for (i, c) in comps.iter().enumerate() {
-                let m = if i + 1 == comps.len() { mode } else { 0o750 };
-                dir = dir.ensure_dir(OsStr::new(c), m, self.owner(plan))?;
+            let Some((last, between)) = comps.split_last() else {
+                self.unit_dir(plan, top, Some(mode))?;
+                continue;
+            };
+            // The directories on the way keep their own line's mode; missing ones are made.
+            let mut dir = match self.unit_dir(plan, top, None)? {
+                Some(d) => d,
+                None => self
+                    .unit_dir(plan, top, Some(0o750))?
+                    .ok_or_else(|| ApplyError::Conflict(format!("cannot create {top}")))?,
+            };
+            for c in between {
+                dir = match dir.open_dir_opt(OsStr::new(c))? {
+                    Some(d) => d,
+                    None => dir.ensure_dir(OsStr::new(c), 0o750, self.owner(plan))?,
+                };
             }
+            dir.ensure_dir(OsStr::new(last), mode, self.owner(plan))?;
         }
         self.fill_skeleton(plan)
     }
@@ -654,6 +666,94 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("y.conf")]);
         assert!(host.remove("etc/x/y.conf").unwrap());
         assert!(!host.remove("etc/x/y.conf").unwrap());
+    }
+
+    fn plan(allocated: bool) -> UnitPlan {
+        UnitPlan {
+            compute_id: "h_0".into(),
+            hostname: "h".into(),
+            user: "u0".into(),
+            uid: 20000,
+            cpu_range: "0".into(),
+            cpus: "0".into(),
+            cpu_count: 1,
+            memory_nodes: None,
+            ports: vec![],
+            ports_range: "2000-2099".into(),
+            dirs: crate::render::Dirs {
+                opt: "/opt/c0".into(),
+                mnt: "/mnt/c0".into(),
+                home: "/home/u0".into(),
+            },
+            allocated,
+            limits: Default::default(),
+        }
+    }
+
+    #[test]
+    fn unit_files_never_go_through_a_tenant_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(dir.path().join("root"));
+        let conf = "d /opt/c0 0750 u0 u0 -\nd /mnt/c0 0750 u0 u0 -\n\
+                    d /home/u0 0750 u0 u0 -\nd /home/u0/.ssh 0700 u0 u0 -\n";
+        host.write(
+            &file(&plan(false).tmpfiles_conf().to_string_lossy(), conf, 0o644),
+            None,
+        )
+        .unwrap();
+        host.write(&file("etc/skel/.bashrc", "skel\n", 0o644), None)
+            .unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("authorized_keys"), "ssh-ed25519 AAAA key\n").unwrap();
+        let home = host.path("home/u0");
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+
+        // A unit nobody owns gets the skeleton.
+        host.create_dirs(&plan(false)).unwrap();
+        assert_eq!(host.read("home/u0/.bashrc").as_deref(), Some("skel\n"));
+        assert_eq!(mode(&home.join(".ssh")), 0o700);
+        assert_eq!(mode(&host.path("opt/c0")), 0o750);
+
+        // Its owner swaps .ssh for a link: the key goes into a real .ssh, not through it.
+        fs::remove_dir(home.join(".ssh")).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join(".ssh")).unwrap();
+        assert_eq!(
+            host.authorized_key(&plan(true)),
+            None,
+            "not read through a link"
+        );
+        host.write_authorized_key(&plan(true), "ssh-ed25519 BBBB own")
+            .unwrap();
+        assert!(fs::symlink_metadata(home.join(".ssh")).unwrap().is_dir());
+        assert_eq!(
+            host.authorized_key(&plan(true)).as_deref(),
+            Some("ssh-ed25519 BBBB own")
+        );
+
+        // An owned unit's home is not refilled from the skeleton.
+        fs::remove_file(home.join(".bashrc")).unwrap();
+        host.create_dirs(&plan(true)).unwrap();
+        assert!(!home.join(".bashrc").exists());
+
+        // Removing the key through a link removes the link only.
+        fs::remove_dir_all(home.join(".ssh")).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join(".ssh")).unwrap();
+        host.remove_authorized_key(&plan(true)).unwrap();
+        assert!(!home.join(".ssh").exists());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+
+        // Wiping recreates the skeleton, whatever the owner left.
+        fs::create_dir_all(home.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join("a/link")).unwrap();
+        host.wipe_dirs(&plan(false)).unwrap();
+        let mut left: Vec<_> = fs::read_dir(&home)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".bashrc", ".ssh"]);
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
     }
 
     #[test]
