@@ -279,6 +279,12 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
                     }
                 }
             }
+            if !report.units_failed.is_empty() {
+                bail!(
+                    "{} unit(s) could not be repaired (marked with a problem; see above)",
+                    report.units_failed.len()
+                );
+            }
             Ok(())
         }
         Command::Render { local, out } => {

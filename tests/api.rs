@@ -1127,6 +1127,20 @@ fn a_wrecked_unit_never_stops_the_service() {
         json!(problem)
     );
     assert_eq!(failures(&s), 1);
+    // A hand-run reconcile says so, by its exit status too.
+    let out = std::process::Command::new(common::bin())
+        .args(["reconcile", "--templates", "/nonexistent", "--root"])
+        .arg(s.root())
+        .arg("--db")
+        .arg(s.db())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAILED: testhost_8-11"),
+        "{out:?}"
+    );
+    assert_eq!(failures(&s), 1);
 
     // An admin deallocates it: a clean skeleton, the mark gone.
     let (code, v) = s.call(
