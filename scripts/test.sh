@@ -9,7 +9,7 @@ start=$(date +%s)
 
 step "dependencies"
 need=()
-for pair in curl:curl nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux ip:iproute2 ssh-keygen:openssh-client; do
+for pair in python3:python3 curl:curl nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux ip:iproute2 ssh-keygen:openssh-client; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then

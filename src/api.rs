@@ -98,6 +98,8 @@ pub struct ComputeUnitResponse {
     pub uid: u32,
     /// Additive: who allocated it (`token:NAME` or `unix:USER(uid N)`); null unless allocated.
     pub allocated_by: Option<String>,
+    /// Additive: why reconcile could not repair the unit on its host; null when nothing is wrong.
+    pub problem: Option<String>,
 }
 
 impl From<&Unit> for ComputeUnitResponse {
@@ -128,6 +130,7 @@ impl From<&Unit> for ComputeUnitResponse {
             user: u.user.clone(),
             uid: u.uid,
             allocated_by: u.allocated_by.clone(),
+            problem: u.problem.clone(),
         }
     }
 }

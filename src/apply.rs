@@ -1,18 +1,43 @@
 //! The one seam that changes a host. Every path is joined onto `root`; against `/` (a *live*
-//! host) it also runs the system's own tools (`useradd`, `systemctl`, `systemd-tmpfiles`, `nft`,
-//! `loginctl`) and kills processes. Against any other root it writes the same files and runs
-//! nothing that needs a live system, so the whole service runs in tests and on a laptop.
+//! host) it also runs the system's own tools (`useradd`, `systemctl`, `nft`, `loginctl`) and
+//! kills processes. Against any other root it writes the same files, through the same code, and
+//! runs nothing that needs a live system, so the whole service runs in tests and on a laptop.
 //!
 //! Every file write is atomic: a temporary file in the same directory, fsync, rename.
+//!
+//! # Security rule: no root operation by path where a tenant can write
+//!
+//! Kloigos runs as root next to hostile tenants. A tenant can swap any entry of a directory it
+//! can write (its home, /opt/c…, /mnt/c…, /tmp, /var/tmp, /dev/shm, spools) for a symlink at any
+//! instant, so a path through such a directory means nothing between two system calls. Hence:
+//!
+//! - Paths are resolved only up to a directory no tenant can write (`/home`, `/opt`, `/mnt`,
+//!   `/tmp` itself, `/etc/skel`, `/etc/...`): [`dirfd::DirFd::open_trusted`].
+//! - From there everything goes through directory handles, one component at a time, opened
+//!   with `O_NOFOLLOW` (`openat`, `mkdirat`, `unlinkat`, `renameat`, `fchown`/`fchmod` on the
+//!   descriptor). A symlink where a directory is expected is removed (the link, never its
+//!   target) or the operation fails; new files are created `O_EXCL`, so nothing is ever
+//!   written through an existing entry; files are read `O_NOFOLLOW|O_NONBLOCK` and only if
+//!   regular.
+//! - Directories of a unit are checked before they are chowned: owned by root or by the unit.
+//!   On a fake root (not `/`) the unit's uid is not a real user: ownership is left to root
+//!   (who runs the tests), i.e. the expected owner is `None` = root.
+//! - Processes of a unit are killed before its files are removed; /etc/skel is copied only
+//!   into a unit nobody owns (at init and at release, after the kill).
+//!
+//! A unit whose files cannot be repaired this way fails alone: `reconcile` reports it and
+//! serves the others.
+
+mod dirfd;
 
 use crate::render::{RenderedFile, UnitPlan};
+pub use dirfd::DirFd;
+use dirfd::Owner;
 use std::ffi::OsStr;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,21 +62,12 @@ pub enum ApplyError {
 
 pub type Result<T> = std::result::Result<T, ApplyError>;
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {
-    move |source| ApplyError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// A host to change: the real one (`/`) or a directory standing in for it.
 #[derive(Debug, Clone)]
 pub struct Host {
     root: PathBuf,
     live: bool,
 }
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Host {
     pub fn new(root: impl Into<PathBuf>) -> Host {
@@ -78,71 +94,59 @@ impl Host {
         self.root.join(rel.strip_prefix("/").unwrap_or(rel))
     }
 
+    /// Reads a regular file (never through a symlink at its last component).
     pub fn read(&self, rel: impl AsRef<Path>) -> Option<String> {
-        fs::read_to_string(self.path(rel)).ok()
+        let (dir, name) = self.split(rel.as_ref())?;
+        let dir = DirFd::open_trusted(&dir).ok()?;
+        let bytes = dir.read_file(&name).ok()??;
+        String::from_utf8(bytes).ok()
     }
 
-    /// Writes `content` atomically unless the file already holds exactly that with that mode.
-    /// Returns whether anything changed.
+    /// `rel` as (its directory on this host, its last component).
+    fn split(&self, rel: &Path) -> Option<(PathBuf, std::ffi::OsString)> {
+        let path = self.path(rel);
+        let name = path.file_name()?.to_os_string();
+        Some((path.parent()?.to_path_buf(), name))
+    }
+
+    fn split_or_err(&self, rel: &Path) -> Result<(PathBuf, std::ffi::OsString)> {
+        self.split(rel).ok_or_else(|| ApplyError::Io {
+            path: self.path(rel),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })
+    }
+
+    /// Writes a system file atomically unless it already holds exactly that with that mode and
+    /// owner. Returns whether anything changed. `read`, `write` and `remove` resolve the
+    /// directory by path: only for directories no tenant can write (/etc, /var/lib); a unit's
+    /// tree goes through the unit methods below.
     pub fn write(&self, f: &RenderedFile, owner: Option<(u32, u32)>) -> Result<bool> {
-        let path = self.path(&f.path);
-        if let Ok(meta) = fs::symlink_metadata(&path) {
-            let same_owner = owner.is_none_or(|(u, g)| meta.uid() == u && meta.gid() == g);
-            if meta.is_file()
-                && meta.permissions().mode() & 0o7777 == f.mode
+        let (dir, name) = self.split_or_err(&f.path)?;
+        let dir = DirFd::create_trusted(&dir)?;
+        if let Some(st) = dir.lstat(&name)? {
+            let same_owner = owner.is_none_or(|(u, g)| st.st_uid == u && st.st_gid == g);
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && st.st_mode & 0o7777 == f.mode
                 && same_owner
-                && fs::read(&path).is_ok_and(|c| c == f.content.as_bytes())
+                && dir
+                    .read_file(&name)?
+                    .is_some_and(|c| c == f.content.as_bytes())
             {
                 return Ok(false);
             }
         }
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let name = path.file_name().unwrap_or(OsStr::new("file"));
-        let tmp = dir.join(format!(
-            ".{}.kloigos-{}-{}",
-            name.to_string_lossy(),
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(f.mode)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
-            file.write_all(f.content.as_bytes())?;
-            file.set_permissions(fs::Permissions::from_mode(f.mode))?;
-            if let Some((u, g)) = owner {
-                std::os::unix::fs::fchown(&file, Some(u), Some(g))?;
-            }
-            file.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            // Make the rename itself durable.
-            fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(io_err(&path))?;
+        dir.write_file(&name, f.content.as_bytes(), f.mode, owner)?;
         Ok(true)
     }
 
-    /// Removes a file; returns whether it existed.
+    /// Removes a file (or a link: never what it points to); returns whether it existed.
     pub fn remove(&self, rel: impl AsRef<Path>) -> Result<bool> {
-        let path = self.path(rel);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            // A parent that is not a directory cannot hold the file either.
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        let (dir, name) = self.split_or_err(rel.as_ref())?;
+        // A parent that is missing or not a directory cannot hold the file either.
+        let Some(dir) = open_opt(&dir)? else {
+            return Ok(false);
+        };
+        dir.remove_entry(&name)
     }
 
     /// Removes a drop-in directory if Kloigos' file was the last thing in it.
@@ -259,67 +263,117 @@ impl Host {
         Ok(())
     }
 
-    /// Creates the unit's directories from its tmpfiles.d file (the file must be written), and
-    /// fills an empty home from /etc/skel.
+    /// Owner of what Kloigos creates for the unit: the unit's user on a live host; on a fake
+    /// root the uid is no real user, so files stay root's (`None`).
+    fn owner(&self, plan: &UnitPlan) -> Owner {
+        self.live.then_some((plan.uid, plan.uid))
+    }
+
+    /// A directory only root can write, or `None` when it is missing.
+    fn trusted_opt(&self, rel: impl AsRef<Path>) -> Result<Option<DirFd>> {
+        open_opt(&self.path(rel))
+    }
+
+    /// Opens one of the unit's own directories (/opt/c…, /mnt/c…, /home/u…) from a handle on
+    /// its parent, which no tenant may write, never following a link. With `create`
+    /// (mode, owner), makes it if needed and claims it; without, `None` when it is missing or
+    /// not a directory. Either way it must belong to root or the unit.
+    fn unit_dir(&self, plan: &UnitPlan, dir: &str, create: Option<u32>) -> Result<Option<DirFd>> {
+        let (parent, name) = self.split_or_err(Path::new(dir))?;
+        let parent = match create {
+            Some(_) => DirFd::create_trusted(&parent)?,
+            None => match open_opt(&parent)? {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+        };
+        let st = parent.stat()?;
+        if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+            return Err(ApplyError::Conflict(format!(
+                "{} must belong to root and be writable by root only",
+                parent.path().display()
+            )));
+        }
+        let owner = self.owner(plan);
+        match create {
+            Some(mode) => Ok(Some(parent.ensure_dir(&name, mode, owner)?)),
+            None => {
+                let d = parent.open_dir_opt(&name)?;
+                if let Some(d) = &d {
+                    d.check_owner(owner)?;
+                }
+                Ok(d)
+            }
+        }
+    }
+
+    /// Creates the unit's directories as its tmpfiles.d file says (the `d`/`D` lines for the
+    /// unit's own directories and below; the file must be written), through handles, then fills
+    /// a home nobody owns from /etc/skel. systemd-tmpfiles applies the same file at boot.
     pub fn create_dirs(&self, plan: &UnitPlan) -> Result<()> {
-        if self.live {
-            let conf = self.path(plan.tmpfiles_conf());
-            self.run("systemd-tmpfiles", &["--create", &conf.to_string_lossy()])?;
-        } else {
-            self.tmpfiles_emulate(&plan.tmpfiles_conf())?;
+        let conf = plan.tmpfiles_conf();
+        let text = self.read(&conf).ok_or_else(|| ApplyError::Io {
+            path: self.path(&conf),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })?;
+        let tops = [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home];
+        for line in text.lines().map(str::trim) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(&("d" | "D")), Some(path)) = (fields.first(), fields.get(1)) else {
+                continue;
+            };
+            let mode = fields
+                .get(2)
+                .and_then(|m| u32::from_str_radix(m, 8).ok())
+                .unwrap_or(0o750);
+            // Only the unit's own directories and what is below them; anything else is the
+            // admin's, created at boot.
+            let Some((top, rest)) = tops.iter().find_map(|t| {
+                let rest = path.strip_prefix(t.as_str())?;
+                (rest.is_empty() || rest.starts_with('/')).then_some((t, rest))
+            }) else {
+                continue;
+            };
+            let comps: Vec<&str> = rest.split('/').filter(|c| !c.is_empty()).collect();
+            let Some((last, between)) = comps.split_last() else {
+                self.unit_dir(plan, top, Some(mode))?;
+                continue;
+            };
+            // The directories on the way keep their own line's mode; missing ones are made.
+            let mut dir = match self.unit_dir(plan, top, None)? {
+                Some(d) => d,
+                None => self
+                    .unit_dir(plan, top, Some(0o750))?
+                    .ok_or_else(|| ApplyError::Conflict(format!("cannot create {top}")))?,
+            };
+            for c in between {
+                dir = match dir.open_dir_opt(OsStr::new(c))? {
+                    Some(d) => d,
+                    None => dir.ensure_dir(OsStr::new(c), 0o750, self.owner(plan))?,
+                };
+            }
+            dir.ensure_dir(OsStr::new(last), mode, self.owner(plan))?;
         }
         self.fill_skeleton(plan)
     }
 
-    /// What `systemd-tmpfiles --create` does with the `d`, `D` and `f` lines of a file, for a
-    /// root that is not a live system (ownership is left alone: the users do not exist there).
-    fn tmpfiles_emulate(&self, conf: &Path) -> Result<()> {
-        let conf_path = self.path(conf);
-        let text = fs::read_to_string(&conf_path).map_err(io_err(&conf_path))?;
-        for line in text.lines().map(str::trim) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(kind), Some(path)) = (fields.first(), fields.get(1)) else {
-                continue;
-            };
-            let mode = fields.get(2).and_then(|m| u32::from_str_radix(m, 8).ok());
-            let p = self.path(path);
-            match *kind {
-                "d" | "D" => {
-                    fs::create_dir_all(&p).map_err(io_err(&p))?;
-                    if let Some(m) = mode {
-                        fs::set_permissions(&p, fs::Permissions::from_mode(m))
-                            .map_err(io_err(&p))?;
-                    }
-                }
-                "f" if !p.exists() => {
-                    if let Some(dir) = p.parent() {
-                        fs::create_dir_all(dir).map_err(io_err(dir))?;
-                    }
-                    fs::write(&p, "").map_err(io_err(&p))?;
-                    if let Some(m) = mode {
-                        fs::set_permissions(&p, fs::Permissions::from_mode(m))
-                            .map_err(io_err(&p))?;
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Copies /etc/skel into the unit's home when the home holds nothing but `.ssh`.
-    fn fill_skeleton(&self, plan: &UnitPlan) -> Result<()> {
-        let home = self.path(&plan.dirs.home);
-        let empty = fs::read_dir(&home)
-            .map_err(io_err(&home))?
-            .filter_map(|e| e.ok())
-            .all(|e| e.file_name() == ".ssh");
-        let skel = self.path("etc/skel");
-        if !empty || !skel.is_dir() {
+    /// Copies /etc/skel into the unit's home when it holds nothing but `.ssh`, and only when
+    /// nobody owns the unit (at init, and at release after its processes are gone): an
+    /// owner's home is theirs.
+    pub fn fill_skeleton(&self, plan: &UnitPlan) -> Result<()> {
+        if plan.allocated {
             return Ok(());
         }
-        let owner = self.live.then_some((plan.uid, plan.uid));
-        copy_tree(&skel, &home, owner)
+        let Some(home) = self.unit_dir(plan, &plan.dirs.home, None)? else {
+            return Ok(());
+        };
+        if !home.entries()?.iter().all(|n| n == ".ssh") {
+            return Ok(());
+        }
+        let Some(skel) = self.trusted_opt("etc/skel")? else {
+            return Ok(());
+        };
+        home.copy_tree_from(&skel, self.owner(plan))
     }
 
     /// Lingering on or off: the user's `systemd --user` runs without a login session.
@@ -346,45 +400,57 @@ impl Host {
         Ok(())
     }
 
-    /// Refuses to work through a path component the unit's user could have swapped for a symlink.
-    fn check_no_symlink(&self, rel: &str) -> Result<()> {
-        let p = self.path(rel);
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => Err(ApplyError::Conflict(format!(
-                "{} is a symlink; refusing to follow it",
-                p.display()
-            ))),
-            _ => Ok(()),
-        }
-    }
-
+    /// Installs the owner's key: `.ssh` is made a directory of the unit's (a link or file
+    /// there is removed, not followed), the key written atomically inside it.
     pub fn write_authorized_key(&self, plan: &UnitPlan, key_line: &str) -> Result<()> {
-        self.check_no_symlink(&format!("{}/.ssh", plan.dirs.home))?;
-        let owner = self.live.then_some((plan.uid, plan.uid));
-        self.write(
-            &RenderedFile {
-                path: plan.authorized_keys(),
-                content: format!("{key_line}\n"),
-                mode: 0o600,
-            },
+        let home = self.unit_dir(plan, &plan.dirs.home, None)?.ok_or_else(|| {
+            ApplyError::Conflict(format!(
+                "{} is missing or not a directory",
+                self.path(&plan.dirs.home).display()
+            ))
+        })?;
+        let owner = self.owner(plan);
+        let ssh = home.ensure_dir(OsStr::new(".ssh"), 0o700, owner)?;
+        ssh.write_file(
+            OsStr::new("authorized_keys"),
+            format!("{key_line}\n").as_bytes(),
+            0o600,
             owner,
-        )?;
-        Ok(())
+        )
     }
 
+    /// Removes the key (whatever the owner made of it); a `.ssh` that is a link or a file is
+    /// removed itself.
     pub fn remove_authorized_key(&self, plan: &UnitPlan) -> Result<()> {
-        let ssh = self.path(format!("{}/.ssh", plan.dirs.home));
-        if fs::symlink_metadata(&ssh).is_ok_and(|m| m.file_type().is_symlink()) {
-            // A user's symlink: removing the link itself is safe, following it is not.
-            fs::remove_file(&ssh).map_err(io_err(&ssh))?;
+        let Some(home) = self.unit_dir(plan, &plan.dirs.home, None)? else {
             return Ok(());
+        };
+        let ssh = OsStr::new(".ssh");
+        match home.open_dir(ssh) {
+            Ok(d) => {
+                d.remove_entry(OsStr::new("authorized_keys"))?;
+            }
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => {
+                home.remove_entry(ssh)?;
+            }
+            Err(e) => {
+                return Err(ApplyError::Io {
+                    path: home.path().join(ssh),
+                    source: e.into(),
+                });
+            }
         }
-        self.remove(plan.authorized_keys())?;
         Ok(())
     }
 
+    /// The installed key, if `.ssh/authorized_keys` is a regular file in a real directory.
     pub fn authorized_key(&self, plan: &UnitPlan) -> Option<String> {
-        self.read(plan.authorized_keys())
+        let home = self.unit_dir(plan, &plan.dirs.home, None).ok()??;
+        let ssh = home.open_dir_opt(OsStr::new(".ssh")).ok()??;
+        let bytes = ssh.read_file(OsStr::new("authorized_keys")).ok()??;
+        String::from_utf8(bytes)
+            .ok()
             .map(|s| s.trim_end().to_string())
     }
 
@@ -429,22 +495,27 @@ impl Host {
     }
 
     /// Removes what the user may have left outside its directories: crontab, at jobs, mail,
-    /// and files it owns in /tmp, /var/tmp and /dev/shm.
+    /// and files it owns in /tmp, /var/tmp and /dev/shm (through handles: these directories
+    /// are shared with the tenant).
     pub fn remove_user_leftovers(&self, plan: &UnitPlan) -> Result<()> {
-        for f in [
-            format!("var/spool/cron/crontabs/{}", plan.user),
-            format!("var/spool/cron/{}", plan.user),
-            format!("var/mail/{}", plan.user),
-        ] {
-            if self.path(&f).is_file() {
-                self.remove(&f)?;
+        for spool in ["var/spool/cron/crontabs", "var/spool/cron", "var/mail"] {
+            let name = OsStr::new(&plan.user);
+            if let Some(d) = self.trusted_opt(spool)?
+                && d.lstat(name)?
+                    .is_some_and(|st| st.st_mode & libc::S_IFMT != libc::S_IFDIR)
+            {
+                d.remove_entry(name)?;
             }
         }
         for spool in ["var/spool/cron/atjobs", "var/spool/at"] {
-            remove_owned(&self.path(spool), plan.uid, false)?;
+            if let Some(d) = self.trusted_opt(spool)? {
+                d.remove_owned(plan.uid, false)?;
+            }
         }
         for tmp in ["tmp", "var/tmp", "dev/shm"] {
-            remove_owned(&self.path(tmp), plan.uid, true)?;
+            if let Some(d) = self.trusted_opt(tmp)? {
+                d.remove_owned(plan.uid, true)?;
+            }
         }
         Ok(())
     }
@@ -453,7 +524,9 @@ impl Host {
     /// clean skeleton.
     pub fn wipe_dirs(&self, plan: &UnitPlan) -> Result<()> {
         for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
-            empty_dir(&self.path(d))?;
+            if let Some(dir) = self.unit_dir(plan, d, None)? {
+                dir.empty()?;
+            }
         }
         self.create_dirs(plan)
     }
@@ -462,14 +535,12 @@ impl Host {
     /// then only its content goes.
     pub fn remove_dirs(&self, plan: &UnitPlan) -> Result<()> {
         for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
-            let p = self.path(d);
-            empty_dir(&p)?;
-            match fs::remove_dir(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                // A mount point (EBUSY) stays, empty.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) => return Err(io_err(&p)(e)),
+            if let Some(dir) = self.unit_dir(plan, d, None)? {
+                dir.empty()?;
+            }
+            let (parent, name) = self.split_or_err(Path::new(d))?;
+            if let Some(parent) = open_opt(&parent)? {
+                parent.remove_empty_dir(&name)?;
             }
         }
         Ok(())
@@ -503,6 +574,22 @@ impl Host {
             self.run("nft", &["list", "table", "inet", "kloigos"])
                 .is_ok()
         })
+    }
+}
+
+/// A directory only root can write, by its path on the host; `None` when it is missing.
+fn open_opt(path: &Path) -> Result<Option<DirFd>> {
+    match DirFd::open_trusted(path) {
+        Ok(d) => Ok(Some(d)),
+        Err(ApplyError::Io { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENOTDIR)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -540,79 +627,10 @@ fn signal_uid(uid: u32, sig: nix::sys::signal::Signal) {
     }
 }
 
-/// Removes everything inside `dir` (not `dir` itself). std's remove_dir_all never follows
-/// symlinks, so a user's link to /etc removes the link, not /etc.
-fn empty_dir(dir: &Path) -> Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
-    for e in entries {
-        let e = e.map_err(io_err(dir))?;
-        let p = e.path();
-        let ft = e.file_type().map_err(io_err(&p))?;
-        if ft.is_dir() {
-            fs::remove_dir_all(&p).map_err(io_err(&p))?;
-        } else {
-            fs::remove_file(&p).map_err(io_err(&p))?;
-        }
-    }
-    Ok(())
-}
-
-/// Removes entries of `dir` owned by `uid`; with `recurse`, also inside directories it does not
-/// own (a user's file in a shared directory), never following symlinks or crossing devices.
-fn remove_owned(dir: &Path, uid: u32, recurse: bool) -> Result<()> {
-    let Ok(dev) = fs::symlink_metadata(dir).map(|m| m.dev()) else {
-        return Ok(());
-    };
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        let Ok(m) = fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if m.uid() == uid {
-            let r = if m.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
-            r.map_err(io_err(&p))?;
-        } else if recurse && m.is_dir() && m.dev() == dev {
-            remove_owned(&p, uid, true)?;
-        }
-    }
-    Ok(())
-}
-
-fn copy_tree(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> Result<()> {
-    for e in fs::read_dir(from).map_err(io_err(from))?.flatten() {
-        let src = e.path();
-        let dst = to.join(e.file_name());
-        let m = fs::symlink_metadata(&src).map_err(io_err(&src))?;
-        if m.is_dir() {
-            fs::create_dir_all(&dst).map_err(io_err(&dst))?;
-            fs::set_permissions(&dst, m.permissions()).map_err(io_err(&dst))?;
-            copy_tree(&src, &dst, owner)?;
-        } else if m.is_file() {
-            fs::copy(&src, &dst).map_err(io_err(&dst))?;
-        } else {
-            continue;
-        }
-        if let Some((u, g)) = owner {
-            std::os::unix::fs::lchown(&dst, Some(u), Some(g)).map_err(io_err(&dst))?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn file(path: &str, content: &str, mode: u32) -> RenderedFile {
         RenderedFile {
@@ -650,6 +668,94 @@ mod tests {
         assert!(!host.remove("etc/x/y.conf").unwrap());
     }
 
+    fn plan(allocated: bool) -> UnitPlan {
+        UnitPlan {
+            compute_id: "h_0".into(),
+            hostname: "h".into(),
+            user: "u0".into(),
+            uid: 20000,
+            cpu_range: "0".into(),
+            cpus: "0".into(),
+            cpu_count: 1,
+            memory_nodes: None,
+            ports: vec![],
+            ports_range: "2000-2099".into(),
+            dirs: crate::render::Dirs {
+                opt: "/opt/c0".into(),
+                mnt: "/mnt/c0".into(),
+                home: "/home/u0".into(),
+            },
+            allocated,
+            limits: Default::default(),
+        }
+    }
+
+    #[test]
+    fn unit_files_never_go_through_a_tenant_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(dir.path().join("root"));
+        let conf = "d /opt/c0 0750 u0 u0 -\nd /mnt/c0 0750 u0 u0 -\n\
+                    d /home/u0 0750 u0 u0 -\nd /home/u0/.ssh 0700 u0 u0 -\n";
+        host.write(
+            &file(&plan(false).tmpfiles_conf().to_string_lossy(), conf, 0o644),
+            None,
+        )
+        .unwrap();
+        host.write(&file("etc/skel/.bashrc", "skel\n", 0o644), None)
+            .unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("authorized_keys"), "ssh-ed25519 AAAA key\n").unwrap();
+        let home = host.path("home/u0");
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+
+        // A unit nobody owns gets the skeleton.
+        host.create_dirs(&plan(false)).unwrap();
+        assert_eq!(host.read("home/u0/.bashrc").as_deref(), Some("skel\n"));
+        assert_eq!(mode(&home.join(".ssh")), 0o700);
+        assert_eq!(mode(&host.path("opt/c0")), 0o750);
+
+        // Its owner swaps .ssh for a link: the key goes into a real .ssh, not through it.
+        fs::remove_dir(home.join(".ssh")).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join(".ssh")).unwrap();
+        assert_eq!(
+            host.authorized_key(&plan(true)),
+            None,
+            "not read through a link"
+        );
+        host.write_authorized_key(&plan(true), "ssh-ed25519 BBBB own")
+            .unwrap();
+        assert!(fs::symlink_metadata(home.join(".ssh")).unwrap().is_dir());
+        assert_eq!(
+            host.authorized_key(&plan(true)).as_deref(),
+            Some("ssh-ed25519 BBBB own")
+        );
+
+        // An owned unit's home is not refilled from the skeleton.
+        fs::remove_file(home.join(".bashrc")).unwrap();
+        host.create_dirs(&plan(true)).unwrap();
+        assert!(!home.join(".bashrc").exists());
+
+        // Removing the key through a link removes the link only.
+        fs::remove_dir_all(home.join(".ssh")).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join(".ssh")).unwrap();
+        host.remove_authorized_key(&plan(true)).unwrap();
+        assert!(!home.join(".ssh").exists());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+
+        // Wiping recreates the skeleton, whatever the owner left.
+        fs::create_dir_all(home.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(&outside, home.join("a/link")).unwrap();
+        host.wipe_dirs(&plan(false)).unwrap();
+        let mut left: Vec<_> = fs::read_dir(&home)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".bashrc", ".ssh"]);
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    }
+
     #[test]
     fn empty_dir_does_not_follow_symlinks() {
         let dir = tempfile::tempdir().unwrap();
@@ -661,7 +767,7 @@ mod tests {
         fs::write(home.join("sub/deeper/f"), "x").unwrap();
         std::os::unix::fs::symlink(&outside, home.join("link")).unwrap();
         std::os::unix::fs::symlink(&outside, home.join("sub/link")).unwrap();
-        empty_dir(&home).unwrap();
+        DirFd::open_trusted(&home).unwrap().empty().unwrap();
         assert_eq!(fs::read_dir(&home).unwrap().count(), 0);
         assert!(outside.join("precious").exists());
     }
@@ -672,9 +778,13 @@ mod tests {
         let me = nix::unistd::getuid().as_raw();
         fs::create_dir_all(dir.path().join("a/b")).unwrap();
         fs::write(dir.path().join("a/b/mine"), "x").unwrap();
-        remove_owned(dir.path(), me + 1, true).unwrap();
+        let d = DirFd::open_trusted(dir.path()).unwrap();
+        d.remove_owned(me + 1, true).unwrap();
         assert!(dir.path().join("a/b/mine").exists());
-        remove_owned(&dir.path().join("a"), me, true).unwrap();
+        DirFd::open_trusted(&dir.path().join("a"))
+            .unwrap()
+            .remove_owned(me, true)
+            .unwrap();
         assert!(!dir.path().join("a/b").exists());
     }
 }

@@ -272,11 +272,18 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
                     ("removed", &report.files_removed),
                     ("unit", &report.units_fixed),
                     ("server", &report.servers_fixed),
+                    ("FAILED", &report.units_failed),
                 ] {
                     for i in items {
                         println!("{what}: {i}");
                     }
                 }
+            }
+            if !report.units_failed.is_empty() {
+                bail!(
+                    "{} unit(s) could not be repaired (marked with a problem; see above)",
+                    report.units_failed.len()
+                );
             }
             Ok(())
         }
@@ -335,9 +342,15 @@ fn serve(
     let k = Kloigos::open(&local.config())
         .with_context(|| format!("cannot open the inventory {}", local.db.display()))?;
     if !no_reconcile {
-        let report = k.reconcile("kloigos serve (start)")?;
-        if !report.is_clean() {
-            tracing::info!(?report, "reconciled at start");
+        // Whatever reconcile could not repair is reported (and units marked and audited);
+        // the API stays up so an admin can see and fix it.
+        match k.reconcile("kloigos serve (start)") {
+            Ok(report) if !report.units_failed.is_empty() => {
+                tracing::error!(?report, "reconciled at start; some units need an admin");
+            }
+            Ok(report) if !report.is_clean() => tracing::info!(?report, "reconciled at start"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "reconcile at start failed; serving anyway"),
         }
     }
     let units = k.units(&Default::default())?;

@@ -114,6 +114,9 @@ pub struct ReconcileReport {
     pub files_removed: Vec<String>,
     pub units_fixed: Vec<String>,
     pub servers_fixed: Vec<String>,
+    /// Units reconcile could not repair (`id: why`); each is marked (`problem`) and audited,
+    /// and the others are served.
+    pub units_failed: Vec<String>,
 }
 
 impl ReconcileReport {
@@ -122,6 +125,31 @@ impl ReconcileReport {
             && self.files_removed.is_empty()
             && self.units_fixed.is_empty()
             && self.servers_fixed.is_empty()
+            && self.units_failed.is_empty()
+    }
+}
+
+/// What `apply_local` did.
+struct Applied {
+    written: Vec<String>,
+    removed: Vec<String>,
+    /// Units it could not set up: (compute_id, why).
+    failed: Vec<(String, String)>,
+}
+
+impl Applied {
+    /// All or nothing, for operations that must set up every unit (init_server, decommission).
+    fn all_ok(self) -> Result<()> {
+        if self.failed.is_empty() {
+            Ok(())
+        } else {
+            let msgs: Vec<String> = self
+                .failed
+                .iter()
+                .map(|(id, e)| format!("{id}: {e}"))
+                .collect();
+            Err(OpError::Failed(msgs.join("; ")))
+        }
     }
 }
 
@@ -397,7 +425,7 @@ impl Kloigos {
         let after = json!({"hostname": server.hostname, "cpu_ranges": server.cpu_ranges});
         if self.is_local(&req.hostname) {
             info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "applying");
-            if let Err(e) = self.apply_local(None) {
+            if let Err(e) = self.apply_local(None).and_then(Applied::all_ok) {
                 error!(hostname = %req.hostname, operation = "init_server", error = %e, "init failed, rolling back");
                 let detail = format!("init_server failed on the host: {e}");
                 let rolled_back = self.rollback_init(&server);
@@ -444,8 +472,7 @@ impl Kloigos {
             .map(|u| self.plan(server, u))
             .collect::<Result<Vec<_>>>()?;
         self.remove_units_from_host(&plans)?;
-        self.apply_local(Some(&server.hostname))?;
-        Ok(())
+        self.apply_local(Some(&server.hostname))?.all_ok()
     }
 
     /// Every local unit's plan, optionally leaving out one server's.
@@ -471,12 +498,17 @@ impl Kloigos {
 
     /// Brings the host in line with the inventory's local units: users, unit files
     /// (daemon-reload only when one changed), directories, the nftables table; removes Kloigos
-    /// files no unit claims. Returns the paths written and removed.
-    fn apply_local(&self, except: Option<&str>) -> Result<(Vec<String>, Vec<String>)> {
+    /// files no unit claims. Returns the paths written and removed, and the units whose user
+    /// or directories could not be made (`compute_id`, why): one broken unit does not stop
+    /// the others.
+    fn apply_local(&self, except: Option<&str>) -> Result<Applied> {
         let plans = self.local_plans(except)?;
         let mut written = Vec::new();
+        let mut failed: Vec<(String, String)> = Vec::new();
         for (_, _, p) in &plans {
-            self.host.ensure_user(p)?;
+            if let Err(e) = self.host.ensure_user(p) {
+                failed.push((p.compute_id.clone(), e.to_string()));
+            }
         }
         for (_, _, p) in &plans {
             for f in self.renderer.unit_files(&self.facts, p)? {
@@ -494,7 +526,12 @@ impl Kloigos {
             self.host.daemon_reload()?;
         }
         for (_, _, p) in &plans {
-            self.host.create_dirs(p)?;
+            if failed.iter().any(|(id, _)| *id == p.compute_id) {
+                continue;
+            }
+            if let Err(e) = self.host.create_dirs(p) {
+                failed.push((p.compute_id.clone(), e.to_string()));
+            }
         }
         let all: Vec<UnitPlan> = plans.into_iter().map(|(_, _, p)| p).collect();
         if all.is_empty() {
@@ -512,7 +549,11 @@ impl Kloigos {
                 written.push(nft.path.display().to_string());
             }
         }
-        Ok((written, removed))
+        Ok(Applied {
+            written,
+            removed,
+            failed,
+        })
     }
 
     /// Removes drop-ins and tmpfiles.d files that Kloigos wrote for units no longer in `owned`.
@@ -701,7 +742,8 @@ impl Kloigos {
     }
 
     /// Host side of "nobody owns this unit": linger off, every process gone, key removed,
-    /// leftovers removed, directories back to the skeleton, tmpfiles.d without linger.
+    /// leftovers removed, directories back to the skeleton (filled from /etc/skel only now,
+    /// after the kill), tmpfiles.d without linger.
     fn release(&self, plan: &UnitPlan) -> Result<()> {
         let mut plan = plan.clone();
         plan.allocated = false;
@@ -716,12 +758,13 @@ impl Kloigos {
         Ok(())
     }
 
-    /// No new logins first, then no processes, then nothing the owner left outside its
-    /// directories.
+    /// No lingering, then no processes, and only then (nobody left to race the removal) the
+    /// key and what the owner left outside its directories. A login that slipped in before
+    /// the key went is ended by `release`'s second kill.
     fn end_ownership(&self, plan: &UnitPlan) -> Result<()> {
-        self.host.remove_authorized_key(plan)?;
         self.host.set_linger(plan, false)?;
         self.host.kill_user(plan, self.kill_grace)?;
+        self.host.remove_authorized_key(plan)?;
         self.host.remove_user_leftovers(plan)?;
         Ok(())
     }
@@ -895,7 +938,7 @@ impl Kloigos {
                 .map(|u| self.plan(server, u))
                 .collect::<Result<Vec<_>>>()?;
             self.remove_units_from_host(&plans)?;
-            self.apply_local(Some(&server.hostname))?;
+            self.apply_local(Some(&server.hostname))?.all_ok()?;
         }
         self.store
             .retire_server(&server.hostname, ServerStatus::Decommissioned)?;
@@ -924,9 +967,11 @@ impl Kloigos {
             }
         }
         // Every file, user, directory and the table as the inventory says...
-        let (written, removed) = self.apply_local(None)?;
-        report.files_changed.extend(written);
-        report.files_removed.extend(removed);
+        let applied = self.apply_local(None)?;
+        report.files_changed.extend(applied.written);
+        report.files_removed.extend(applied.removed);
+        let setup_failed: std::collections::BTreeMap<String, String> =
+            applied.failed.into_iter().collect();
         // ...then each unit's ownership: keys, lingering, operations a crash cut short.
         for server in self.store.servers()? {
             if !matches!(
@@ -937,7 +982,13 @@ impl Kloigos {
             }
             let units = self.store.units_of(&server.hostname)?;
             for unit in &units {
-                self.reconcile_unit(&server, unit, actor, &mut report)?;
+                // One unit that cannot be repaired (a wrecked home, say) is marked, reported
+                // and audited; the others are still reconciled and the service still serves.
+                let r = match setup_failed.get(&unit.compute_id) {
+                    Some(e) => Err(OpError::Failed(e.clone())),
+                    None => self.reconcile_unit(&server, unit, actor, &mut report),
+                };
+                self.unit_outcome(&server, unit, r, actor, &mut report)?;
             }
         }
         for server in self.store.servers()? {
@@ -960,6 +1011,48 @@ impl Kloigos {
             info!(operation = "reconcile", ?report, "reconciled");
         }
         Ok(report)
+    }
+
+    /// Marks (or clears the mark of) a unit after reconcile tried to repair it; a failure is
+    /// reported every time, marked and audited once per distinct problem.
+    fn unit_outcome(
+        &self,
+        server: &Server,
+        unit: &Unit,
+        outcome: Result<()>,
+        actor: &str,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let id = unit.compute_id.as_str();
+        match outcome {
+            Ok(()) => {
+                if unit.problem.is_some() {
+                    self.store.set_problem(id, None)?;
+                    report.units_fixed.push(format!("{id}: problem cleared"));
+                }
+            }
+            Err(e) => {
+                let msg = format!("reconcile could not repair {id}: {e}");
+                error!(compute_id = %id, operation = "reconcile", error = %e, "unit left broken");
+                report.units_failed.push(format!("{id}: {e}"));
+                if unit.problem.as_deref() == Some(msg.as_str()) {
+                    // Already marked and audited (a tenant restarting the service must not
+                    // flood the audit log).
+                    return Ok(());
+                }
+                self.store.set_problem(id, Some(&msg))?;
+                self.record(
+                    actor,
+                    "reconcile",
+                    Some(id),
+                    Some(&server.hostname),
+                    Err(&msg),
+                    Some(unit_json(unit)),
+                    None,
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Reports and audits a server that reconcile moved from `from` to `to`.

@@ -132,6 +132,8 @@ pub struct Unit {
     /// Who allocated it (the actor of the allocation), for `deallocate your own` rules.
     pub allocated_by: Option<String>,
     pub updated_at: String,
+    /// Why the last reconcile could not repair the unit on its host; `None` when it could.
+    pub problem: Option<String>,
 }
 
 /// A unit row as inserted by init_server.
@@ -199,8 +201,9 @@ pub struct NewEvent<'a> {
 }
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        r#"
+    Migrations::new(vec![
+        M::up(
+            r#"
         CREATE TABLE servers (
             hostname      TEXT PRIMARY KEY NOT NULL,
             ip            TEXT NOT NULL,
@@ -249,7 +252,10 @@ fn migrations() -> Migrations<'static> {
         CREATE INDEX events_compute_id ON events (compute_id, id);
         CREATE INDEX events_hostname ON events (hostname, id);
         "#,
-    )])
+        ),
+        // Why reconcile could not repair a unit on its host (NULL: nothing wrong).
+        M::up("ALTER TABLE compute_units ADD COLUMN problem TEXT;"),
+    ])
 }
 
 pub struct Store {
@@ -258,7 +264,7 @@ pub struct Store {
 
 const UNIT_SELECT: &str = "SELECT u.compute_id, u.hostname, s.ip, s.region, s.zone, u.cpu_range, \
     u.cpu_count, u.first_cpu, u.uid, u.user, u.ports_range, u.status, u.started_at, u.tags, \
-    u.ssh_public_key, u.allocated_by, u.updated_at \
+    u.ssh_public_key, u.allocated_by, u.updated_at, u.problem \
     FROM compute_units u JOIN servers s ON s.hostname = u.hostname";
 
 const SERVER_SELECT: &str = "SELECT hostname, ip, region, zone, status, cpu_ranges, port_base, \
@@ -298,6 +304,7 @@ fn unit_from_row(row: &Row) -> rusqlite::Result<Unit> {
         ssh_public_key: row.get(14)?,
         allocated_by: row.get(15)?,
         updated_at: row.get(16)?,
+        problem: row.get(17)?,
     })
 }
 
@@ -352,6 +359,7 @@ pub struct UnitChange {
     pub tags: Option<Option<Value>>,
     pub ssh_public_key: Option<Option<String>>,
     pub allocated_by: Option<Option<String>>,
+    pub problem: Option<Option<String>>,
 }
 
 impl UnitChange {
@@ -362,6 +370,7 @@ impl UnitChange {
             tags: Some(None),
             ssh_public_key: Some(None),
             allocated_by: Some(None),
+            problem: Some(None),
         }
     }
 }
@@ -609,7 +618,7 @@ impl Store {
         let id: Option<String> = tx
             .query_row(
                 "SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
-                 WHERE u.status = 'FREE' AND s.status = 'READY' AND u.cpu_count = ?1 \
+                 WHERE u.status = 'FREE' AND u.problem IS NULL AND s.status = 'READY' AND u.cpu_count = ?1 \
                  AND (?2 IS NULL OR s.region = ?2) AND (?3 IS NULL OR s.zone = ?3) \
                  ORDER BY u.hostname, u.first_cpu LIMIT 1",
                 params![cpu_count, region, zone],
@@ -635,6 +644,15 @@ impl Store {
     }
 
     /// Compare-and-set: moves a unit to `to` only if its status is one of `from`.
+    /// Records (or with `None` clears) what reconcile could not repair on a unit.
+    pub fn set_problem(&self, compute_id: &str, problem: Option<&str>) -> Result<()> {
+        self.conn().execute(
+            "UPDATE compute_units SET problem = ?2 WHERE compute_id = ?1",
+            params![compute_id, problem],
+        )?;
+        Ok(())
+    }
+
     pub fn transition(
         &self,
         compute_id: &str,
@@ -686,6 +704,12 @@ impl Store {
         if let Some(v) = change.allocated_by {
             tx.execute(
                 "UPDATE compute_units SET allocated_by = ?2 WHERE compute_id = ?1",
+                params![compute_id, v],
+            )?;
+        }
+        if let Some(v) = change.problem {
+            tx.execute(
+                "UPDATE compute_units SET problem = ?2 WHERE compute_id = ?1",
                 params![compute_id, v],
             )?;
         }
@@ -873,6 +897,49 @@ mod tests {
             (UnitStatus::Free, None, None)
         );
         assert_eq!(s.units(&f).unwrap().len(), 0);
+        // A FREE unit reconcile could not repair is not handed out, until its mark is cleared;
+        // a transition that clears the owner's fields clears the mark too.
+        s.set_problem("h1_0-1", Some("home wrecked")).unwrap();
+        assert_eq!(
+            s.unit("h1_0-1").unwrap().unwrap().problem.as_deref(),
+            Some("home wrecked")
+        );
+        let other = s
+            .claim_free(2, None, None, None, "k", "a")
+            .unwrap()
+            .unwrap();
+        assert_ne!(other.compute_id, "h1_0-1");
+        let Transition::Done(u) = s
+            .transition(
+                &other.compute_id,
+                &[UnitStatus::Allocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(u.problem, None);
+        s.set_problem("h1_0-1", None).unwrap();
+        let again = s
+            .claim_free(2, None, None, None, "k", "a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.compute_id, "h1_0-1");
+        s.set_problem("h1_0-1", Some("x")).unwrap();
+        let Transition::Done(u) = s
+            .transition(
+                "h1_0-1",
+                &[UnitStatus::Allocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(u.problem, None);
         let f = UnitFilter {
             status: Some("FREE".into()),
             cpu_count: Some(2),

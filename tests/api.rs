@@ -66,7 +66,8 @@ fn full_lifecycle_over_the_api() {
             "ports_range",
             "user",
             "uid",
-            "allocated_by"
+            "allocated_by",
+            "problem"
         ]
     );
     assert_eq!(first["compute_id"], "testhost_0-3");
@@ -1055,13 +1056,10 @@ fn failed_apply_is_rolled_back_and_audited() {
     std::fs::remove_file(s.root().join("etc/tmpfiles.d")).unwrap();
     s.init(&["0-3", "4-7"]);
 
-    // allocate fails (the home's .ssh was swapped for a symlink): the unit is FREE again, the
-    // link's target is untouched, the failure is audited, and the next allocation works.
-    let outside = s.dir.path().join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
+    // allocate fails (the owner-to-be's key file is a directory nobody may replace
+    // blindly): the unit is FREE again, the failure is audited, and the next allocation works.
     let ssh_dir = s.root().join("home/u0-3/.ssh");
-    std::fs::remove_dir_all(&ssh_dir).unwrap();
-    std::os::unix::fs::symlink(&outside, &ssh_dir).unwrap();
+    std::fs::create_dir_all(ssh_dir.join("authorized_keys/sub")).unwrap();
     let (code, v) = s.call(
         "POST",
         "/api/compute_units/allocate",
@@ -1069,11 +1067,6 @@ fn failed_apply_is_rolled_back_and_audited() {
     );
     assert_eq!(code, 500, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("rolled back"), "{v}");
-    assert_eq!(
-        std::fs::read_dir(&outside).unwrap().count(),
-        0,
-        "nothing written through the link"
-    );
     let (_, u) = s.get("/api/compute_units/testhost_0-3");
     assert_eq!(
         (u["status"].clone(), u["tags"].clone()),
@@ -1085,6 +1078,11 @@ fn failed_apply_is_rolled_back_and_audited() {
         (Some("error"), Some("FREE")),
         "{ev}"
     );
+    // A .ssh swapped for a symlink is replaced by a real directory, never followed.
+    let outside = s.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::remove_dir_all(&ssh_dir).unwrap();
+    std::os::unix::fs::symlink(&outside, &ssh_dir).unwrap();
     let (code, v) = s.call(
         "POST",
         "/api/compute_units/allocate",
@@ -1096,6 +1094,12 @@ fn failed_apply_is_rolled_back_and_audited() {
         "{v}"
     );
     assert!(s.root().join("home/u0-3/.ssh/authorized_keys").is_file());
+    assert!(std::fs::symlink_metadata(&ssh_dir).unwrap().is_dir());
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
 }
 
 #[test]
@@ -1237,4 +1241,130 @@ fn crash_mid_init_server_is_finished_at_restart() {
         Some(&alloc_body(json!(8), &ssh_key("x"), Value::Null)),
     );
     assert_eq!(code, 200);
+}
+
+#[test]
+fn a_wrecked_unit_never_stops_the_service() {
+    let mut s = Server::start();
+    s.init(&["0-3", "4-7", "8-11"]);
+    for (i, who) in ["a", "b", "c"].iter().enumerate() {
+        let (code, v) = s.call(
+            "POST",
+            "/api/compute_units/allocate",
+            Some(&alloc_body(json!(4), &ssh_key(who), Value::Null)),
+        );
+        assert_eq!(code, 200, "{i}: {v}");
+    }
+    s.kill9();
+    let r = s.root();
+    // Tenants wreck their homes while the service is down.
+    // u0-3: `rm -rf ~/.ssh; touch ~/.ssh`.
+    let ssh0 = r.join("home/u0-3/.ssh");
+    std::fs::remove_dir_all(&ssh0).unwrap();
+    std::fs::write(&ssh0, "").unwrap();
+    // u4-7: .ssh is a symlink to a directory of someone else's, the key is gone.
+    let outside = s.dir.path().join("outside");
+    common::write(&outside.join("authorized_keys"), "not yours\n");
+    let ssh4 = r.join("home/u4-7/.ssh");
+    std::fs::remove_dir_all(&ssh4).unwrap();
+    std::os::unix::fs::symlink(&outside, &ssh4).unwrap();
+    // u8-11: the key file is a directory; reconcile cannot put the key back by itself.
+    let keys8 = r.join("home/u8-11/.ssh/authorized_keys");
+    std::fs::remove_file(&keys8).unwrap();
+    std::fs::create_dir_all(keys8.join("junk")).unwrap();
+
+    // The service starts and serves anyway.
+    s.spawn();
+    let (code, units) = s.get("/api/compute_units/");
+    assert_eq!(code, 200, "{units}");
+    assert!(
+        s.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "kloigos serve exited"
+    );
+    let by_id = |id: &str| {
+        units
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["compute_id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    // The repairable ones are repaired, through no link.
+    for (id, who) in [("testhost_0-3", "a"), ("testhost_4-7", "b")] {
+        assert_eq!(by_id(id)["problem"], Value::Null, "{units}");
+        let user = by_id(id)["user"].as_str().unwrap().to_string();
+        let ssh = r.join(format!("home/{user}/.ssh"));
+        assert!(std::fs::symlink_metadata(&ssh).unwrap().is_dir(), "{id}");
+        assert_eq!(
+            std::fs::read_to_string(ssh.join("authorized_keys")).unwrap(),
+            format!("{}\n", ssh_key(who))
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(outside.join("authorized_keys")).unwrap(),
+        "not yours\n"
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+    // The other one is marked, and the audit log says why.
+    let broken = by_id("testhost_8-11");
+    assert_eq!(broken["status"], "ALLOCATED", "{broken}");
+    let problem = broken["problem"].as_str().unwrap_or_default().to_string();
+    assert!(problem.contains("authorized_keys"), "{broken}");
+    let failures = |s: &Server| {
+        let (_, ev) = s.get("/api/events?operation=reconcile&compute_id=testhost_8-11");
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["result"] == "error")
+            .count()
+    };
+    assert_eq!(failures(&s), 1);
+    // Restarting again does not flood the audit log with the same problem.
+    s.kill9();
+    s.spawn();
+    assert_eq!(
+        s.get("/api/compute_units/testhost_8-11").1["problem"],
+        json!(problem)
+    );
+    assert_eq!(failures(&s), 1);
+    // A hand-run reconcile says so, by its exit status too.
+    let out = std::process::Command::new(common::bin())
+        .args(["reconcile", "--templates", "/nonexistent", "--root"])
+        .arg(s.root())
+        .arg("--db")
+        .arg(s.db())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAILED: testhost_8-11"),
+        "{out:?}"
+    );
+    assert_eq!(failures(&s), 1);
+
+    // An admin deallocates it: a clean skeleton, the mark gone.
+    let (code, v) = s.call(
+        "DELETE",
+        "/api/compute_units/deallocate/testhost_8-11",
+        None,
+    );
+    assert_eq!(code, 200, "{v}");
+    let (_, u) = s.get("/api/compute_units/testhost_8-11");
+    assert_eq!(
+        (u["status"].clone(), u["problem"].clone()),
+        (json!("FREE"), Value::Null)
+    );
+    assert_eq!(
+        files(&r.join("home/u8-11")),
+        [".bashrc"],
+        "only the skeleton is left"
+    );
+    assert!(r.join("home/u8-11/.ssh").is_dir());
+    assert_eq!(
+        std::fs::read_dir(r.join("home/u8-11/.ssh"))
+            .unwrap()
+            .count(),
+        0
+    );
 }

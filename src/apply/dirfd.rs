@@ -1,0 +1,613 @@
+//! Directory handles. Everything below a [`DirFd`] is reached relative to it, one component at a
+//! time, with `O_NOFOLLOW`: a name that is a symlink is never followed, whatever a tenant swaps
+//! in between two calls. Only [`DirFd::open_trusted`] resolves a path, and only for directories
+//! no tenant can write (`/home`, `/opt`, `/etc/skel`, `/tmp` itself, ...).
+
+use super::{ApplyError, Result};
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How often an operation retries when a tenant keeps changing the entry under it.
+const RETRIES: usize = 16;
+/// Deepest a removal descends (one open descriptor per level) before it moves the rest up.
+const MAX_DEPTH: usize = 64;
+/// Passes of [`DirFd::empty`] that move deep directories up: trees up to
+/// `MAX_DEPTH * MAX_HOISTS` levels deep go.
+const MAX_HOISTS: usize = 1 << 16;
+/// Largest file [`DirFd::read_file`] reads.
+pub const READ_LIMIT: u64 = 1 << 20;
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+/// What one pass of [`DirFd::empty`] left for the next.
+#[derive(Default)]
+struct Pass {
+    hoisted: bool,
+    refilled: bool,
+}
+
+/// Owner and group to give what Kloigos creates; `None` leaves root's.
+pub type Owner = Option<(u32, u32)>;
+
+/// An open directory and the path it was reached by (for messages only: never used to act).
+#[derive(Debug)]
+pub struct DirFd {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+}
+
+fn is_file(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+}
+
+impl DirFd {
+    /// Opens a directory no tenant can write, by path (symlinks an admin made are followed).
+    pub fn open_trusted(path: &Path) -> Result<DirFd> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| err(path, e))?;
+        Ok(DirFd {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Like [`DirFd::open_trusted`], creating the directory (and its parents) first.
+    pub fn create_trusted(path: &Path) -> Result<DirFd> {
+        std::fs::create_dir_all(path).map_err(|source| ApplyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        DirFd::open_trusted(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn child(&self, name: &OsStr) -> PathBuf {
+        self.path.join(name)
+    }
+
+    fn err(&self, name: &OsStr, e: Errno) -> ApplyError {
+        err(&self.child(name), e)
+    }
+
+    pub fn stat(&self) -> Result<FileStat> {
+        fstat(&self.fd).map_err(|e| err(&self.path, e))
+    }
+
+    /// The entry `name` itself (a symlink is not followed); `None` if there is none.
+    pub fn lstat(&self, name: &OsStr) -> Result<Option<FileStat>> {
+        match fstatat(&self.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Opens the subdirectory `name`. A symlink or non-directory there fails (`ELOOP`/`ENOTDIR`).
+    pub fn open_dir(&self, name: &OsStr) -> std::result::Result<DirFd, Errno> {
+        check_name(name)?;
+        let fd = openat(&self.fd, name, dir_flags(), Mode::empty())?;
+        Ok(DirFd {
+            fd,
+            path: self.child(name),
+        })
+    }
+
+    /// Opens the subdirectory `name` if it is one; `None` if it is missing, a symlink or not a
+    /// directory.
+    pub fn open_dir_opt(&self, name: &OsStr) -> Result<Option<DirFd>> {
+        match self.open_dir(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => Ok(None),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Refuses a directory owned by anyone but root or `owner`'s uid (root when `None`).
+    pub fn check_owner(&self, owner: Owner) -> Result<()> {
+        let st = self.stat()?;
+        let expected = owner.map_or(0, |(u, _)| u);
+        if st.st_uid != 0 && st.st_uid != expected {
+            return Err(ApplyError::Conflict(format!(
+                "{} belongs to uid {}, not {expected}; refusing to touch it",
+                self.path.display(),
+                st.st_uid
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes the empty directory `name` (a link there: the link). Missing, or a mount point
+    /// (`EBUSY`), is fine.
+    pub fn remove_empty_dir(&self, name: &OsStr) -> Result<()> {
+        check_name(name).map_err(|e| self.err(name, e))?;
+        match unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT | Errno::EBUSY) => Ok(()),
+            Err(Errno::ENOTDIR) => self.remove_entry(name).map(drop),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Refuses a directory owned by anyone but root or `owner`'s uid, then gives it to `owner`
+    /// with `mode`. Acts on the open handle only.
+    pub fn claim(&self, mode: u32, owner: Owner) -> Result<()> {
+        self.check_owner(owner)?;
+        if let Some((u, g)) = owner {
+            fchown(&self.fd, Some(Uid::from_raw(u)), Some(Gid::from_raw(g)))
+                .map_err(|e| err(&self.path, e))?;
+        }
+        fchmod(&self.fd, Mode::from_bits_truncate(mode)).map_err(|e| err(&self.path, e))?;
+        Ok(())
+    }
+
+    /// The subdirectory `name`, created if missing; whatever else is there (a symlink, a file)
+    /// is removed first. Then claimed with `mode` and `owner` (see [`DirFd::claim`]).
+    pub fn ensure_dir(&self, name: &OsStr, mode: u32, owner: Owner) -> Result<DirFd> {
+        check_name(name).map_err(|e| self.err(name, e))?;
+        for _ in 0..RETRIES {
+            match mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(self.err(name, e)),
+            }
+            match self.open_dir(name) {
+                Ok(d) => {
+                    d.claim(mode, owner)?;
+                    return Ok(d);
+                }
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    // Not a directory: remove the entry itself, never what it points to.
+                    match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+                        Ok(()) | Err(Errno::ENOENT | Errno::EISDIR) => {}
+                        Err(e) => return Err(self.err(name, e)),
+                    }
+                }
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(self.err(name, e)),
+            }
+        }
+        Err(ApplyError::Conflict(format!(
+            "{} keeps changing; giving up",
+            self.child(name).display()
+        )))
+    }
+
+    /// Names in this directory (without `.` and `..`), read through a fresh handle.
+    pub fn entries(&self) -> Result<Vec<OsString>> {
+        let fd =
+            openat(&self.fd, ".", dir_flags(), Mode::empty()).map_err(|e| err(&self.path, e))?;
+        let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| err(&self.path, e))?;
+        let mut names = Vec::new();
+        for e in dir.iter() {
+            let e = e.map_err(|e| err(&self.path, e))?;
+            let name = OsStr::from_bytes(e.file_name().to_bytes());
+            if name != "." && name != ".." {
+                names.push(name.to_os_string());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Reads the regular file `name` (at most [`READ_LIMIT`] bytes); `None` if it is missing
+    /// or is anything but a regular file (a symlink, a FIFO, a directory).
+    pub fn read_file(&self, name: &OsStr) -> Result<Option<Vec<u8>>> {
+        check_name(name).map_err(|e| self.err(name, e))?;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = match openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENXIO | Errno::EISDIR) => return Ok(None),
+            Err(e) => return Err(self.err(name, e)),
+        };
+        let st = fstat(&fd).map_err(|e| self.err(name, e))?;
+        if !is_file(&st) {
+            return Ok(None);
+        }
+        let mut buf = Vec::new();
+        File::from(fd)
+            .take(READ_LIMIT)
+            .read_to_end(&mut buf)
+            .map_err(|source| ApplyError::Io {
+                path: self.child(name),
+                source,
+            })?;
+        Ok(Some(buf))
+    }
+
+    /// Replaces `name` atomically: a new temporary file in this directory, written, given
+    /// `mode` and `owner` through its descriptor, synced, then renamed over `name`.
+    pub fn write_file(&self, name: &OsStr, content: &[u8], mode: u32, owner: Owner) -> Result<()> {
+        check_name(name).map_err(|e| self.err(name, e))?;
+        let mut tmp = OsString::from(".");
+        tmp.push(name);
+        tmp.push(format!(
+            ".kloigos-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (file, _) = self.create_file(&tmp, mode)?;
+        let done = (|| -> std::result::Result<(), Errno> {
+            let mut f = file;
+            f.write_all(content).map_err(errno_of)?;
+            fchmod(&f, Mode::from_bits_truncate(mode))?;
+            if let Some((u, g)) = owner {
+                fchown(&f, Some(Uid::from_raw(u)), Some(Gid::from_raw(g)))?;
+            }
+            f.sync_all().map_err(errno_of)?;
+            renameat(&self.fd, tmp.as_os_str(), &self.fd, name)?;
+            nix::unistd::fsync(&self.fd)
+        })();
+        if let Err(e) = done {
+            // The temporary name may now be anything a tenant put there: unlinking a name
+            // never follows it.
+            let _ = unlinkat(&self.fd, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(self.err(name, e));
+        }
+        Ok(())
+    }
+
+    /// Creates the new regular file `name` (`O_EXCL`, never through a symlink).
+    fn create_file(&self, name: &OsStr, mode: u32) -> Result<(File, ())> {
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(
+            &self.fd,
+            name,
+            flags,
+            Mode::from_bits_truncate(mode & 0o700),
+        )
+        .map_err(|e| self.err(name, e))?;
+        Ok((File::from(fd), ()))
+    }
+
+    /// Copies `src` into the new file `name` unless something is already there (returns
+    /// false then: an existing entry is never written through).
+    pub fn copy_new_file(
+        &self,
+        name: &OsStr,
+        src: &mut File,
+        mode: u32,
+        owner: Owner,
+    ) -> Result<bool> {
+        let mut dst = match self.create_file(name, mode) {
+            Ok((f, ())) => f,
+            Err(ApplyError::Io { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let r = (|| -> std::result::Result<(), Errno> {
+            io::copy(src, &mut dst).map_err(errno_of)?;
+            fchmod(&dst, Mode::from_bits_truncate(mode))?;
+            if let Some((u, g)) = owner {
+                fchown(&dst, Some(Uid::from_raw(u)), Some(Gid::from_raw(g)))?;
+            }
+            Ok(())
+        })();
+        r.map_err(|e| self.err(name, e))?;
+        Ok(true)
+    }
+
+    /// Removes the entry `name`, whatever it is (a directory with everything in it, never
+    /// following a symlink nor crossing into another filesystem). Returns whether it existed.
+    pub fn remove_entry(&self, name: &OsStr) -> Result<bool> {
+        check_name(name).map_err(|e| self.err(name, e))?;
+        for _ in 0..RETRIES {
+            match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+                Ok(()) => return Ok(true),
+                Err(Errno::ENOENT) => return Ok(false),
+                Err(Errno::EISDIR) => {}
+                Err(e) => return Err(self.err(name, e)),
+            }
+            let sub = match self.open_dir(name) {
+                Ok(d) => d,
+                Err(Errno::ENOENT) => return Ok(false),
+                // Swapped for a non-directory meanwhile: unlink again.
+                Err(Errno::ELOOP | Errno::ENOTDIR) => continue,
+                Err(e) => return Err(self.err(name, e)),
+            };
+            self.same_fs(&sub)?;
+            sub.empty()?;
+            match unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir) {
+                Ok(()) => return Ok(true),
+                Err(Errno::ENOENT) => return Ok(false),
+                // Refilled or swapped meanwhile: go again.
+                Err(Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR) => {}
+                Err(e) => return Err(self.err(name, e)),
+            }
+        }
+        Err(ApplyError::Conflict(format!(
+            "{} keeps changing; giving up",
+            self.child(name).display()
+        )))
+    }
+
+    /// Refuses to descend into something mounted in the tree (a tenant's FUSE mount, say):
+    /// that is left to an admin.
+    fn same_fs(&self, sub: &DirFd) -> Result<()> {
+        if sub.stat()?.st_dev != self.stat()?.st_dev {
+            return Err(ApplyError::Conflict(format!(
+                "{} is a mount point; not removing it",
+                sub.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes everything inside this directory (not the directory itself), in passes over
+    /// its entries. A tree of any depth goes with a bounded number of open descriptors: a
+    /// directory [`MAX_DEPTH`] levels down is first moved up into this one, then removed by a
+    /// later pass.
+    pub fn empty(&self) -> Result<()> {
+        let (mut hoists, mut races) = (0usize, 0usize);
+        loop {
+            let mut pass = Pass::default();
+            for name in self.entries()? {
+                self.clear(&name, self, 0, &mut pass)?;
+            }
+            if pass.hoisted {
+                hoists += 1;
+            } else if pass.refilled {
+                races += 1;
+            } else {
+                return Ok(());
+            }
+            if hoists > MAX_HOISTS || races > RETRIES {
+                return Err(ApplyError::Conflict(format!(
+                    "{} keeps changing; giving up",
+                    self.path.display()
+                )));
+            }
+        }
+    }
+
+    /// Removes the entry `name` of this directory, `depth` levels below `top`.
+    fn clear(&self, name: &OsStr, top: &DirFd, depth: usize, pass: &mut Pass) -> Result<()> {
+        match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+            Err(Errno::EISDIR) => {}
+            Err(e) => return Err(self.err(name, e)),
+        }
+        if depth >= MAX_DEPTH {
+            let hoisted = OsString::from(format!(
+                ".kloigos-deep-{}-{}",
+                std::process::id(),
+                TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            renameat(&self.fd, name, &top.fd, hoisted.as_os_str())
+                .map_err(|e| self.err(name, e))?;
+            pass.hoisted = true;
+            return Ok(());
+        }
+        let sub = match self.open_dir(name) {
+            Ok(d) => d,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                // Swapped for a non-directory since: the next pass takes it.
+                pass.refilled = true;
+                return Ok(());
+            }
+            Err(e) => return Err(self.err(name, e)),
+        };
+        self.same_fs(&sub)?;
+        for n in sub.entries()? {
+            sub.clear(&n, top, depth + 1, pass)?;
+        }
+        match unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR) => {
+                pass.refilled = true;
+                Ok(())
+            }
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Removes the entries owned by `uid`; with `recurse`, also inside directories it does not
+    /// own, on the same filesystem (a user's file in a shared directory such as /tmp).
+    pub fn remove_owned(&self, uid: u32, recurse: bool) -> Result<()> {
+        self.remove_owned_at(uid, recurse, 0)
+    }
+
+    fn remove_owned_at(&self, uid: u32, recurse: bool, depth: usize) -> Result<()> {
+        let dev = self.stat()?.st_dev;
+        for name in self.entries()? {
+            let Some(st) = self.lstat(&name)? else {
+                continue;
+            };
+            if st.st_uid == uid {
+                self.remove_entry(&name)?;
+            } else if recurse && is_dir(&st) && st.st_dev == dev && depth < MAX_DEPTH {
+                // Opened without following: swapped for a link meanwhile, it is skipped.
+                if let Some(sub) = self.open_dir_opt(&name)?
+                    && sub.stat()?.st_dev == dev
+                {
+                    sub.remove_owned_at(uid, true, depth + 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the tree under `src` into this directory: directories are created (kept when
+    /// they exist), files only where no entry exists yet; links and special files are skipped.
+    pub fn copy_tree_from(&self, src: &DirFd, owner: Owner) -> Result<()> {
+        self.copy_tree_at(src, owner, 0)
+    }
+
+    fn copy_tree_at(&self, src: &DirFd, owner: Owner, depth: usize) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Ok(());
+        }
+        for name in src.entries()? {
+            let Some(st) = src.lstat(&name)? else {
+                continue;
+            };
+            let mode = st.st_mode & 0o7777;
+            if is_dir(&st) {
+                let Some(from) = src.open_dir_opt(&name)? else {
+                    continue;
+                };
+                let to = self.ensure_dir(&name, mode, owner)?;
+                to.copy_tree_at(&from, owner, depth + 1)?;
+            } else if is_file(&st) {
+                let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let fd = openat(&src.fd, name.as_os_str(), flags, Mode::empty())
+                    .map_err(|e| src.err(&name, e))?;
+                self.copy_new_file(&name, &mut File::from(fd), mode, owner)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One path component: not empty, not `.` or `..`, no `/`.
+fn check_name(name: &OsStr) -> std::result::Result<(), Errno> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+fn errno_of(e: io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
+}
+
+fn err(path: &Path, e: Errno) -> ApplyError {
+    ApplyError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::from(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+
+    #[test]
+    fn ensure_dir_replaces_links_and_files_without_following() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("f"), "x").unwrap();
+        let home = t.path().join("home");
+        fs::create_dir(&home).unwrap();
+        symlink(&outside, home.join(".ssh")).unwrap();
+        let h = DirFd::open_trusted(&home).unwrap();
+        let ssh = h.ensure_dir(OsStr::new(".ssh"), 0o700, None).unwrap();
+        ssh.write_file(OsStr::new("authorized_keys"), b"k\n", 0o600, None)
+            .unwrap();
+        assert!(fs::symlink_metadata(home.join(".ssh")).unwrap().is_dir());
+        assert_eq!(fs::read(home.join(".ssh/authorized_keys")).unwrap(), b"k\n");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+        // A file in its place is replaced too.
+        fs::remove_dir_all(home.join(".ssh")).unwrap();
+        fs::write(home.join(".ssh"), "not a dir").unwrap();
+        h.ensure_dir(OsStr::new(".ssh"), 0o700, None).unwrap();
+        let m = fs::symlink_metadata(home.join(".ssh")).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn claim_refuses_a_stranger_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("d");
+        fs::create_dir(&d).unwrap();
+        std::os::unix::fs::chown(&d, Some(4242), Some(4242)).unwrap();
+        let h = DirFd::open_trusted(t.path()).unwrap();
+        let e = h.ensure_dir(OsStr::new("d"), 0o750, Some((5000, 5000)));
+        assert!(matches!(e, Err(ApplyError::Conflict(_))), "{e:?}");
+        assert_eq!(fs::metadata(&d).unwrap().uid(), 4242);
+        h.ensure_dir(OsStr::new("d"), 0o750, Some((4242, 4242)))
+            .unwrap();
+    }
+
+    #[test]
+    fn reads_and_copies_never_go_through_links_or_fifos() {
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("secret");
+        fs::write(&secret, "s").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        let d = t.path().join("d");
+        fs::create_dir(&d).unwrap();
+        symlink(&secret, d.join("link")).unwrap();
+        nix::unistd::mkfifo(&d.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        let h = DirFd::open_trusted(&d).unwrap();
+        assert_eq!(h.read_file(OsStr::new("link")).unwrap(), None);
+        assert_eq!(h.read_file(OsStr::new("fifo")).unwrap(), None);
+        assert_eq!(h.read_file(OsStr::new("missing")).unwrap(), None);
+        // A skeleton copy onto a planted link leaves the link's target alone.
+        let skel = t.path().join("skel");
+        fs::create_dir_all(skel.join("sub")).unwrap();
+        fs::write(skel.join("link"), "skeleton").unwrap();
+        fs::write(skel.join("sub/f"), "g").unwrap();
+        h.copy_tree_from(&DirFd::open_trusted(&skel).unwrap(), None)
+            .unwrap();
+        assert_eq!(fs::read(&secret).unwrap(), b"s");
+        assert_eq!(
+            fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read(d.join("sub/f")).unwrap(), b"g");
+    }
+
+    #[test]
+    fn empty_takes_a_tree_deeper_than_the_descriptor_budget() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("d");
+        let mut deep = d.clone();
+        for _ in 0..(MAX_DEPTH * 3 + 5) {
+            deep.push("x");
+        }
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("f"), "x").unwrap();
+        let h = DirFd::open_trusted(&d).unwrap();
+        h.empty().unwrap();
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn remove_entry_takes_trees_and_links_not_targets() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), "x").unwrap();
+        let d = t.path().join("d");
+        fs::create_dir_all(d.join("a/b/c")).unwrap();
+        fs::write(d.join("a/b/c/f"), "x").unwrap();
+        symlink(&outside, d.join("a/b/link")).unwrap();
+        symlink(&outside, d.join("top")).unwrap();
+        let h = DirFd::open_trusted(&d).unwrap();
+        assert!(h.remove_entry(OsStr::new("a")).unwrap());
+        assert!(!h.remove_entry(OsStr::new("a")).unwrap());
+        h.empty().unwrap();
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        assert!(outside.join("keep").exists());
+        assert!(h.remove_entry(OsStr::new("..")).is_err());
+    }
+}
