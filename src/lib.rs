@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod logging;
