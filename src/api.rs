@@ -1172,11 +1172,11 @@ async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Bytes> {
     match tokio::time::timeout(k.body_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => {
-            let too_large = std::iter::successors(
-                Some(&e as &(dyn std::error::Error + 'static)),
-                |e| e.source(),
-            )
-            .any(|e| e.is::<http_body_util::LengthLimitError>());
+            let too_large =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
             Err(if too_large {
                 ApiError::detail(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -1225,7 +1225,10 @@ fn check_request(k: &App, tcp: bool, req: &axum::extract::Request) -> Result<(),
         ));
     }
     let change = !req.method().is_safe();
-    if tcp && change && let Some(origin) = headers.get(header::ORIGIN) {
+    if tcp
+        && change
+        && let Some(origin) = headers.get(header::ORIGIN)
+    {
         let allowed = origin
             .to_str()
             .is_ok_and(|o| crate::auth::origin_allowed(o, host, &k.allowed_hosts));
@@ -1274,8 +1277,12 @@ async fn authenticate(
                 .ok()
         }
         Peer::Tcp(addr) => {
-            let credential =
-                crate::auth::credential(req.headers().get_all(header::AUTHORIZATION).iter().map(|v| v.as_bytes()));
+            let credential = crate::auth::credential(
+                req.headers()
+                    .get_all(header::AUTHORIZATION)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            );
             let refused = || Caller {
                 actor: format!("tcp {addr}"),
                 role: Role::Readonly,
@@ -1317,8 +1324,7 @@ async fn authenticate(
                 }
                 crate::auth::Credential::Malformed(reason) => {
                     let who = refused();
-                    audit_denied(&k, &who, "authenticate", &format!("{reason} for {what}"))
-                        .await;
+                    audit_denied(&k, &who, "authenticate", &format!("{reason} for {what}")).await;
                     return unauthorized(reason);
                 }
                 crate::auth::Credential::None => k.tcp_anonymous.map(|role| Caller {

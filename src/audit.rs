@@ -159,7 +159,8 @@ impl Retention {
             return None;
         }
         let t = now - time::Duration::days(self.days.into());
-        t.format(&time::format_description::well_known::Rfc3339).ok()
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
     }
 
     pub fn max_rows(&self) -> Option<u64> {
@@ -184,7 +185,11 @@ mod tests {
             .and_then(|t| t.split(' ').next())
             .and_then(|n| n.parse().ok())
             .unwrap();
-        assert_eq!(cut + c.find('…').unwrap(), 70_000, "the marker says what was cut");
+        assert_eq!(
+            cut + c.find('…').unwrap(),
+            70_000,
+            "the marker says what was cut"
+        );
         // Never splits a character.
         let greek = "κλοηγός".repeat(200);
         let c = clip(&greek, 100);
@@ -209,7 +214,11 @@ mod tests {
         assert_eq!(v, Verdict::Record);
         let summary = summary.unwrap();
         assert_eq!((summary.source.as_str(), summary.count), ("uid 65534", 7));
-        assert!(summary.detail().starts_with("7 more refused requests from uid 65534"));
+        assert!(
+            summary
+                .detail()
+                .starts_with("7 more refused requests from uid 65534")
+        );
         // Expiry reports only windows that suppressed something, once.
         for _ in 0..4 {
             l.check("uid 65534", t0 + w);

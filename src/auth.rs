@@ -91,10 +91,10 @@ pub fn credential<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential 
     if values.next().is_some() {
         return Credential::Malformed("more than one Authorization header");
     }
-    let Some(v) = std::str::from_utf8(v)
-        .ok()
-        .filter(|v| v.bytes().all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t'))
-    else {
+    let Some(v) = std::str::from_utf8(v).ok().filter(|v| {
+        v.bytes()
+            .all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
+    }) else {
         return Credential::Malformed("the Authorization header is not visible ASCII");
     };
     let v = v.trim();
@@ -427,7 +427,10 @@ mod tests {
 
     #[test]
     fn only_loopback_or_allowed_hosts() {
-        let allowed = vec!["kloigos.example.org".to_string(), "10.0.0.5:8000".to_string()];
+        let allowed = vec![
+            "kloigos.example.org".to_string(),
+            "10.0.0.5:8000".to_string(),
+        ];
         for ok in [
             "localhost",
             "localhost:8000",

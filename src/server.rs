@@ -12,9 +12,9 @@ use crate::api::Peer;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -219,7 +219,7 @@ impl Admins {
 
 /// Said to a connection over the caps, without reading its request, before closing it.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-content-length: 42\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
+content-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
 {\"detail\":\"too many connections; try again\"}";
 
 /// Raises the soft limit of open files to the hard limit (systemd sets both with
@@ -447,12 +447,18 @@ mod tests {
         let t = take(Counted::Tcp).unwrap();
         assert!(take(Counted::Tcp).is_none());
         drop(a1);
-        assert!(take(Counted::User(1002)).is_some(), "a place freed is reusable");
+        assert!(
+            take(Counted::User(1002)).is_some(),
+            "a place freed is reusable"
+        );
         drop((b1, t));
         let _t = take(Counted::Tcp).unwrap();
         let c = lock(&counts);
         assert_eq!((c.users, c.tcp), (1, 1));
         assert_eq!(c.per_uid.get(&1000), Some(&1));
-        assert!(!c.per_uid.contains_key(&1001), "emptied users are forgotten");
+        assert!(
+            !c.per_uid.contains_key(&1001),
+            "emptied users are forgotten"
+        );
     }
 }

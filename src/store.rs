@@ -974,7 +974,10 @@ mod tests {
                 [],
             )
             .unwrap();
-        assert_eq!(s.prune_events(Some("2026-01-01T00:00:00Z"), None).unwrap(), 4);
+        assert_eq!(
+            s.prune_events(Some("2026-01-01T00:00:00Z"), None).unwrap(),
+            4
+        );
         assert_eq!(all(&s).len(), 6);
         // Count: the newest rows stay.
         assert_eq!(s.prune_events(None, Some(4)).unwrap(), 2);
