@@ -1294,11 +1294,13 @@ async fn authenticate(
                 crate::auth::Credential::Bearer(secret) => {
                     let tokens = k.tokens.clone();
                     match tokio::task::spawn_blocking(move || tokens.verify(&secret)).await {
+                        // A token is its own source: one noisy client does not
+                        // hide the refusals of others on the same address.
                         Ok(Ok(Some(entry))) => Some(Caller {
                             actor: format!("token:{}", entry.name),
                             role: entry.role,
                             anonymous: false,
-                            source: addr.ip().to_string(),
+                            source: format!("token:{}", entry.name),
                         }),
                         Ok(Ok(None)) => {
                             let who = refused();

@@ -58,8 +58,8 @@ pub struct Caller {
     /// none of them owns anything.
     #[serde(skip)]
     pub anonymous: bool,
-    /// Where the request came from, for rate-limiting its refusals: `uid N` on the unix socket,
-    /// the address (without port) over TCP.
+    /// Who is refused, for rate-limiting the audit of refusals: `uid N` on the unix socket,
+    /// `token:NAME` with a valid token, the address (without port) for other TCP callers.
     #[serde(skip)]
     pub source: String,
 }

@@ -431,6 +431,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn busy_answer_is_well_formed_json() {
+        let text = std::str::from_utf8(BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("content-length: {}\r\n", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(v["detail"].is_string());
+    }
+
+    #[test]
     fn caps_per_user_all_users_and_tcp() {
         let caps = Caps {
             per_user: 2,
