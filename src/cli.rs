@@ -73,6 +73,11 @@ impl Local {
 /// What keeps callers from exhausting the service or driving it from a web page.
 #[derive(Args, Debug, Clone)]
 pub struct Guard {
+    /// Role of a TCP caller without a token (admin, user or readonly). Unset: 401. Only for
+    /// clients that cannot send a header, on hosts where every local user is trusted. Such
+    /// callers all look alike: none of them may deallocate a unit unless the role is admin.
+    #[arg(long, env = "KLOIGOS_TCP_ANONYMOUS_ROLE")]
+    pub tcp_anonymous_role: Option<crate::auth::Role>,
     /// Host names (besides localhost, 127.0.0.1 and [::1]) TCP requests may be addressed to,
     /// comma separated; also the web origins allowed to make changes.
     #[arg(long, env = "KLOIGOS_ALLOWED_HOSTS", value_delimiter = ',')]
@@ -128,10 +133,6 @@ pub enum Command {
         /// Bearer tokens for TCP callers (managed with `kloigos token`).
         #[arg(long, env = "KLOIGOS_TOKENS", default_value = crate::auth::DEFAULT_TOKENS)]
         tokens: PathBuf,
-        /// Role of a TCP caller without a token (admin, user or readonly). Unset: 401. Only for
-        /// clients that cannot send a header, on hosts where every local user is trusted.
-        #[arg(long, env = "KLOIGOS_TCP_ANONYMOUS_ROLE")]
-        tcp_anonymous_role: Option<crate::auth::Role>,
         #[command(flatten)]
         guard: Guard,
     },
@@ -261,7 +262,6 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             idle_timeout,
             no_reconcile,
             tokens,
-            tcp_anonymous_role,
             guard,
         } => serve(
             local,
@@ -269,7 +269,6 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             idle_timeout,
             no_reconcile,
             crate::auth::Tokens::new(tokens),
-            tcp_anonymous_role,
             guard,
             systemd_listeners,
         ),
@@ -364,7 +363,6 @@ fn serve(
     idle_timeout: u64,
     no_reconcile: bool,
     tokens: crate::auth::Tokens,
-    tcp_anonymous: Option<crate::auth::Role>,
     guard: Guard,
     systemd_listeners: Vec<crate::server::Listener>,
 ) -> Result<()> {
@@ -397,7 +395,7 @@ fn serve(
         local.root.display()
     );
     let mut app = crate::api::App::new(k, tokens);
-    app.tcp_anonymous = tcp_anonymous;
+    app.tcp_anonymous = guard.tcp_anonymous_role;
     app.allowed_hosts = guard
         .allowed_hosts
         .iter()
