@@ -1084,7 +1084,7 @@ async fn audit_denied(k: &AppState, caller: &Caller, operation: &str, detail: &s
             record_suppressed(&k, &s);
         }
         if let Some((actor, operation, detail)) = recorded {
-            let _ = k.store.record(crate::store::NewEvent {
+            if let Err(e) = k.store.record(crate::store::NewEvent {
                 actor: &actor,
                 operation: &operation,
                 compute_id: None,
@@ -1092,7 +1092,9 @@ async fn audit_denied(k: &AppState, caller: &Caller, operation: &str, detail: &s
                 result: Err(&detail),
                 before: None,
                 after: None,
-            });
+            }) {
+                tracing::error!(error = %e, "cannot write the audit log");
+            }
         }
     })
     .await;
