@@ -470,3 +470,60 @@ fn no_web_page_can_drive_it() {
     assert_eq!(delete(&anon_unit, Some(&admin), None).0, 200);
     assert_eq!(allocated(), 1);
 }
+
+#[test]
+fn tcp_connections_are_capped_in_all() {
+    let s = Server::start_tcp_with_env(&[("KLOIGOS_MAX_TCP_CONNECTIONS", "2")]);
+    let port = s.tcp.expect("tcp");
+    let open = || {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        c
+    };
+    let (a, _b) = (open(), open());
+    // Accepted in order: wait until both hold their places.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut raw = Vec::new();
+    let _ = open().read_to_end(&mut raw);
+    let (code, v) = parse_response(&raw);
+    assert_eq!(code, 503, "{v}");
+    assert!(v["detail"].is_string(), "{v}");
+    // The unix socket is not affected, and a freed place is taken again.
+    assert_eq!(s.get("/healthz").0, 200);
+    drop(a);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.tcp_call(None, "GET", "/healthz", None).0, 200);
+}
+
+#[test]
+fn audit_retention_applies_at_start() {
+    let mut s = Server::start();
+    s.init(&["0-1", "2-3"]);
+    let key = ssh_key("r");
+    for _ in 0..5 {
+        let body = json!({"cpu_count": 2, "tags": {}, "ssh_public_key": key}).to_string();
+        let (code, u) = s.call("POST", "/api/compute_units/allocate", Some(&body));
+        assert_eq!(code, 200, "{u}");
+        let id = u["compute_id"].as_str().expect("id").to_string();
+        let path = format!("/api/compute_units/deallocate/{id}");
+        assert_eq!(s.call("DELETE", &path, None).0, 200);
+    }
+    let all = events(&s, "");
+    assert_eq!(all.len(), 11);
+    s.kill9();
+    s.extra_env
+        .push(("KLOIGOS_AUDIT_MAX_ROWS".into(), "4".into()));
+    s.spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let kept = events(&s, "");
+        if kept.len() <= 4 {
+            let ids: Vec<&Value> = kept.iter().map(|e| &e["id"]).collect();
+            let newest: Vec<&Value> = all.iter().take(4).map(|e| &e["id"]).collect();
+            assert_eq!(ids, newest, "the newest rows stay");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not pruned: {} rows", kept.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
