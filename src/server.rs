@@ -217,6 +217,11 @@ impl Admins {
     }
 }
 
+/// Longest a connection stays open. The header and body timeouts bound a slow sender; this
+/// bounds a client that never reads a large answer (no hyper timeout covers writing). An
+/// operation in progress finishes anyway: its work runs on a blocking thread.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+
 /// Said to a connection over the caps, without reading its request, before closing it.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 content-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
@@ -419,8 +424,10 @@ fn spawn_conn<I>(
         .serve_connection(io, svc);
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "connection ended with an error");
+        match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+            Ok(Ok(())) => {}
+            Err(_) => tracing::debug!("connection closed: open for too long"),
         }
         drop(place);
     });
