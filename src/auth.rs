@@ -289,18 +289,16 @@ fn is_port(p: &str) -> bool {
 }
 
 /// Whether a TCP request's `Host` names this service: a loopback name (any port) or one of the
-/// names the admin allowed (`KLOIGOS_ALLOWED_HOSTS`). Anything else may be a DNS-rebinding page
+/// names the admin allowed (`KLOIGOS_ALLOWED_HOSTS`, any port). Anything else may be a DNS-rebinding page
 /// in a browser.
 pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
     let Some(name) = host.and_then(host_name) else {
         return false;
     };
     ["localhost", "127.0.0.1", "::1"].contains(&name.as_str())
-        || allowed.iter().any(|a| {
-            let a = a.trim();
-            a.eq_ignore_ascii_case(host.unwrap_or_default().trim())
-                || host_name(a).is_some_and(|an| an == name)
-        })
+        || allowed
+            .iter()
+            .any(|a| host_name(a).is_some_and(|an| an == name))
 }
 
 /// Whether a browser's `Origin` may make changes: the page must come from this service itself
@@ -317,12 +315,8 @@ pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> b
         return false;
     }
     host.is_some_and(|h| h.trim().eq_ignore_ascii_case(authority))
-        || host_name(authority).is_some_and(|name| {
-            allowed.iter().any(|a| {
-                a.trim().eq_ignore_ascii_case(authority)
-                    || host_name(a).is_some_and(|an| an == name)
-            })
-        })
+        || host_name(authority)
+            .is_some_and(|name| allowed.iter().any(|a| host_name(a) == Some(name.clone())))
 }
 
 /// The role a local user gets from its credentials: admin for root and group `kloigos`.
@@ -427,6 +421,7 @@ mod tests {
 
     #[test]
     fn only_loopback_or_allowed_hosts() {
+        // A port in an allowed name is ignored, as for loopback names.
         let allowed = vec![
             "kloigos.example.org".to_string(),
             "10.0.0.5:8000".to_string(),
@@ -441,6 +436,7 @@ mod tests {
             "kloigos.example.org",
             "kloigos.example.org:8000",
             "10.0.0.5:8000",
+            "10.0.0.5:9000",
         ] {
             assert!(host_allowed(Some(ok), &allowed), "{ok}");
         }
