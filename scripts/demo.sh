@@ -3,6 +3,7 @@
 # (./demo/root) instead of the real host: it renders every file there and runs no system tool,
 # so it is safe on any machine. The demo root copies this machine's CPU and NUMA topology.
 #   API: http://127.0.0.1:8000 (and unix socket ./demo/kloigos.sock)   Stop: Ctrl-C
+# It makes its own token file (./demo/tokens) and an admin token, and prints how to use it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO:-$PWD/demo}
@@ -19,8 +20,23 @@ for n in /sys/devices/system/node/node[0-9]*; do
 done
 cp /proc/sys/net/ipv4/ip_local_port_range "$root/proc/sys/net/ipv4/" 2>/dev/null || true
 cp -r /etc/skel/. "$root/etc/skel/" 2>/dev/null || true
-echo "Kloigos demo: host '$(cat "$root/etc/hostname")', CPUs $(cat "$root/sys/devices/system/cpu/online"), root $root, db $DEMO/kloigos.db"
-echo "Try: curl -s -X POST http://$LISTEN/api/admin/init_server -H 'content-type: application/json' \\"
-echo "       -d '{\"ip\":\"127.0.0.1\",\"region\":\"local\",\"zone\":\"a\",\"hostname\":\"$(cat "$root/etc/hostname")\",\"cpu_ranges\":[\"0\",\"1\"]}'"
-exec ./target/release/kloigos serve --listen "$LISTEN" --listen "$DEMO/kloigos.sock" \
-  --root "$root" --db "$DEMO/kloigos.db" --templates "$PWD/templates"
+# The demo's own token file and admin token: TCP needs one (the demo's unix socket does not).
+# A token's secret is shown only once, so each run makes a new one.
+tokens=$DEMO/tokens
+kloigos=./target/release/kloigos
+"$kloigos" token --tokens "$tokens" revoke demo >/dev/null 2>&1 || true
+TOKEN=$("$kloigos" token --tokens "$tokens" create --name demo --role admin)
+host=$(cat "$root/etc/hostname")
+cat <<EOT
+Kloigos demo: host '$host', CPUs $(cat "$root/sys/devices/system/cpu/online"), root $root, db $DEMO/kloigos.db
+An admin token for this demo (kept hashed in $tokens):
+  export TOKEN=$TOKEN
+Try, in another shell:
+  curl -s -X POST http://$LISTEN/api/admin/init_server -H "Authorization: Bearer \$TOKEN" \\
+       -H 'Content-Type: application/json' \\
+       -d '{"ip":"127.0.0.1","region":"local","zone":"a","hostname":"$host","cpu_ranges":["0","1"]}'
+  curl -s http://$LISTEN/api/compute_units/ -H "Authorization: Bearer \$TOKEN"
+Dashboard (signed in with that token): http://$LISTEN/#token=$TOKEN
+EOT
+exec "$kloigos" serve --listen "$LISTEN" --listen "$DEMO/kloigos.sock" \
+  --root "$root" --db "$DEMO/kloigos.db" --templates "$PWD/templates" --tokens "$tokens"

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 use utoipa::{OpenApi, ToSchema};
 
 /// Who is calling, as the transport tells it.
@@ -41,6 +42,28 @@ pub struct App {
     /// Role of a TCP caller without a token (None: such calls get 401). For playbooks that
     /// cannot send a header; off by default.
     pub tcp_anonymous: Option<Role>,
+    /// Names besides loopback a TCP request's `Host` (and a browser's `Origin`) may carry.
+    pub allowed_hosts: Vec<String>,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
+    /// Refusals recorded per source and window (the rest are counted, then summarized).
+    pub denials: std::sync::Mutex<crate::audit::DenialLimiter>,
+}
+
+impl App {
+    pub fn new(kloigos: Kloigos, tokens: Tokens) -> App {
+        App {
+            kloigos,
+            tokens,
+            tcp_anonymous: None,
+            allowed_hosts: Vec::new(),
+            body_timeout: Duration::from_secs(30),
+            denials: std::sync::Mutex::new(crate::audit::DenialLimiter::new(
+                Duration::from_secs(60),
+                crate::audit::DENIALS_PER_WINDOW,
+            )),
+        }
+    }
 }
 
 impl std::ops::Deref for App {
@@ -249,14 +272,14 @@ impl utoipa::Modify for BearerAuth {
 /// The error responses that any operation of a kind can give, declared on each of them (so a
 /// client generated from the document knows them): every `/api` call may get 401 (no or a bad
 /// token), a changing one 403 (role too low), one with a path parameter 400 (not UTF-8), one
-/// with a body 413 (over 2 MB), and every operation 500. All are `ErrorDetail`.
+/// with a body 413 (over 1 MiB), and every operation 500. All are `ErrorDetail`.
 struct CommonErrors;
 
 const COMMON_ERRORS: [(&str, &str); 5] = [
     ("400", "The URL could not be decoded"),
     ("401", "Authentication required, or an invalid bearer token"),
     ("403", "The caller's role does not allow this"),
-    ("413", "Request body over 2 MB"),
+    ("413", "Request body over 1 MiB"),
     ("500", "Internal error"),
 ];
 
@@ -870,9 +893,10 @@ fn peer_of(ext: &axum::http::Extensions) -> Peer {
 async fn allocate(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<ComputeUnitResponse>> {
     require(&k, &caller, Role::User, "allocate", None).await?;
+    let body = read_body(&k, body).await?;
     let req = parse_allocate(&body).map_err(ApiError::invalid)?;
     let actor = caller.actor.clone();
     let unit = blocking(move || k.allocate(req, &actor)).await?;
@@ -894,7 +918,8 @@ async fn deallocate(
     let r = blocking(move || {
         k2.deallocate(&id, &who.actor, &|unit| {
             // A user may give back only what it allocated.
-            if who.role >= Role::Admin || unit.allocated_by.as_deref() == Some(who.actor.as_str()) {
+            // Anonymous callers all look alike: none of them owns a unit.
+            if who.role >= Role::Admin || who.owns(unit.allocated_by.as_deref()) {
                 Ok(())
             } else {
                 Err(OpError::Forbidden(format!(
@@ -972,9 +997,10 @@ async fn get_unit(
 async fn init_server(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::Admin, "init_server", None).await?;
+    let body = read_body(&k, body).await?;
     let actor = caller.actor.clone();
     let req = parse_init_server(&body).map_err(ApiError::invalid)?;
     blocking(move || k.init_server(req, &actor)).await?;
@@ -1115,34 +1141,153 @@ async fn require(
     Err(ApiError::detail(StatusCode::FORBIDDEN, detail))
 }
 
+/// Logs and audits a refusal, clipped, and only the first few per source and window: the
+/// rest are counted and summarized in one row when the window is over.
 async fn audit_denied(k: &AppState, caller: &Caller, operation: &str, detail: &str) {
-    tracing::warn!(actor = %caller.actor, operation, detail, "denied");
-    let (k, actor, operation, detail) = (
-        k.clone(),
-        caller.actor.clone(),
-        operation.to_string(),
-        detail.to_string(),
-    );
+    use crate::audit::{MAX_NAME, MAX_TEXT, Verdict, clip};
+    let (verdict, ended) = k
+        .denials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .check(&caller.source, std::time::Instant::now());
+    if verdict == Verdict::Suppress && ended.is_none() {
+        tracing::debug!(source = %caller.source, "refusal not recorded (rate limit)");
+        return;
+    }
+    let recorded = (verdict == Verdict::Record).then(|| {
+        tracing::warn!(
+            actor = %clip(&caller.actor, MAX_NAME),
+            source = %caller.source,
+            operation,
+            detail = %clip(detail, MAX_TEXT),
+            "denied"
+        );
+        (
+            caller.actor.clone(),
+            operation.to_string(),
+            format!("denied: {detail}"),
+        )
+    });
+    let k = k.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        k.store.record(crate::store::NewEvent {
-            actor: &actor,
-            operation: &operation,
-            compute_id: None,
-            hostname: None,
-            result: Err(&format!("denied: {detail}")),
-            before: None,
-            after: None,
-        })
+        if let Some(s) = ended {
+            record_suppressed(&k, &s);
+        }
+        if let Some((actor, operation, detail)) = recorded {
+            if let Err(e) = k.store.record(crate::store::NewEvent {
+                actor: &actor,
+                operation: &operation,
+                compute_id: None,
+                hostname: None,
+                result: Err(&detail),
+                before: None,
+                after: None,
+            }) {
+                tracing::error!(error = %e, "cannot write the audit log");
+            }
+        }
     })
     .await;
 }
 
-fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
+fn record_suppressed(k: &App, s: &crate::audit::Suppressed) {
+    let detail = s.detail();
+    tracing::warn!(source = %s.source, suppressed = s.count, "{detail}");
+    if let Err(e) = k.store.record(crate::store::NewEvent {
+        actor: &s.source,
+        operation: "suppressed",
+        compute_id: None,
+        hostname: None,
+        result: Err(&detail),
+        before: None,
+        after: None,
+    }) {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+}
+
+/// Background upkeep while serving: summaries of suppressed refusals once their window is
+/// over, and the audit log's retention (at start, then hourly).
+pub async fn housekeeping(k: AppState, retention: crate::audit::Retention) {
+    let every = k
+        .denials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .window()
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    let mut last_prune: Option<std::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let now = std::time::Instant::now();
+        let ended = k
+            .denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire(now);
+        let prune = last_prune.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(3600));
+        if prune {
+            last_prune = Some(now);
+        }
+        let k = k.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for s in &ended {
+                record_suppressed(&k, s);
+            }
+            if prune {
+                let cutoff = retention.cutoff(time::OffsetDateTime::now_utc());
+                match k
+                    .store
+                    .prune_events(cutoff.as_deref(), retention.max_rows())
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        removed = n,
+                        days = retention.days,
+                        max_rows = retention.max_rows,
+                        "audit log pruned"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Largest request body (the JSON of an allocate or init_server).
+
+/// Reads a request body, after the role check: no faster than the caller sends it, but no
+/// longer than `body_timeout`, and no larger than `MAX_BODY`.
+async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Bytes> {
+    match tokio::time::timeout(k.body_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            let too_large =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                ApiError::detail(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {MAX_BODY} bytes"),
+                )
+            } else {
+                ApiError::detail(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+            })
+        }
+        Err(_) => Err(ApiError::detail(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                k.body_timeout.as_secs_f64()
+            ),
+        )),
+    }
 }
 
 fn unauthorized(detail: &str) -> Response {
@@ -1152,6 +1297,55 @@ fn unauthorized(detail: &str) -> Response {
         axum::http::HeaderValue::from_static("Bearer"),
     );
     r
+}
+
+/// Refusals that need no caller: a TCP request for a host name that is not this service's
+/// (DNS rebinding), a change from a foreign web page, a change whose body is not JSON (a
+/// cross-site form). Unix-socket requests come from no browser and skip the first two.
+fn check_request(k: &App, tcp: bool, req: &axum::extract::Request) -> Result<(), ApiError> {
+    let headers = req.headers();
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = text(header::HOST);
+    if tcp && !crate::auth::host_allowed(host, &k.allowed_hosts) {
+        return Err(ApiError::detail(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host {} is not this service's: use localhost, 127.0.0.1 or [::1], or add the name to KLOIGOS_ALLOWED_HOSTS",
+                crate::audit::clip(&format!("{:?}", host.unwrap_or_default()), 128)
+            ),
+        ));
+    }
+    let change = !req.method().is_safe();
+    if tcp
+        && change
+        && let Some(origin) = headers.get(header::ORIGIN)
+    {
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|o| crate::auth::origin_allowed(o, host, &k.allowed_hosts));
+        if !allowed {
+            return Err(ApiError::detail(
+                StatusCode::FORBIDDEN,
+                "changes from another web site are refused (Origin does not match this service)",
+            ));
+        }
+    }
+    // A request that carries a body must say it is JSON (a cross-site form or `text/plain`
+    // POST cannot); one without a body carries no data and goes on to routing (405, 422).
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || text(header::CONTENT_LENGTH).is_some_and(|n| n.trim() != "0");
+    if has_body {
+        let json = text(header::CONTENT_TYPE)
+            .and_then(|ct| ct.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError::detail(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the request body as JSON, with Content-Type: application/json",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Works out the caller of every request: peer credentials on the unix socket, a bearer token
@@ -1164,6 +1358,9 @@ async fn authenticate(
 ) -> Response {
     let needs_caller = req.uri().path().starts_with("/api/") || req.uri().path() == "/api";
     let peer = peer_of(req.extensions());
+    if let Err(e) = check_request(&k, matches!(peer, Peer::Tcp(_)), &req) {
+        return e.into_response();
+    }
     let caller = match &peer {
         Peer::Unix { uid, gid, .. } => {
             let (uid, gid) = (*uid, *gid);
@@ -1171,46 +1368,67 @@ async fn authenticate(
                 .await
                 .ok()
         }
-        Peer::Tcp(addr) => match bearer(req.headers()) {
-            Some(secret) => {
-                let tokens = k.tokens.clone();
-                match tokio::task::spawn_blocking(move || tokens.verify(&secret)).await {
-                    Ok(Ok(Some(entry))) => Some(Caller {
-                        actor: format!("token:{}", entry.name),
-                        role: entry.role,
-                    }),
-                    Ok(Ok(None)) => {
-                        let who = Caller {
-                            actor: format!("tcp {addr}"),
-                            role: Role::Readonly,
-                        };
-                        let what = format!("{} {}", req.method(), req.uri().path());
-                        tracing::warn!(peer = %addr, request = %what, "invalid bearer token");
-                        audit_denied(
-                            &k,
-                            &who,
-                            "authenticate",
-                            &format!("invalid bearer token for {what}"),
-                        )
-                        .await;
-                        return unauthorized("invalid bearer token");
+        Peer::Tcp(addr) => {
+            let credential = crate::auth::credential(
+                req.headers()
+                    .get_all(header::AUTHORIZATION)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            );
+            let refused = || Caller {
+                actor: format!("tcp {addr}"),
+                role: Role::Readonly,
+                anonymous: false,
+                source: addr.ip().to_string(),
+            };
+            let what = format!("{} {}", req.method(), req.uri().path());
+            match credential {
+                crate::auth::Credential::Bearer(secret) => {
+                    let tokens = k.tokens.clone();
+                    match tokio::task::spawn_blocking(move || tokens.verify(&secret)).await {
+                        // A token is its own source: one noisy client does not
+                        // hide the refusals of others on the same address.
+                        Ok(Ok(Some(entry))) => Some(Caller {
+                            actor: format!("token:{}", entry.name),
+                            role: entry.role,
+                            anonymous: false,
+                            source: format!("token:{}", entry.name),
+                        }),
+                        Ok(Ok(None)) => {
+                            let who = refused();
+                            audit_denied(
+                                &k,
+                                &who,
+                                "authenticate",
+                                &format!("invalid bearer token for {what}"),
+                            )
+                            .await;
+                            return unauthorized("invalid bearer token");
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "cannot read the token file");
+                            return ApiError::detail(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("cannot check tokens: {e}"),
+                            )
+                            .into_response();
+                        }
+                        Err(_) => None,
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "cannot read the token file");
-                        return ApiError::detail(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("cannot check tokens: {e}"),
-                        )
-                        .into_response();
-                    }
-                    Err(_) => None,
                 }
+                crate::auth::Credential::Malformed(reason) => {
+                    let who = refused();
+                    audit_denied(&k, &who, "authenticate", &format!("{reason} for {what}")).await;
+                    return unauthorized(reason);
+                }
+                crate::auth::Credential::None => k.tcp_anonymous.map(|role| Caller {
+                    actor: format!("anonymous(tcp {})", addr.ip()),
+                    role,
+                    anonymous: true,
+                    source: addr.ip().to_string(),
+                }),
             }
-            None => k.tcp_anonymous.map(|role| Caller {
-                actor: format!("anonymous(tcp {})", addr.ip()),
-                role,
-            }),
-        },
+        }
         Peer::Unknown => None,
     };
     match caller {
@@ -1260,7 +1478,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// The largest request body accepted (axum's default, made explicit).
-pub const MAX_BODY: usize = 2 * 1024 * 1024;
+pub const MAX_BODY: usize = 1024 * 1024;
 
 /// `{"detail": ...}` for an error response that is not JSON yet (axum's extractor rejections,
 /// such as a body over [`MAX_BODY`] while it is read, are plain text), from its text or, when

@@ -54,6 +54,61 @@ pub struct Caller {
     /// `token:NAME` or `unix:USER(uid N)`.
     pub actor: String,
     pub role: Role,
+    /// A TCP caller without a token (`KLOIGOS_TCP_ANONYMOUS_ROLE`). All of them look alike, so
+    /// none of them owns anything.
+    #[serde(skip)]
+    pub anonymous: bool,
+    /// Who is refused, for rate-limiting the audit of refusals: `uid N` on the unix socket,
+    /// `token:NAME` with a valid token, the address (without port) for other TCP callers.
+    #[serde(skip)]
+    pub source: String,
+}
+
+impl Caller {
+    /// Whether this caller allocated a unit recorded as allocated by `allocated_by`.
+    pub fn owns(&self, allocated_by: Option<&str>) -> bool {
+        !self.anonymous && allocated_by == Some(self.actor.as_str())
+    }
+}
+
+/// What the `Authorization` header of a request says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// No header.
+    None,
+    /// `Bearer <token>`.
+    Bearer(String),
+    /// A header that is not one `Bearer <token>` in visible ASCII; the reason why.
+    Malformed(&'static str),
+}
+
+/// Parses the `Authorization` header values of a request (every one of them: two headers are
+/// malformed, not "the first one wins").
+pub fn credential<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential {
+    let Some(v) = values.next() else {
+        return Credential::None;
+    };
+    if values.next().is_some() {
+        return Credential::Malformed("more than one Authorization header");
+    }
+    let Some(v) = std::str::from_utf8(v).ok().filter(|v| {
+        v.bytes()
+            .all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
+    }) else {
+        return Credential::Malformed("the Authorization header is not visible ASCII");
+    };
+    let v = v.trim();
+    let Some((scheme, token)) = v.split_once([' ', '\t']) else {
+        return Credential::Malformed("expected Authorization: Bearer <token>");
+    };
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Credential::Malformed("expected Authorization: Bearer <token>");
+    }
+    if token.is_empty() || token.contains([' ', '\t']) {
+        return Credential::Malformed("expected Authorization: Bearer <token>");
+    }
+    Credential::Bearer(token.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +264,61 @@ impl Tokens {
     }
 }
 
+/// The host part of a `Host` header or an origin's authority, lowercased: `name` of
+/// `name:port`, `::1` of `[::1]:port`.
+fn host_name(authority: &str) -> Option<String> {
+    let a = authority.trim();
+    let name = if let Some(rest) = a.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        inside
+    } else {
+        match a.rsplit_once(':') {
+            Some((n, port)) if is_port(port) => n,
+            Some(_) => return None,
+            None => a,
+        }
+    };
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+}
+
+fn is_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether a TCP request's `Host` names this service: a loopback name (any port) or one of the
+/// names the admin allowed (`KLOIGOS_ALLOWED_HOSTS`, any port). Anything else may be a DNS-rebinding page
+/// in a browser.
+pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(name) = host.and_then(host_name) else {
+        return false;
+    };
+    ["localhost", "127.0.0.1", "::1"].contains(&name.as_str())
+        || allowed
+            .iter()
+            .any(|a| host_name(a).is_some_and(|an| an == name))
+}
+
+/// Whether a browser's `Origin` may make changes: the page must come from this service itself
+/// (same scheme-less authority as `Host`) or from a name the admin allowed.
+pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(authority) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        // `null` (sandboxed frames, file: pages) and anything else unexpected.
+        return false;
+    };
+    if authority.contains(['/', '@', '?', '#']) {
+        return false;
+    }
+    host.is_some_and(|h| h.trim().eq_ignore_ascii_case(authority))
+        || host_name(authority)
+            .is_some_and(|name| allowed.iter().any(|a| host_name(a) == Some(name.clone())))
+}
+
 /// The role a local user gets from its credentials: admin for root and group `kloigos`.
 pub fn unix_caller(uid: u32, gid: u32) -> Caller {
     let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
@@ -231,6 +341,8 @@ pub fn unix_caller(uid: u32, gid: u32) -> Caller {
     });
     Caller {
         actor: format!("unix:{name}"),
+        anonymous: false,
+        source: format!("uid {uid}"),
         role: if uid == 0 || in_group {
             Role::Admin
         } else {
@@ -275,5 +387,114 @@ mod tests {
         assert!("root".parse::<Role>().is_err());
         assert_eq!(unix_caller(0, 0).role, Role::Admin);
         assert_eq!(unix_caller(65534, 65534).role, Role::Readonly);
+        assert_eq!(unix_caller(65534, 65534).source, "uid 65534");
+    }
+
+    #[test]
+    fn authorization_header_is_one_bearer_token_or_malformed() {
+        let c = |vals: &[&[u8]]| credential(vals.iter().copied());
+        assert_eq!(c(&[]), Credential::None);
+        assert_eq!(c(&[b"Bearer klg_1"]), Credential::Bearer("klg_1".into()));
+        assert_eq!(c(&[b"bearer   klg_1 "]), Credential::Bearer("klg_1".into()));
+        for bad in [
+            &b""[..],
+            b"Bearer",
+            b"Bearer ",
+            b"Basic dXNlcjpwdw==",
+            b"Bearer a b",
+            b"Bearer klg_\xff\xfe",
+            "Bearer klg_é".as_bytes(),
+            b"Bearer klg_\x01",
+            b"klg_1",
+        ] {
+            assert!(
+                matches!(c(&[bad]), Credential::Malformed(_)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(
+            c(&[b"Bearer a", b"Bearer b"]),
+            Credential::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn only_loopback_or_allowed_hosts() {
+        // A port in an allowed name is ignored, as for loopback names.
+        let allowed = vec![
+            "kloigos.example.org".to_string(),
+            "10.0.0.5:8000".to_string(),
+        ];
+        for ok in [
+            "localhost",
+            "localhost:8000",
+            "LOCALHOST:1",
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "[::1]",
+            "kloigos.example.org",
+            "kloigos.example.org:8000",
+            "10.0.0.5:8000",
+            "10.0.0.5:9000",
+        ] {
+            assert!(host_allowed(Some(ok), &allowed), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8000",
+            "localhost.evil.example",
+            "127.0.0.2",
+            "127.0.0.1:x",
+            "localhost:80:80",
+            "[::1]x",
+            "",
+            "::1",
+        ] {
+            assert!(!host_allowed(Some(bad), &allowed), "{bad}");
+        }
+        assert!(!host_allowed(None, &allowed), "no Host at all");
+        assert!(!host_allowed(Some("evil.example"), &[]));
+    }
+
+    #[test]
+    fn origins_must_be_this_service_or_allowed() {
+        let allowed = vec!["dash.example.org".to_string()];
+        let h = Some("127.0.0.1:8000");
+        assert!(origin_allowed("http://127.0.0.1:8000", h, &allowed));
+        assert!(origin_allowed("https://dash.example.org", h, &allowed));
+        assert!(origin_allowed("http://dash.example.org:3000", h, &allowed));
+        for bad in [
+            "http://evil.example",
+            "http://127.0.0.1:3000",
+            "http://localhost:8000",
+            "null",
+            "",
+            "file://",
+            "http://127.0.0.1:8000/x",
+            "http://user@127.0.0.1:8000",
+            "ftp://127.0.0.1:8000",
+        ] {
+            assert!(!origin_allowed(bad, h, &allowed), "{bad}");
+        }
+        assert!(!origin_allowed("http://127.0.0.1:8000", None, &[]));
+    }
+
+    #[test]
+    fn anonymous_callers_own_nothing() {
+        let named = Caller {
+            actor: "token:ci".into(),
+            role: Role::User,
+            anonymous: false,
+            source: "127.0.0.1".into(),
+        };
+        assert!(named.owns(Some("token:ci")));
+        assert!(!named.owns(Some("token:other")) && !named.owns(None));
+        let anon = Caller {
+            actor: "anonymous(tcp 127.0.0.1)".into(),
+            anonymous: true,
+            ..named
+        };
+        assert!(!anon.owns(Some("anonymous(tcp 127.0.0.1)")));
     }
 }

@@ -70,6 +70,50 @@ impl Local {
     }
 }
 
+/// What keeps callers from exhausting the service or driving it from a web page.
+#[derive(Args, Debug, Clone)]
+pub struct Guard {
+    /// Role of a TCP caller without a token (admin, user or readonly). Unset: 401. Only for
+    /// clients that cannot send a header, on hosts where every local user is trusted. Such
+    /// callers all look alike: none of them may deallocate a unit unless the role is admin.
+    #[arg(long, env = "KLOIGOS_TCP_ANONYMOUS_ROLE")]
+    pub tcp_anonymous_role: Option<crate::auth::Role>,
+    /// Host names (besides localhost, 127.0.0.1 and [::1]) TCP requests may be addressed to,
+    /// comma separated; also the web origins allowed to make changes.
+    #[arg(long, env = "KLOIGOS_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    #[arg(long, env = "KLOIGOS_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds a client has to send a request's body.
+    #[arg(long, env = "KLOIGOS_BODY_TIMEOUT", default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Open connections one local non-admin user may have on the unix socket.
+    #[arg(long, env = "KLOIGOS_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub max_connections_per_user: usize,
+    /// Open connections all local non-admin users together may have on the unix socket (root
+    /// and group kloigos are never capped).
+    #[arg(long, env = "KLOIGOS_MAX_USER_CONNECTIONS", default_value_t = 512)]
+    pub max_user_connections: usize,
+    /// Open TCP connections in all.
+    #[arg(long, env = "KLOIGOS_MAX_TCP_CONNECTIONS", default_value_t = 256)]
+    pub max_tcp_connections: usize,
+    /// Days audit rows are kept (0: forever). Applied at start and hourly.
+    #[arg(long, env = "KLOIGOS_AUDIT_RETENTION_DAYS", default_value_t = 365)]
+    pub audit_retention_days: u32,
+    /// Audit rows kept at most, the newest (0: no limit). Applied at start and hourly.
+    #[arg(long, env = "KLOIGOS_AUDIT_MAX_ROWS", default_value_t = 100_000)]
+    pub audit_max_rows: u64,
+    /// Seconds of the window in which a source's first few refusals are recorded; the rest are
+    /// summarized in one row.
+    #[arg(long, env = "KLOIGOS_AUDIT_DENIAL_WINDOW", default_value_t = 60)]
+    pub audit_denial_window: u64,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.001)).unwrap_or(Duration::from_secs(3600))
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the API (sockets from systemd, or --listen).
@@ -89,10 +133,8 @@ pub enum Command {
         /// Bearer tokens for TCP callers (managed with `kloigos token`).
         #[arg(long, env = "KLOIGOS_TOKENS", default_value = crate::auth::DEFAULT_TOKENS)]
         tokens: PathBuf,
-        /// Role of a TCP caller without a token (admin, user or readonly). Unset: 401. Only for
-        /// clients that cannot send a header, on hosts where every local user is trusted.
-        #[arg(long, env = "KLOIGOS_TCP_ANONYMOUS_ROLE")]
-        tcp_anonymous_role: Option<crate::auth::Role>,
+        #[command(flatten)]
+        guard: Guard,
     },
     /// Manage the bearer tokens of TCP clients (run as root on the host).
     Token {
@@ -220,14 +262,14 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             idle_timeout,
             no_reconcile,
             tokens,
-            tcp_anonymous_role,
+            guard,
         } => serve(
             local,
             listen,
             idle_timeout,
             no_reconcile,
             crate::auth::Tokens::new(tokens),
-            tcp_anonymous_role,
+            guard,
             systemd_listeners,
         ),
         Command::Token { tokens, action } => {
@@ -328,9 +370,10 @@ fn serve(
     idle_timeout: u64,
     no_reconcile: bool,
     tokens: crate::auth::Tokens,
-    tcp_anonymous: Option<crate::auth::Role>,
+    guard: Guard,
     systemd_listeners: Vec<crate::server::Listener>,
 ) -> Result<()> {
+    crate::server::raise_fd_limit();
     let mut listeners = systemd_listeners;
     for addr in &listen {
         listeners
@@ -364,21 +407,41 @@ fn serve(
         k.local_hostname(),
         local.root.display()
     );
-    let app = crate::api::router(std::sync::Arc::new(crate::api::App {
-        kloigos: k,
-        tokens,
-        tcp_anonymous,
-    }));
+    let mut app = crate::api::App::new(k, tokens);
+    app.tcp_anonymous = guard.tcp_anonymous_role;
+    app.allowed_hosts = guard
+        .allowed_hosts
+        .iter()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    app.body_timeout = secs(guard.body_timeout);
+    app.denials = std::sync::Mutex::new(crate::audit::DenialLimiter::new(
+        Duration::from_secs(guard.audit_denial_window.max(1)),
+        crate::audit::DENIALS_PER_WINDOW,
+    ));
+    let state = std::sync::Arc::new(app);
+    let retention = crate::audit::Retention {
+        days: guard.audit_retention_days,
+        max_rows: guard.audit_max_rows,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    rt.spawn(crate::api::housekeeping(state.clone(), retention));
     rt.block_on(crate::server::serve(
         listeners,
-        app,
+        crate::api::router(state),
         crate::server::ServeOptions {
             idle_timeout: (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout)),
             status,
+            header_timeout: secs(guard.header_timeout),
+            caps: crate::server::Caps {
+                per_user: guard.max_connections_per_user.max(1),
+                users: guard.max_user_connections.max(1),
+                tcp: guard.max_tcp_connections.max(1),
+            },
         },
     ))?;
     Ok(())

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod audit;
 pub mod auth;
 pub mod canned;
 pub mod cli;

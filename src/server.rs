@@ -2,12 +2,18 @@
 //! `--listen`, HTTP/1 with hyper, the caller's identity attached to each request, readiness and
 //! status reported with sd-notify, and an exit after a quiet period so socket activation can
 //! start the service again on the next connection.
+//!
+//! No caller may exhaust it: headers must arrive within a timeout (which also closes idle
+//! keep-alive connections, so none keeps the service from its idle exit), TCP connections are
+//! capped in all, and on the unix socket each non-admin user, and all of them together, are
+//! capped while root and group `kloigos` are not, so a local user cannot lock admins out.
 
 use crate::api::Peer;
 use crate::canned::JsonErrors;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -87,6 +93,154 @@ pub struct ServeOptions {
     pub idle_timeout: Option<Duration>,
     /// Sent as `STATUS=` once ready.
     pub status: String,
+    /// Time a client has to send a request's headers, or to start the next request on a
+    /// kept-alive connection.
+    pub header_timeout: Duration,
+    pub caps: Caps,
+}
+
+/// Most connections open at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Per local non-admin user on the unix socket.
+    pub per_user: usize,
+    /// All local non-admin users together on the unix socket.
+    pub users: usize,
+    /// TCP, in all.
+    pub tcp: usize,
+}
+
+/// What an open connection counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Tcp,
+    User(u32),
+}
+
+/// Open connections, by what they count against. Admins' connections are not counted.
+#[derive(Debug, Default)]
+struct Counts {
+    tcp: usize,
+    users: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+impl Counts {
+    /// Takes a place for a new connection, if the caps leave one.
+    fn admit(&mut self, what: Counted, caps: &Caps) -> bool {
+        match what {
+            Counted::Tcp if self.tcp < caps.tcp => self.tcp += 1,
+            Counted::User(uid) => {
+                let n = self.per_uid.get(&uid).copied().unwrap_or(0);
+                if n >= caps.per_user || self.users >= caps.users {
+                    return false;
+                }
+                self.per_uid.insert(uid, n + 1);
+                self.users += 1;
+            }
+            Counted::Tcp => return false,
+        }
+        true
+    }
+
+    fn release(&mut self, what: Counted) {
+        match what {
+            Counted::Tcp => self.tcp = self.tcp.saturating_sub(1),
+            Counted::User(uid) => {
+                self.users = self.users.saturating_sub(1);
+                if let Some(n) = self.per_uid.get_mut(&uid) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_uid.remove(&uid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection's place under the caps, given back when the connection ends.
+struct Place {
+    counts: Arc<Mutex<Counts>>,
+    what: Counted,
+}
+
+impl Place {
+    fn take(counts: &Arc<Mutex<Counts>>, what: Counted, caps: &Caps) -> Option<Place> {
+        lock(counts).admit(what, caps).then(|| Place {
+            counts: counts.clone(),
+            what,
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        lock(&self.counts).release(self.what);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether a local user is an admin (root or group `kloigos`), remembered for a few seconds
+/// so a flood of connections costs one lookup.
+#[derive(Default)]
+struct Admins {
+    known: Mutex<HashMap<(u32, u32), (bool, Instant)>>,
+}
+
+impl Admins {
+    const TTL: Duration = Duration::from_secs(10);
+
+    async fn is_admin(&self, uid: u32, gid: u32) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        if let Some((admin, at)) = lock(&self.known).get(&(uid, gid))
+            && now.duration_since(*at) < Self::TTL
+        {
+            return *admin;
+        }
+        let admin = tokio::task::spawn_blocking(move || {
+            crate::auth::unix_caller(uid, gid).role == crate::auth::Role::Admin
+        })
+        .await
+        .unwrap_or(false);
+        let mut known = lock(&self.known);
+        if known.len() >= 4096 {
+            known.clear();
+        }
+        known.insert((uid, gid), (admin, now));
+        admin
+    }
+}
+
+/// Longest a connection stays open. The header and body timeouts bound a slow sender; this
+/// bounds a client that never reads a large answer (no hyper timeout covers writing). An
+/// operation in progress finishes anyway: its work runs on a blocking thread.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Said to a connection over the caps, without reading its request, before closing it.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+content-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
+{\"detail\":\"too many connections; try again\"}";
+
+/// Raises the soft limit of open files to the hard limit (systemd sets both with
+/// `LimitNOFILE=`; this is for runs outside it).
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open files limit"),
+    }
 }
 
 fn notify(states: &[sd_notify::NotifyState]) {
@@ -114,6 +268,9 @@ async fn shutdown_signal() {
 /// Serves `app` on every listener until a signal or the idle timeout.
 pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) -> io::Result<()> {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let admins = Arc::new(Admins::default());
+    let (caps, header_timeout) = (opts.caps, opts.header_timeout);
     let last_active = Arc::new(Mutex::new(Instant::now()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -124,6 +281,8 @@ pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) ->
         let graceful = graceful.clone();
         let last_active = last_active.clone();
         let mut stop = stop_rx.clone();
+        let counts = counts.clone();
+        let admins = admins.clone();
         match l {
             Listener::Tcp(l) => {
                 l.set_nonblocking(true)?;
@@ -133,9 +292,13 @@ pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) ->
                         tokio::select! {
                             r = l.accept() => match r {
                                 Ok((s, addr)) => {
-                                    *last_active.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                                    *lock(&last_active) = Instant::now();
+                                    let Some(place) = Place::take(&counts, Counted::Tcp, &caps) else {
+                                        let _ = s.try_write(BUSY);
+                                        continue;
+                                    };
                                     let _ = s.set_nodelay(true);
-                                    spawn_conn(TokioIo::new(s), Peer::Tcp(addr), &app, &graceful);
+                                    spawn_conn(TokioIo::new(s), Peer::Tcp(addr), &app, &graceful, header_timeout, Some(place));
                                 }
                                 Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; }
                             },
@@ -152,12 +315,37 @@ pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) ->
                         tokio::select! {
                             r = l.accept() => match r {
                                 Ok((s, _)) => {
-                                    *last_active.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                                    *lock(&last_active) = Instant::now();
                                     let peer = match s.peer_cred() {
                                         Ok(c) => Peer::Unix { uid: c.uid(), gid: c.gid(), pid: c.pid() },
                                         Err(_) => Peer::Unknown,
                                     };
-                                    spawn_conn(TokioIo::new(s), peer, &app, &graceful);
+                                    if let Peer::Unix { uid: 0, .. } = peer {
+                                        spawn_conn(TokioIo::new(s), peer, &app, &graceful, header_timeout, None);
+                                        continue;
+                                    }
+                                    // Everyone else: admins are not capped, others are (the
+                                    // admin check may read the user and group databases).
+                                    let (app, graceful, counts, admins) = (app.clone(), graceful.clone(), counts.clone(), admins.clone());
+                                    tokio::spawn(async move {
+                                        let (uid, admin) = match peer {
+                                            Peer::Unix { uid, gid, .. } => (uid, admins.is_admin(uid, gid).await),
+                                            _ => (u32::MAX, false),
+                                        };
+                                        let place = if admin {
+                                            None
+                                        } else {
+                                            match Place::take(&counts, Counted::User(uid), &caps) {
+                                                Some(p) => Some(p),
+                                                None => {
+                                                    tracing::debug!(uid, "too many connections from this user");
+                                                    let _ = s.try_write(BUSY);
+                                                    return;
+                                                }
+                                            }
+                                        };
+                                        spawn_conn(TokioIo::new(s), peer, &app, &graceful, header_timeout, place);
+                                    });
                                 }
                                 Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; }
                             },
@@ -183,7 +371,7 @@ pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) ->
         loop {
             tick.tick().await;
             let now = Instant::now();
-            let mut last = last_active.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = lock(&last_active);
             if graceful.count() > 0 {
                 *last = now;
             } else if now.duration_since(*last) >= idle {
@@ -221,6 +409,8 @@ fn spawn_conn<I>(
     peer: Peer,
     app: &Router,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
+    header_timeout: Duration,
+    place: Option<Place>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -231,13 +421,63 @@ fn spawn_conn<I>(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(header_timeout)
         // Hyper's own error responses (unparsable request) get JSON bodies too.
         .serve_connection(TokioIo::new(JsonErrors::new(io.into_inner())), svc);
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "connection ended with an error");
+        match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+            Ok(Ok(())) => {}
+            Err(_) => tracing::debug!("connection closed: open for too long"),
         }
+        drop(place);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_answer_is_well_formed_json() {
+        let text = std::str::from_utf8(BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("content-length: {}\r\n", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(v["detail"].is_string());
+    }
+
+    #[test]
+    fn caps_per_user_all_users_and_tcp() {
+        let caps = Caps {
+            per_user: 2,
+            users: 3,
+            tcp: 1,
+        };
+        let counts = Arc::new(Mutex::new(Counts::default()));
+        let take = |w| Place::take(&counts, w, &caps);
+        let a1 = take(Counted::User(1000)).unwrap();
+        let _a2 = take(Counted::User(1000)).unwrap();
+        assert!(take(Counted::User(1000)).is_none(), "one user's cap");
+        let b1 = take(Counted::User(1001)).unwrap();
+        assert!(take(Counted::User(1002)).is_none(), "all users' cap");
+        let t = take(Counted::Tcp).unwrap();
+        assert!(take(Counted::Tcp).is_none());
+        drop(a1);
+        assert!(
+            take(Counted::User(1002)).is_some(),
+            "a place freed is reusable"
+        );
+        drop((b1, t));
+        let _t = take(Counted::Tcp).unwrap();
+        let c = lock(&counts);
+        assert_eq!((c.users, c.tcp), (1, 1));
+        assert_eq!(c.per_uid.get(&1000), Some(&1));
+        assert!(
+            !c.per_uid.contains_key(&1001),
+            "emptied users are forgotten"
+        );
+    }
 }

@@ -729,22 +729,44 @@ impl Store {
             Err(d) => ("error", Some(d)),
         };
         let js = |v: Option<Value>| v.map(|v| v.to_string());
+        // Whatever a caller can put in a row (a path, a host name) is clipped: a refused
+        // request must not cost more than a few hundred bytes of disk.
+        use crate::audit::{MAX_NAME, MAX_TEXT, clip};
+        let name = |v: Option<&str>| v.map(|v| clip(v, MAX_NAME).into_owned());
         conn.execute(
             "INSERT INTO events (time, actor, operation, compute_id, hostname, result, detail, before, after) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 crate::time::now(),
-                e.actor,
-                e.operation,
-                e.compute_id,
-                e.hostname,
+                clip(e.actor, MAX_NAME),
+                clip(e.operation, MAX_NAME),
+                name(e.compute_id),
+                name(e.hostname),
                 result,
-                detail,
+                detail.map(|d| clip(d, MAX_TEXT)),
                 js(e.before),
                 js(e.after)
             ],
         )?;
         Ok(conn.last_insert_rowid())
+    }
+
+    /// Deletes audit rows older than `before` (RFC 3339) and all but the newest `keep` rows.
+    /// Returns how many went.
+    pub fn prune_events(&self, before: Option<&str>, keep: Option<u64>) -> Result<usize> {
+        let conn = self.conn();
+        let mut n = 0;
+        if let Some(t) = before {
+            n += conn.execute("DELETE FROM events WHERE time < ?1", params![t])?;
+        }
+        if let Some(keep) = keep {
+            n += conn.execute(
+                "DELETE FROM events WHERE id <= \
+                 (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+                params![i64::try_from(keep).unwrap_or(i64::MAX)],
+            )?;
+        }
+        Ok(n)
     }
 
     /// Newest first.
@@ -979,5 +1001,56 @@ mod tests {
             })
             .unwrap();
         assert_eq!(next.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 1]);
+    }
+
+    #[test]
+    fn audit_rows_are_clipped_and_pruned() {
+        let s = Store::open_in_memory().unwrap();
+        let path = format!("GET /api/{}", "x".repeat(64 * 1024));
+        let huge = "h".repeat(10_000);
+        for _ in 0..10 {
+            s.record(NewEvent {
+                actor: &huge,
+                operation: "authenticate",
+                compute_id: Some(&huge),
+                hostname: None,
+                result: Err(&path),
+                before: None,
+                after: None,
+            })
+            .unwrap();
+        }
+        let all = |s: &Store| {
+            s.events(&EventFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let rows = all(&s);
+        let e = &rows[0];
+        let detail = e.detail.as_deref().unwrap();
+        assert!(detail.len() <= crate::audit::MAX_TEXT, "{}", detail.len());
+        assert!(detail.starts_with("GET /api/xxx") && detail.ends_with("more bytes]"));
+        assert!(e.actor.len() <= crate::audit::MAX_NAME);
+        assert!(e.compute_id.as_ref().unwrap().len() <= crate::audit::MAX_NAME);
+        // Age: the four oldest rows are from last year.
+        s.conn()
+            .execute(
+                "UPDATE events SET time = '2025-01-01T00:00:00Z' WHERE id <= 4",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            s.prune_events(Some("2026-01-01T00:00:00Z"), None).unwrap(),
+            4
+        );
+        assert_eq!(all(&s).len(), 6);
+        // Count: the newest rows stay.
+        assert_eq!(s.prune_events(None, Some(4)).unwrap(), 2);
+        let ids: Vec<i64> = all(&s).iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![10, 9, 8, 7]);
+        assert_eq!(s.prune_events(None, Some(4)).unwrap(), 0);
+        assert_eq!(s.prune_events(None, None).unwrap(), 0);
     }
 }

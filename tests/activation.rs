@@ -76,7 +76,7 @@ fn socket_activated_ready_status_and_idle_exit() {
         let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         write!(
             tcp,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
         let mut resp = String::new();

@@ -733,7 +733,7 @@ fn every_error_is_json_on_unix_and_tcp() {
             "3 MB chunked body",
             "POST",
             "/api/compute_units/allocate",
-            "Transfer-Encoding: chunked\r\n",
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
             format!("{}0\r\n\r\n", chunk.repeat(3)).into_bytes(),
             413,
         ),

@@ -52,6 +52,24 @@ const COLUMNS = [
 const ROW_BUFFER = 40; // rows drawn above and below the visible ones
 const SORT_OF = Object.fromEntries(COLUMNS.map(([k, , f]) => [k, f]));
 
+/**
+ * A link such as `/#token=klg_…` (demo.sh prints one) signs in: the token is kept for this browser
+ * session and taken out of the address bar and its history entry at once. A fragment is never sent
+ * to the server, so it reaches no log.
+ */
+function tokenFromAddress() {
+  const m = /^#(?:.*&)?token=([^&]*)/.exec(window.location.hash);
+  if (!m) return;
+  let token = '';
+  try { token = decodeURIComponent(m[1]).trim(); } catch { token = ''; }
+  if (token) {
+    sessionStorage.setItem('kloigos.token', token);
+    sessionStorage.removeItem('kloigos.anonymous');
+  }
+  window.history.replaceState(null, '', window.location.pathname + window.location.search);
+}
+tokenFromAddress();
+
 const state = {
   token: sessionStorage.getItem('kloigos.token') || '',
   role: 'readonly',

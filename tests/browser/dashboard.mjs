@@ -315,6 +315,25 @@ if (token) {
   });
 }
 
+if (token) {
+  await step('a #token= link signs in and leaves the address bar', async () => {
+    // A fresh browser session, as a newcomer opening the link demo.sh prints.
+    const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    try {
+      const p = await ctx.newPage();
+      await p.goto(`${base}/#token=${encodeURIComponent(token)}`);
+      await p.waitForFunction(() => document.body.dataset.role === 'admin');
+      check(!(await p.isVisible('#token-dialog[open]')), 'asked for a token anyway');
+      const where = await p.evaluate(() => window.location.href);
+      check(!where.includes('token') && !where.includes(token), `address still holds it: ${where}`);
+      const stored = await p.evaluate(() => sessionStorage.getItem('kloigos.token'));
+      check(stored === token, 'token not kept in sessionStorage');
+    } finally {
+      await ctx.close();
+    }
+  });
+}
+
 await step('/docs serves the interactive API docs', async () => {
   const docs = await context.newPage();
   try {

@@ -19,6 +19,8 @@ pub struct Server {
     pub extra_env: Vec<(String, String)>,
     /// Also listening on 127.0.0.1:<tcp>, with bearer tokens from `dir/tokens`.
     pub tcp: Option<u16>,
+    /// Run the server with this open-files limit (soft and hard), through prlimit.
+    pub nofile: Option<u64>,
 }
 
 pub fn bin() -> &'static str {
@@ -33,18 +35,26 @@ impl Server {
 
     /// Unix socket and TCP, with a token file.
     pub fn start_tcp() -> Server {
+        Self::start_tcp_with_env(&[])
+    }
+
+    pub fn start_tcp_with_env(env: &[(&str, &str)]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        Self::start_full(&[], Some(port))
+        Self::start_full(env, Some(port))
     }
 
     pub fn start_with_env(env: &[(&str, &str)]) -> Server {
         Self::start_full(env, None)
     }
 
-    fn start_full(env: &[(&str, &str)], tcp: Option<u16>) -> Server {
+    pub fn start_full(env: &[(&str, &str)], tcp: Option<u16>) -> Server {
+        Self::start_limited(env, tcp, None)
+    }
+
+    pub fn start_limited(env: &[(&str, &str)], tcp: Option<u16>, nofile: Option<u64>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("root");
         write(&root.join("etc/hostname"), &format!("{HOST}\n"));
@@ -68,6 +78,7 @@ impl Server {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             tcp,
+            nofile,
         };
         s.spawn();
         s
@@ -113,7 +124,14 @@ impl Server {
 
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        let mut cmd = Command::new(bin());
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.args(["serve", "--listen"])
             .arg(&self.socket)
             .arg("--root")
@@ -216,7 +234,7 @@ fn exchange(
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> (u16, Value) {
+pub fn parse_response(raw: &[u8]) -> (u16, Value) {
     let text = String::from_utf8_lossy(raw);
     let (head, rest) = text.split_once("\r\n\r\n").expect("http response");
     let code: u16 = head
