@@ -1255,8 +1255,6 @@ pub async fn housekeeping(k: AppState, retention: crate::audit::Retention) {
     }
 }
 
-/// Largest request body (the JSON of an allocate or init_server).
-
 /// Reads a request body, after the role check: no faster than the caller sends it, but no
 /// longer than `body_timeout`, and no larger than `MAX_BODY`.
 async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Bytes> {
