@@ -271,20 +271,35 @@ impl utoipa::Modify for BearerAuth {
 
 /// The error responses that any operation of a kind can give, declared on each of them (so a
 /// client generated from the document knows them): every `/api` call may get 401 (no or a bad
-/// token), a changing one 403 (role too low), one with a path parameter 400 (not UTF-8), one
-/// with a body 413 (over 1 MiB), and every operation 500. All are `ErrorDetail`.
+/// token); every operation 403 (over TCP: a `Host` that is not this service's, or a change from
+/// a foreign `Origin`; on `/api`, a role too low for a change), 500, and 503 (the connection
+/// caps are reached: written before routing); one with a path parameter 400 (not UTF-8); one
+/// with a body 408 (it arrived too slowly), 413 (over 1 MiB) and 415 (not JSON). All are
+/// `ErrorDetail`.
 struct CommonErrors;
 
-const COMMON_ERRORS: [(&str, &str); 5] = [
+const COMMON_ERRORS: [(&str, &str); 8] = [
     ("400", "The URL could not be decoded"),
     ("401", "Authentication required, or an invalid bearer token"),
-    ("403", "The caller's role does not allow this"),
+    (
+        "403",
+        "Refused: over TCP, a Host header that is not this service's (add the name to KLOIGOS_ALLOWED_HOSTS) or a change sent from another web site's Origin; or the caller's role does not allow this",
+    ),
+    ("408", "The request body did not arrive in time"),
     ("413", "Request body over 1 MiB"),
+    (
+        "415",
+        "A request body that is not declared as JSON (send Content-Type: application/json)",
+    ),
     ("500", "Internal error"),
+    (
+        "503",
+        "Too many connections (in all, from this user, or over TCP); retry later. Sent before the request is read",
+    ),
 ];
 
 /// Which of [`COMMON_ERRORS`] an operation can give.
-fn common_errors(path: &str, method: &str, has_body: bool) -> Vec<&'static str> {
+fn common_errors(path: &str, has_body: bool) -> Vec<&'static str> {
     let api = path.starts_with("/api/");
     let mut out = Vec::new();
     if path.contains('{') {
@@ -293,13 +308,11 @@ fn common_errors(path: &str, method: &str, has_body: bool) -> Vec<&'static str> 
     if api {
         out.push("401");
     }
-    if api && method != "get" {
-        out.push("403");
-    }
+    out.push("403");
     if has_body {
-        out.push("413");
+        out.extend(["408", "413", "415"]);
     }
-    out.push("500");
+    out.extend(["500", "503"]);
     out
 }
 
@@ -322,14 +335,14 @@ impl utoipa::Modify for CommonErrors {
             );
         }
         for (path, item) in openapi.paths.paths.iter_mut() {
-            for (method, op) in [
-                ("get", &mut item.get),
-                ("post", &mut item.post),
-                ("put", &mut item.put),
-                ("delete", &mut item.delete),
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
             ] {
                 let Some(op) = op else { continue };
-                for code in common_errors(path, method, op.request_body.is_some()) {
+                for code in common_errors(path, op.request_body.is_some()) {
                     op.responses
                         .responses
                         .entry(code.to_string())
@@ -1645,18 +1658,18 @@ mod tests {
     #[test]
     fn which_operations_declare_which_errors() {
         assert_eq!(
-            common_errors("/api/compute_units/allocate", "post", true),
-            ["401", "403", "413", "500"]
+            common_errors("/api/compute_units/allocate", true),
+            ["401", "403", "408", "413", "415", "500", "503"]
         );
         assert_eq!(
-            common_errors("/api/compute_units/{compute_id}", "get", false),
-            ["400", "401", "500"]
+            common_errors("/api/compute_units/{compute_id}", false),
+            ["400", "401", "403", "500", "503"]
         );
         assert_eq!(
-            common_errors("/api/admin/decommission_server/{hostname}", "delete", false),
-            ["400", "401", "403", "500"]
+            common_errors("/api/admin/decommission_server/{hostname}", false),
+            ["400", "401", "403", "500", "503"]
         );
-        assert_eq!(common_errors("/healthz", "get", false), ["500"]);
+        assert_eq!(common_errors("/healthz", false), ["403", "500", "503"]);
     }
 
     /// What the API sends as a validation error matches what the document declares.

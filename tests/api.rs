@@ -577,7 +577,9 @@ fn validation_errors_have_fastapi_shape() {
 
 #[test]
 fn openapi_and_health() {
-    let s = Server::start();
+    let s = Server::start_tcp();
+    let port = s.tcp.expect("tcp");
+    let token = s.token("doc", "admin");
     let (code, doc) = s.get("/openapi.json");
     assert_eq!(code, 200);
     assert_eq!(doc["openapi"], "3.1.0");
@@ -620,18 +622,65 @@ fn openapi_and_health() {
                 .keys()
                 .map(String::as_str)
                 .collect();
-            let mut want = BTreeSet::from(["200", "500"]);
+            // 403 (a refused Host or Origin over TCP) and 503 (connection caps) for all.
+            let mut want = BTreeSet::from(["200", "403", "500", "503"]);
             if path.starts_with("/api/") {
                 want.insert("401");
             }
-            if method != "get" {
-                want.insert("403");
-            }
             if op.get("requestBody").is_some() {
-                want.extend(["413", "422"]);
+                want.extend(["408", "413", "415", "422"]);
             }
             assert!(codes.is_superset(&want), "{method} {path}: {codes:?}");
+            // And what the service really answers to those refusals is what is declared.
+            let url = path
+                .replace("{compute_id}", "nope_0-1")
+                .replace("{hostname}", "nope");
+            let verb = method.to_uppercase();
+            let auth = format!("Authorization: Bearer {token}\r\n");
+            let mut refusals = vec![(
+                format!(
+                    "{verb} {url} HTTP/1.1\r\nHost: evil.example\r\n{auth}Content-Length: 0\r\n\r\n"
+                ),
+                vec![],
+                403,
+            )];
+            if verb != "GET" {
+                refusals.push((
+                    format!("{verb} {url} HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\n{auth}Content-Length: 0\r\n\r\n"),
+                    vec![],
+                    403,
+                ));
+            }
+            if op.get("requestBody").is_some() {
+                refusals.push((
+                    format!("{verb} {url} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: text/plain\r\nContent-Length: 2\r\n\r\n"),
+                    b"{}".to_vec(),
+                    415,
+                ));
+            }
+            for (head, sent, status) in refusals {
+                let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let writer = stream.try_clone().unwrap();
+                let (code, _, v) = raw_exchange(stream, writer, head.as_bytes(), sent);
+                assert_eq!(code, status, "{head}{v}");
+                assert!(
+                    codes.contains(code.to_string().as_str()),
+                    "{method} {path} answers {code}, undeclared"
+                );
+            }
         }
+    }
+    for (code, words) in [
+        ("403", "Host"),
+        ("403", "Origin"),
+        ("408", "body"),
+        ("415", "JSON"),
+        ("503", "connections"),
+    ] {
+        let d = doc["components"]["responses"][format!("E{code}")]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(d.contains(words), "E{code}: {d:?}");
     }
     let (code, h) = s.get("/healthz");
     assert_eq!(
