@@ -42,7 +42,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("{}: {source}", path.display())]
+    // `{:?}`: a path may hold a tenant's file name, with newlines or terminal escapes.
+    #[error("{path:?}: {source}")]
     Io {
         path: PathBuf,
         #[source]
@@ -290,8 +291,8 @@ impl Host {
         let st = parent.stat()?;
         if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
             return Err(ApplyError::Conflict(format!(
-                "{} must belong to root and be writable by root only",
-                parent.path().display()
+                "{:?} must belong to root and be writable by root only",
+                parent.path()
             )));
         }
         let owner = self.owner(plan);
@@ -405,8 +406,8 @@ impl Host {
     pub fn write_authorized_key(&self, plan: &UnitPlan, key_line: &str) -> Result<()> {
         let home = self.unit_dir(plan, &plan.dirs.home, None)?.ok_or_else(|| {
             ApplyError::Conflict(format!(
-                "{} is missing or not a directory",
-                self.path(&plan.dirs.home).display()
+                "{:?} is missing or not a directory",
+                self.path(&plan.dirs.home)
             ))
         })?;
         let owner = self.owner(plan);

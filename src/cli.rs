@@ -317,7 +317,7 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
                     ("FAILED", &report.units_failed),
                 ] {
                     for i in items {
-                        println!("{what}: {i}");
+                        println!("{what}: {}", printable(i));
                     }
                 }
             }
@@ -549,8 +549,8 @@ fn explain(reply: &Reply) -> anyhow::Error {
                         .unwrap_or_default();
                     format!(
                         "  {}: {}",
-                        loc.join("."),
-                        i["msg"].as_str().unwrap_or("invalid")
+                        printable(&loc.join(".")),
+                        printable(i["msg"].as_str().unwrap_or("invalid"))
                     )
                 })
                 .collect();
@@ -560,7 +560,7 @@ fn explain(reply: &Reply) -> anyhow::Error {
                 lines.join("\n")
             )
         }
-        Some(Value::String(d)) => anyhow!("{d} (HTTP {})", reply.status),
+        Some(Value::String(d)) => anyhow!("{} (HTTP {})", printable(d), reply.status),
         _ => anyhow!("HTTP {}: {}", reply.status, reply.body),
     }
 }
@@ -850,7 +850,34 @@ fn print_units(units: &[Value]) {
     );
 }
 
+/// `s` safe to print on a terminal: control characters (newlines, escape sequences, C1 codes)
+/// and bidirectional overrides, which a tenant can put in a file name that reaches an error or
+/// a `user` caller in a tag, are shown escaped (`\n`, `\u{1b}`) instead of acting.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(bad) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if bad(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -868,5 +895,20 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {
         line(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on() {
+        assert_eq!(printable("plain ascii, ελληνικά"), "plain ascii, ελληνικά");
+        assert_eq!(
+            printable("x\n2026-01-01 forged line\x1b]0;title\x07\u{9b}2J\u{202e}txt.exe"),
+            "x\\n2026-01-01 forged line\\u{1b}]0;title\\u{7}\\u{9b}2J\\u{202e}txt.exe"
+        );
+        assert!(!printable("\r\t\x7f").chars().any(char::is_control));
     }
 }

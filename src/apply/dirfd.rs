@@ -53,6 +53,11 @@ fn is_dir(st: &FileStat) -> bool {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
 }
 
+/// Could `uid` (with its own group, gid = uid) create entries in the directory `st`?
+fn writable_by(st: &FileStat, uid: u32) -> bool {
+    st.st_mode & 0o002 != 0 || (st.st_gid == uid && st.st_mode & 0o020 != 0) || st.st_uid == uid
+}
+
 fn is_file(st: &FileStat) -> bool {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
 }
@@ -132,9 +137,8 @@ impl DirFd {
         let expected = owner.map_or(0, |(u, _)| u);
         if st.st_uid != 0 && st.st_uid != expected {
             return Err(ApplyError::Conflict(format!(
-                "{} belongs to uid {}, not {expected}; refusing to touch it",
-                self.path.display(),
-                st.st_uid
+                "{:?} belongs to uid {}, not {expected}; refusing to touch it",
+                self.path, st.st_uid
             )));
         }
         Ok(())
@@ -189,8 +193,8 @@ impl DirFd {
             }
         }
         Err(ApplyError::Conflict(format!(
-            "{} keeps changing; giving up",
-            self.child(name).display()
+            "{:?} keeps changing; giving up",
+            self.child(name)
         )))
     }
 
@@ -338,8 +342,8 @@ impl DirFd {
             }
         }
         Err(ApplyError::Conflict(format!(
-            "{} keeps changing; giving up",
-            self.child(name).display()
+            "{:?} keeps changing; giving up",
+            self.child(name)
         )))
     }
 
@@ -348,8 +352,8 @@ impl DirFd {
     fn same_fs(&self, sub: &DirFd) -> Result<()> {
         if sub.stat()?.st_dev != self.stat()?.st_dev {
             return Err(ApplyError::Conflict(format!(
-                "{} is a mount point; not removing it",
-                sub.path.display()
+                "{:?} is a mount point; not removing it",
+                sub.path
             )));
         }
         Ok(())
@@ -375,8 +379,8 @@ impl DirFd {
             }
             if hoists > MAX_HOISTS || races > RETRIES {
                 return Err(ApplyError::Conflict(format!(
-                    "{} keeps changing; giving up",
-                    self.path.display()
+                    "{:?} keeps changing; giving up",
+                    self.path
                 )));
             }
         }
@@ -425,7 +429,10 @@ impl DirFd {
     }
 
     /// Removes the entries owned by `uid`; with `recurse`, also inside directories it does not
-    /// own, on the same filesystem (a user's file in a shared directory such as /tmp).
+    /// own, on the same filesystem (a user's file in a shared directory such as /tmp). Only
+    /// directories `uid` could have written are searched (writable by all, or by its group,
+    /// which is its own: a unit's group has the unit's uid as gid): another tenant's private
+    /// tree, however large, costs nothing here.
     pub fn remove_owned(&self, uid: u32, recurse: bool) -> Result<()> {
         self.remove_owned_at(uid, recurse, 0)
     }
@@ -439,11 +446,13 @@ impl DirFd {
             if st.st_uid == uid {
                 self.remove_entry(&name)?;
             } else if recurse && is_dir(&st) && st.st_dev == dev && depth < MAX_DEPTH {
-                // Opened without following: swapped for a link meanwhile, it is skipped.
-                if let Some(sub) = self.open_dir_opt(&name)?
-                    && sub.stat()?.st_dev == dev
-                {
-                    sub.remove_owned_at(uid, true, depth + 1)?;
+                // Opened without following: swapped for a link meanwhile, it is skipped. The
+                // mode is checked on the open handle, not on the name.
+                if let Some(sub) = self.open_dir_opt(&name)? {
+                    let st = sub.stat()?;
+                    if st.st_dev == dev && writable_by(&st, uid) {
+                        sub.remove_owned_at(uid, true, depth + 1)?;
+                    }
                 }
             }
         }
@@ -589,6 +598,47 @@ mod tests {
         let h = DirFd::open_trusted(&d).unwrap();
         h.empty().unwrap();
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+    }
+
+    /// Leftovers of uid 5000 in a shared /tmp: searched for only where 5000 could write, so
+    /// another tenant's private tree (any size) is never walked under the host lock.
+    #[test]
+    fn remove_owned_searches_only_directories_the_user_could_write() {
+        use std::os::unix::fs::chown;
+        let t = tempfile::tempdir().unwrap();
+        let tmp = t.path();
+        let mk = |rel: &str, mode: u32, uid: u32, gid: u32| {
+            let p = tmp.join(rel);
+            fs::create_dir(&p).unwrap();
+            chown(&p, Some(uid), Some(gid)).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let file = |rel: &str, uid: u32| {
+            let p = tmp.join(rel);
+            fs::write(&p, "x").unwrap();
+            chown(&p, Some(uid), Some(uid)).unwrap();
+        };
+        mk("shared", 0o1777, 4242, 4242);
+        file("shared/left", 5000);
+        file("shared/other", 4242);
+        mk("group", 0o2770, 4242, 5000);
+        file("group/left", 5000);
+        mk("private", 0o755, 4242, 4242);
+        mk("private/deep", 0o777, 4242, 4242);
+        file("private/deep/unreachable", 5000);
+        mk("own", 0o700, 5000, 5000);
+        file("own/f", 5000);
+        file("top", 5000);
+        DirFd::open_trusted(tmp)
+            .unwrap()
+            .remove_owned(5000, true)
+            .unwrap();
+        for gone in ["shared/left", "group/left", "own", "top"] {
+            assert!(fs::symlink_metadata(tmp.join(gone)).is_err(), "{gone} left");
+        }
+        for kept in ["shared/other", "private/deep/unreachable"] {
+            assert!(tmp.join(kept).exists(), "{kept} removed");
+        }
     }
 
     #[test]
