@@ -92,7 +92,8 @@ pub struct ComputeUnitRequest {
     pub cpu_count: Option<i64>,
     pub region: Option<String>,
     pub zone: Option<String>,
-    /// Free-form tags; `deployment_id` and `owner` are the ones upstream's tools use.
+    /// Free-form tags; `deployment_id` and `owner` are the ones upstream's tools use. At most
+    /// 64 tags, values of at most 256 characters, 4096 bytes in all as JSON.
     pub tags: Option<BTreeMap<String, TagValue>>,
     /// One OpenSSH public key (`ssh-ed25519 AAAA... comment`), no options.
     pub ssh_public_key: String,
@@ -560,6 +561,10 @@ fn lax_int(v: &Value) -> Result<Option<i64>, Box<FieldError>> {
 
 const MAX_TAGS: usize = 64;
 const MAX_TAG_TEXT: usize = 256;
+/// Largest tags object, as JSON. Tags are kept with the unit and twice in every audit row of
+/// its allocation and release (before and after): without a cap on the whole, a `user` caller
+/// could make each row ~1 MiB and fill the disk within the row limit.
+pub const MAX_TAGS_JSON: usize = 4096;
 
 fn parse_tags(f: &mut Fields<'_>) -> Option<Value> {
     let v = f.get("tags", true)?;
@@ -617,7 +622,17 @@ fn parse_tags(f: &mut Fields<'_>) -> Option<Value> {
             Err(reason) => f.errors.push(FieldError::value(loc, val.clone(), reason)),
         }
     }
-    Some(Value::Object(out))
+    let out = Value::Object(out);
+    let size = out.to_string().len();
+    if size > MAX_TAGS_JSON {
+        f.errors.push(FieldError::value(
+            Fields::loc("tags"),
+            v.clone(),
+            format!("tags take {size} bytes as JSON, at most {MAX_TAGS_JSON} are allowed"),
+        ));
+        return None;
+    }
+    Some(out)
 }
 
 pub fn parse_allocate(body: &Bytes) -> Result<Allocate, Vec<FieldError>> {
@@ -1713,6 +1728,29 @@ mod tests {
             .filter_map(|t| t["type"].as_str())
             .collect();
         assert_eq!(item_types, ["string", "integer"]);
+    }
+
+    #[test]
+    fn tags_are_bounded_as_a_whole() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICWwemBpMBrDPybmEWyrw0JNlYbamL5YU3v8ozcLKi2u k";
+        let body = |tags: Value| {
+            Bytes::from(json!({"cpu_count": 2, "ssh_public_key": key, "tags": tags}).to_string())
+        };
+        let mut big = Map::new();
+        for i in 0..20 {
+            big.insert(format!("t{i}"), json!("x".repeat(250)));
+        }
+        let errors = parse_allocate(&body(Value::Object(big.clone()))).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].loc, vec![json!("body"), json!("tags")]);
+        assert!(errors[0].msg.contains("4096"), "{}", errors[0].msg);
+        big.retain(|k, _| k.len() == 2 && k.as_str() < "t9");
+        let ok = parse_allocate(&body(Value::Object(big))).map(|a| a.tags);
+        assert!(
+            matches!(ok, Ok(Some(Value::Object(ref m))) if m.len() == 9),
+            "{ok:?}"
+        );
     }
 
     #[test]
