@@ -34,10 +34,12 @@ use crate::render::{RenderedFile, UnitPlan};
 pub use dirfd::DirFd;
 use dirfd::Owner;
 use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +65,17 @@ pub enum ApplyError {
 
 pub type Result<T> = std::result::Result<T, ApplyError>;
 
+/// Name prefix of a released unit's directory moved aside (see [`Host::wipe_dirs`]).
+pub const TRASH_PREFIX: &str = ".kloigos-trash-";
+
 /// A host to change: the real one (`/`) or a directory standing in for it.
 #[derive(Debug, Clone)]
 pub struct Host {
     root: PathBuf,
     live: bool,
+    /// Directories moved aside by [`Host::wipe_dirs`] and [`Host::remove_dirs`], as (parent,
+    /// name), for [`Host::purge_trash`] to remove once the host lock is released.
+    trash: Arc<Mutex<Vec<(PathBuf, OsString)>>>,
 }
 
 impl Host {
@@ -77,7 +85,11 @@ impl Host {
             .canonicalize()
             .map(|r| r == Path::new("/"))
             .unwrap_or(false);
-        Host { root, live }
+        Host {
+            root,
+            live,
+            trash: Arc::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -522,29 +534,86 @@ impl Host {
     }
 
     /// Empties the unit's directories (never following the user's symlinks) and recreates the
-    /// clean skeleton.
+    /// clean skeleton. Each directory is moved aside first, closed to everyone (see
+    /// [`DirFd::move_aside`]), so this takes the same short time whatever the tenant left
+    /// there: the removal itself is [`Host::purge_trash`]'s, after the host lock is released.
+    /// A mount point is emptied in place.
     pub fn wipe_dirs(&self, plan: &UnitPlan) -> Result<()> {
         for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
-            if let Some(dir) = self.unit_dir(plan, d, None)? {
-                dir.empty()?;
-            }
+            self.clear_unit_dir(plan, d)?;
         }
         self.create_dirs(plan)
+    }
+
+    /// Moves the unit directory `d` aside for [`Host::purge_trash`], or empties it in place
+    /// when it cannot move (a mount point).
+    fn clear_unit_dir(&self, plan: &UnitPlan, d: &str) -> Result<()> {
+        let Some(dir) = self.unit_dir(plan, d, None)? else {
+            return Ok(());
+        };
+        let (parent_path, name) = self.split_or_err(Path::new(d))?;
+        // `unit_dir` checked that only root can write the parent.
+        let parent = DirFd::open_trusted(&parent_path)?;
+        match parent.move_aside(&name, &dir, TRASH_PREFIX)? {
+            Some(aside) => self
+                .trash
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((parent_path, aside)),
+            None => dir.empty()?,
+        }
+        Ok(())
     }
 
     /// Removes the unit's directories entirely (decommission). /mnt/c… may be a mount point:
     /// then only its content goes.
     pub fn remove_dirs(&self, plan: &UnitPlan) -> Result<()> {
         for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
-            if let Some(dir) = self.unit_dir(plan, d, None)? {
-                dir.empty()?;
-            }
+            self.clear_unit_dir(plan, d)?;
             let (parent, name) = self.split_or_err(Path::new(d))?;
             if let Some(parent) = open_opt(&parent)? {
                 parent.remove_empty_dir(&name)?;
             }
         }
         Ok(())
+    }
+
+    /// Adds to the trash what a previous run moved aside and did not remove (it was stopped
+    /// or failed) in the parents of the unit's directories.
+    pub fn find_trash(&self, plan: &UnitPlan) -> Result<()> {
+        let mut trash = self.trash.lock().unwrap_or_else(|p| p.into_inner());
+        for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
+            let (parent_path, _) = self.split_or_err(Path::new(d))?;
+            let Some(parent) = open_opt(&parent_path)? else {
+                continue;
+            };
+            for name in parent.entries()? {
+                let known = trash.iter().any(|(p, n)| *p == parent_path && *n == name);
+                if name.as_encoded_bytes().starts_with(TRASH_PREFIX.as_bytes()) && !known {
+                    trash.push((parent_path.clone(), name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the directories moved aside so far (each by one caller only); a failure is
+    /// logged and the directory stays for the next reconcile. Returns how many were removed.
+    pub fn purge_trash(&self) -> usize {
+        let taken = std::mem::take(&mut *self.trash.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut removed = 0;
+        for (parent, name) in taken {
+            let r = open_opt(&parent).and_then(|p| match p {
+                Some(p) => p.remove_entry(&name),
+                None => Ok(false),
+            });
+            match r {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "cannot remove a released unit's old files"),
+            }
+        }
+        removed
     }
 
     /// Loads the rendered table with `nft -f` (one atomic transaction).
@@ -755,6 +824,63 @@ mod tests {
         left.sort();
         assert_eq!(left, [".bashrc", ".ssh"]);
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    }
+
+    /// A release costs the same whatever the tenant left: its directories are moved aside,
+    /// closed to everyone (a later holder of the same uid included), and removed by
+    /// `purge_trash`, which the service runs after the host lock is released.
+    #[test]
+    fn wipe_moves_the_old_tree_aside_closed_and_purge_removes_it() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(dir.path().join("root"));
+        let conf = "d /opt/c0 0750 u0 u0 -\nd /mnt/c0 0750 u0 u0 -\nd /home/u0 0750 u0 u0 -\n";
+        host.write(
+            &file(&plan(false).tmpfiles_conf().to_string_lossy(), conf, 0o644),
+            None,
+        )
+        .unwrap();
+        host.write(&file("etc/skel/.bashrc", "skel\n", 0o644), None)
+            .unwrap();
+        host.create_dirs(&plan(false)).unwrap();
+        let home = host.path("home/u0");
+        for i in 0..50 {
+            fs::create_dir_all(home.join(format!("d{i}/e"))).unwrap();
+            fs::write(home.join(format!("d{i}/e/f")), "x").unwrap();
+        }
+        fs::write(host.path("opt/c0/data"), "x").unwrap();
+        let listing = |p: &Path| {
+            let mut v: Vec<String> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+
+        host.wipe_dirs(&plan(false)).unwrap();
+        assert_eq!(listing(&home), [".bashrc"]);
+        assert_eq!(listing(&host.path("opt/c0")), Vec::<String>::new());
+        let aside: Vec<String> = listing(&host.path("home"))
+            .into_iter()
+            .filter(|n| n.starts_with(TRASH_PREFIX))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let m = fs::symlink_metadata(host.path("home").join(&aside[0])).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o700));
+        assert_eq!(listing(&host.path("home").join(&aside[0])).len(), 51);
+
+        assert_eq!(host.purge_trash(), 3, "opt, mnt and home");
+        assert_eq!(listing(&host.path("home")), ["u0"]);
+        assert_eq!(listing(&host.path("opt")), ["c0"]);
+        assert_eq!(host.purge_trash(), 0);
+
+        // What a stopped run left aside is found again and removed.
+        fs::create_dir_all(host.path("home/.kloigos-trash-u0-1-2/deep")).unwrap();
+        host.find_trash(&plan(false)).unwrap();
+        host.find_trash(&plan(false)).unwrap();
+        assert_eq!(host.purge_trash(), 1);
+        assert_eq!(listing(&host.path("home")), ["u0"]);
     }
 
     #[test]

@@ -472,6 +472,7 @@ impl Kloigos {
             .map(|u| self.plan(server, u))
             .collect::<Result<Vec<_>>>()?;
         self.remove_units_from_host(&plans)?;
+        self.host.purge_trash();
         self.apply_local(Some(&server.hostname))?.all_ok()
     }
 
@@ -625,7 +626,15 @@ impl Kloigos {
 
     // ---- allocate ----------------------------------------------------------------------
 
+    /// Allocates a FREE unit; what a failed allocation's release moved aside is removed after
+    /// the host lock is released.
     pub fn allocate(&self, req: Allocate, actor: &str) -> Result<Unit> {
+        let r = self.allocate_locked(req, actor);
+        self.host.purge_trash();
+        r
+    }
+
+    fn allocate_locked(&self, req: Allocate, actor: &str) -> Result<Unit> {
         let _lock = self.lock()?;
         let key = req.ssh_key.to_line();
         let Some(unit) = self.store.claim_free(
@@ -772,7 +781,20 @@ impl Kloigos {
     // ---- deallocate --------------------------------------------------------------------
 
     /// `check` may refuse (e.g. a user deallocating someone else's unit) after the unit is found.
+    /// The files the owner left are removed after the host lock is released: however many
+    /// there are, they hold up no one else's operation.
     pub fn deallocate(
+        &self,
+        id: &str,
+        actor: &str,
+        check: &dyn Fn(&Unit) -> Result<()>,
+    ) -> Result<()> {
+        let r = self.deallocate_locked(id, actor, check);
+        self.host.purge_trash();
+        r
+    }
+
+    fn deallocate_locked(
         &self,
         id: &str,
         actor: &str,
@@ -865,7 +887,14 @@ impl Kloigos {
 
     // ---- decommission ------------------------------------------------------------------
 
+    /// Retires a server; its units' files are removed after the host lock is released.
     pub fn decommission(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
+        let r = self.decommission_locked(hostname, force, actor);
+        self.host.purge_trash();
+        r
+    }
+
+    fn decommission_locked(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
         let _lock = self.lock()?;
         let server = self
             .store
@@ -949,7 +978,14 @@ impl Kloigos {
 
     /// Re-renders everything from the inventory, finishes or rolls back what a crash left
     /// half-done, and repairs drift. Running it twice in a row changes nothing the second time.
+    /// What it moves aside is removed after the host lock is released.
     pub fn reconcile(&self, actor: &str) -> Result<ReconcileReport> {
+        let r = self.reconcile_locked(actor);
+        self.host.purge_trash();
+        r
+    }
+
+    fn reconcile_locked(&self, actor: &str) -> Result<ReconcileReport> {
         let _lock = self.lock()?;
         let mut report = ReconcileReport::default();
         // Servers half decommissioned: finish the job first, so their units are not re-rendered.
@@ -964,6 +1000,12 @@ impl Kloigos {
                     ServerStatus::Decommissioning,
                     ServerStatus::Decommissioned,
                 );
+            }
+        }
+        // What a run stopped before removing it: for `purge_trash`, after the lock.
+        for (_, _, p) in self.local_plans(None)? {
+            if let Err(e) = self.host.find_trash(&p) {
+                error!(compute_id = %p.compute_id, error = %e, "cannot look for old files to remove");
             }
         }
         // Every file, user, directory and the table as the inventory says...
