@@ -1528,7 +1528,8 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
 }
 
 /// Every error is JSON: refuses an announced body over [`MAX_BODY`] before reading it, and
-/// turns any other error response that is not JSON into `{"detail": ...}`.
+/// turns any other error response that is not JSON into `{"detail": ...}`. Every answer also
+/// forbids framing and content sniffing.
 async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let announced = req
         .headers()
@@ -1542,7 +1543,18 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
         )
         .into_response();
     }
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    // No other site may frame the dashboard or the docs (clickjacking a signed-in admin), and
+    // no browser may take a JSON answer holding a caller's text for a page.
+    for (name, value) in [
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ] {
+        resp.headers_mut()
+            .entry(name)
+            .or_insert(axum::http::HeaderValue::from_static(value));
+    }
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) || is_json(resp.headers()) {
         return resp;

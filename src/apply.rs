@@ -508,7 +508,7 @@ impl Host {
     }
 
     /// Removes what the user may have left outside its directories: crontab, at jobs, mail,
-    /// and files it owns in /tmp, /var/tmp and /dev/shm (through handles: these directories
+    /// POSIX message queues, and files it owns in /tmp, /var/tmp and /dev/shm (through handles: these directories
     /// are shared with the tenant).
     pub fn remove_user_leftovers(&self, plan: &UnitPlan) -> Result<()> {
         for spool in ["var/spool/cron/crontabs", "var/spool/cron", "var/mail"] {
@@ -529,6 +529,10 @@ impl Host {
             if let Some(d) = self.trusted_opt(tmp)? {
                 d.remove_owned(plan.uid, true)?;
             }
+        }
+        // POSIX message queues outlive their processes (and logind's RemoveIPC= may be off).
+        if let Some(d) = self.trusted_opt("dev/mqueue")? {
+            d.remove_owned(plan.uid, false)?;
         }
         Ok(())
     }

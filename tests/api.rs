@@ -203,8 +203,24 @@ fn full_lifecycle_over_the_api() {
         "* * * * * evil\n",
     );
     std::os::unix::fs::symlink("/etc", s.root().join("home/u0-3/etc-link")).unwrap();
+    let uid = s.get("/api/compute_units/testhost_0-3").1["uid"]
+        .as_u64()
+        .expect("uid") as u32;
+    let queue = s.root().join("dev/mqueue/q");
+    common::write(&queue, "");
+    std::os::unix::fs::chown(&queue, Some(uid), Some(uid)).unwrap();
     let (code, v) = s.call("DELETE", "/api/compute_units/deallocate/testhost_0-3", None);
     assert_eq!((code, v), (200, json!({})));
+    assert!(!queue.exists(), "message queue left");
+    // The old trees were moved aside, then removed before the answer.
+    for parent in ["home", "opt", "mnt"] {
+        let aside: Vec<_> = std::fs::read_dir(s.root().join(parent))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(aside.is_empty(), "{parent}: {aside:?}");
+    }
     assert!(!s.root().join("home/u0-3/.ssh/authorized_keys").exists());
     assert!(!s.root().join("var/lib/systemd/linger/u0-3").exists());
     assert!(!s.root().join("var/spool/cron/crontabs/u0-3").exists());
@@ -681,6 +697,27 @@ fn openapi_and_health() {
             .as_str()
             .unwrap_or_default();
         assert!(d.contains(words), "E{code}: {d:?}");
+    }
+    // No page of another site may frame the dashboard or the docs, nor sniff an answer.
+    for path in ["/", "/docs/", "/openapi.json", "/api/nope"] {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        c.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        let head = text.split("\r\n\r\n").next().unwrap_or_default();
+        for h in [
+            "x-frame-options: deny",
+            "content-security-policy: frame-ancestors 'none'",
+            "x-content-type-options: nosniff",
+        ] {
+            assert!(head.contains(h), "{path}: no {h} in {head}");
+        }
     }
     let (code, h) = s.get("/healthz");
     assert_eq!(
