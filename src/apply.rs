@@ -380,7 +380,12 @@ impl Host {
         let Some(home) = self.unit_dir(plan, &plan.dirs.home, None)? else {
             return Ok(());
         };
-        if !home.entries()?.iter().all(|n| n == ".ssh") {
+        let mut only_ssh = true;
+        home.for_each_entry(|n| {
+            only_ssh = n == ".ssh";
+            Ok(only_ssh)
+        })?;
+        if !only_ssh {
             return Ok(());
         }
         let Some(skel) = self.trusted_opt("etc/skel")? else {
@@ -591,12 +596,13 @@ impl Host {
             let Some(parent) = open_opt(&parent_path)? else {
                 continue;
             };
-            for name in parent.entries()? {
-                let known = trash.iter().any(|(p, n)| *p == parent_path && *n == name);
+            parent.for_each_entry(|name| {
+                let known = trash.iter().any(|(p, n)| *p == parent_path && n == name);
                 if name.as_encoded_bytes().starts_with(TRASH_PREFIX.as_bytes()) && !known {
-                    trash.push((parent_path.clone(), name));
+                    trash.push((parent_path.clone(), name.to_os_string()));
                 }
-            }
+                Ok(true)
+            })?;
         }
         Ok(())
     }
