@@ -530,9 +530,25 @@ impl Host {
                 d.remove_owned(plan.uid, false)?;
             }
         }
+        // What the user owns right in these shared directories is moved into a new directory
+        // only root can enter, removed after the host lock is released (see `purge_trash`).
         for tmp in ["tmp", "var/tmp", "dev/shm"] {
-            if let Some(d) = self.trusted_opt(tmp)? {
-                d.remove_owned(plan.uid, true)?;
+            let Some(d) = self.trusted_opt(tmp)? else {
+                continue;
+            };
+            match d.new_private_dir(TRASH_PREFIX) {
+                Ok((name, aside)) => {
+                    let r = d.move_owned_aside(plan.uid, &aside);
+                    self.trash
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((self.path(tmp), name));
+                    r?;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "removing leftovers in place");
+                    d.remove_owned(plan.uid, true)?;
+                }
             }
         }
         // POSIX message queues outlive their processes (and logind's RemoveIPC= may be off).
@@ -588,17 +604,35 @@ impl Host {
     }
 
     /// Adds to the trash what a previous run moved aside and did not remove (it was stopped
-    /// or failed) in the parents of the unit's directories.
-    pub fn find_trash(&self, plan: &UnitPlan) -> Result<()> {
+    /// or failed): root's private `.kloigos-trash-…` directories in the parents of the units'
+    /// directories and in /tmp, /var/tmp and /dev/shm.
+    pub fn find_trash<'a>(&self, plans: impl IntoIterator<Item = &'a UnitPlan>) -> Result<()> {
+        let mut parents: Vec<PathBuf> = ["tmp", "var/tmp", "dev/shm"].map(|t| self.path(t)).into();
+        for plan in plans {
+            for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
+                let parent = self.split_or_err(Path::new(d))?.0;
+                if !parents.contains(&parent) {
+                    parents.push(parent);
+                }
+            }
+        }
         let mut trash = self.trash.lock().unwrap_or_else(|p| p.into_inner());
-        for d in [&plan.dirs.opt, &plan.dirs.mnt, &plan.dirs.home] {
-            let (parent_path, _) = self.split_or_err(Path::new(d))?;
+        for parent_path in parents {
             let Some(parent) = open_opt(&parent_path)? else {
                 continue;
             };
             parent.for_each_entry(|name| {
                 let known = trash.iter().any(|(p, n)| *p == parent_path && n == name);
-                if name.as_encoded_bytes().starts_with(TRASH_PREFIX.as_bytes()) && !known {
+                // Only root's own private directories: anyone may make a name in /tmp.
+                let ours = || {
+                    parent.lstat(name).ok().flatten().is_some_and(|st| {
+                        st.st_uid == 0
+                            && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                            && st.st_mode & 0o077 == 0
+                    })
+                };
+                if name.as_encoded_bytes().starts_with(TRASH_PREFIX.as_bytes()) && !known && ours()
+                {
                     trash.push((parent_path.clone(), name.to_os_string()));
                 }
                 Ok(true)
@@ -887,10 +921,80 @@ mod tests {
 
         // What a stopped run left aside is found again and removed.
         fs::create_dir_all(host.path("home/.kloigos-trash-u0-1-2/deep")).unwrap();
-        host.find_trash(&plan(false)).unwrap();
-        host.find_trash(&plan(false)).unwrap();
+        fs::set_permissions(
+            host.path("home/.kloigos-trash-u0-1-2"),
+            fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        host.find_trash([&plan(false)]).unwrap();
+        host.find_trash([&plan(false), &plan(false)]).unwrap();
         assert_eq!(host.purge_trash(), 1);
         assert_eq!(listing(&host.path("home")), ["u0"]);
+    }
+
+    /// What the user left in /tmp goes into a new directory only root can enter (at once,
+    /// whatever it holds), and is removed by `purge_trash`; a tenant's own `.kloigos-trash-…`
+    /// name is never taken for Kloigos'.
+    #[test]
+    fn leftovers_in_tmp_are_moved_aside_then_purged() {
+        use std::os::unix::fs::{MetadataExt, chown};
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::new(dir.path().join("root"));
+        let uid = plan(true).uid;
+        let tmp = host.path("tmp");
+        fs::create_dir_all(tmp.join("x/deep/er")).unwrap();
+        fs::write(tmp.join("x/deep/er/f"), "x").unwrap();
+        fs::write(tmp.join("f"), "x").unwrap();
+        fs::write(tmp.join("other"), "x").unwrap();
+        fs::create_dir(tmp.join("shared")).unwrap();
+        fs::write(tmp.join("shared/g"), "x").unwrap();
+        fs::create_dir(tmp.join(".kloigos-trash-evil")).unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+        fs::set_permissions(tmp.join("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+        for p in ["x", "f", "shared/g", ".kloigos-trash-evil"] {
+            chown(tmp.join(p), Some(uid), Some(uid)).unwrap();
+        }
+        chown(tmp.join("other"), Some(4242), Some(4242)).unwrap();
+        chown(tmp.join("shared"), Some(4242), Some(4242)).unwrap();
+        let names = |p: &Path| {
+            let mut v: Vec<String> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+
+        host.remove_user_leftovers(&plan(true)).unwrap();
+        let left = names(&tmp);
+        let aside: Vec<&String> = left
+            .iter()
+            .filter(|n| n.starts_with(TRASH_PREFIX))
+            .collect();
+        assert_eq!(aside.len(), 1, "{left:?}");
+        let m = fs::symlink_metadata(tmp.join(aside[0])).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o700));
+        let mut moved = names(&tmp.join(aside[0]));
+        moved.sort();
+        assert_eq!(moved, [".kloigos-trash-evil", "f", "x"]);
+        assert!(!tmp.join("shared/g").exists());
+        assert!(tmp.join("other").exists());
+
+        assert_eq!(host.purge_trash(), 1);
+        assert_eq!(names(&tmp), ["other", "shared"]);
+
+        // Only root's private directories are taken for trash a stopped run left.
+        fs::create_dir(tmp.join(".kloigos-trash-tenant")).unwrap();
+        chown(tmp.join(".kloigos-trash-tenant"), Some(4242), Some(4242)).unwrap();
+        fs::create_dir(tmp.join(".kloigos-trash-1-2-3")).unwrap();
+        fs::set_permissions(
+            tmp.join(".kloigos-trash-1-2-3"),
+            fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        host.find_trash([&plan(true)]).unwrap();
+        assert_eq!(host.purge_trash(), 1);
+        assert_eq!(names(&tmp), [".kloigos-trash-tenant", "other", "shared"]);
     }
 
     #[test]

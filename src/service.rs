@@ -1003,10 +1003,9 @@ impl Kloigos {
             }
         }
         // What a run stopped before removing it: for `purge_trash`, after the lock.
-        for (_, _, p) in self.local_plans(None)? {
-            if let Err(e) = self.host.find_trash(&p) {
-                error!(compute_id = %p.compute_id, error = %e, "cannot look for old files to remove");
-            }
+        let plans = self.local_plans(None)?;
+        if let Err(e) = self.host.find_trash(plans.iter().map(|(_, _, p)| p)) {
+            error!(error = %e, "cannot look for old files to remove");
         }
         // Every file, user, directory and the table as the inventory says...
         let applied = self.apply_local(None)?;

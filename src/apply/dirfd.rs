@@ -483,29 +483,94 @@ impl DirFd {
     /// which is its own: a unit's group has the unit's uid as gid): another tenant's private
     /// tree, however large, costs nothing here.
     pub fn remove_owned(&self, uid: u32, recurse: bool) -> Result<()> {
-        self.remove_owned_at(uid, recurse, 0)
+        self.remove_owned_at(uid, recurse, 0, None)
     }
 
-    fn remove_owned_at(&self, uid: u32, recurse: bool, depth: usize) -> Result<()> {
+    /// Like [`DirFd::remove_owned`], but what `uid` owns right in this directory is moved into
+    /// `aside` (a directory on the same filesystem only root can enter) instead: O(1) each,
+    /// whatever it holds, and a mount point in it (a tenant's FUSE mount) cannot make this
+    /// fail. `uid`'s entries deeper down (in directories of others) are removed in place. A
+    /// dead FUSE mount (`ENOTCONN`), whoever made it, is left alone with a warning.
+    pub fn move_owned_aside(&self, uid: u32, aside: &DirFd) -> Result<()> {
+        self.remove_owned_at(uid, true, 0, Some(aside))
+    }
+
+    fn remove_owned_at(
+        &self,
+        uid: u32,
+        recurse: bool,
+        depth: usize,
+        aside: Option<&DirFd>,
+    ) -> Result<()> {
         let dev = self.stat()?.st_dev;
         self.for_each_entry(|name| {
-            let Some(st) = self.lstat(name)? else {
-                return Ok(true);
+            let st = match fstatat(&self.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => return Ok(true),
+                Err(Errno::ENOTCONN) => {
+                    tracing::warn!(path = ?self.child(name), "dead FUSE mount left in place");
+                    return Ok(true);
+                }
+                Err(e) => return Err(self.err(name, e)),
             };
             if st.st_uid == uid {
-                self.remove_entry(name)?;
+                let moved = aside.is_some_and(|a| {
+                    match renameat(&self.fd, name, &a.fd, name) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(path = ?self.child(name), error = %e, "cannot move aside; removing in place");
+                            false
+                        }
+                    }
+                });
+                if !moved {
+                    self.remove_entry(name)?;
+                }
             } else if recurse && is_dir(&st) && st.st_dev == dev && depth < MAX_DEPTH {
                 // Opened without following: swapped for a link meanwhile, it is skipped. The
                 // mode is checked on the open handle, not on the name.
                 if let Some(sub) = self.open_dir_opt(name)? {
                     let st = sub.stat()?;
                     if st.st_dev == dev && writable_by(&st, uid) {
-                        sub.remove_owned_at(uid, true, depth + 1)?;
+                        sub.remove_owned_at(uid, true, depth + 1, None)?;
                     }
                 }
             }
             Ok(true)
         })
+    }
+
+    /// A new, empty directory named `prefix` + a fresh suffix in this directory, root's with
+    /// mode 0700 (in a sticky directory such as /tmp nobody else can rename or remove it).
+    pub fn new_private_dir(&self, prefix: &str) -> Result<(OsString, DirFd)> {
+        for _ in 0..RETRIES {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let name = OsString::from(format!(
+                "{prefix}{}-{}-{nanos:x}",
+                std::process::id(),
+                TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            match mkdirat(&self.fd, name.as_os_str(), Mode::from_bits_truncate(0o700)) {
+                Ok(()) => {}
+                Err(Errno::EEXIST) => continue,
+                Err(e) => return Err(self.err(&name, e)),
+            }
+            let d = self.open_dir(&name).map_err(|e| self.err(&name, e))?;
+            let st = d.stat()?;
+            if st.st_uid != 0 || st.st_mode & 0o077 != 0 {
+                return Err(ApplyError::Conflict(format!(
+                    "{:?} is not root's private directory",
+                    d.path
+                )));
+            }
+            return Ok((name, d));
+        }
+        Err(ApplyError::Conflict(format!(
+            "cannot make a private directory in {:?}",
+            self.path
+        )))
     }
 
     /// Copies the tree under `src` into this directory: directories are created (kept when
