@@ -418,6 +418,20 @@ impl Host {
         Ok(())
     }
 
+    /// A FUSE mount in the unit's directories, if there is one (from this host's
+    /// `/proc/self/mountinfo`). Its owner's process answers every access to it, and may never
+    /// answer: such a tree is not touched while the owner can run (only after the kill, when
+    /// the mount answers at once with an error).
+    pub fn fuse_mount_in(&self, plan: &UnitPlan) -> Option<String> {
+        let text = fs::read_to_string(self.path("proc/self/mountinfo")).ok()?;
+        let dirs = [
+            plan.dirs.opt.as_str(),
+            plan.dirs.mnt.as_str(),
+            plan.dirs.home.as_str(),
+        ];
+        fuse_mounts_under(&text, &dirs).into_iter().next()
+    }
+
     /// Installs the owner's key: `.ssh` is made a directory of the unit's (a link or file
     /// there is removed, not followed), the key written atomically inside it.
     pub fn write_authorized_key(&self, plan: &UnitPlan, key_line: &str) -> Result<()> {
@@ -705,6 +719,48 @@ fn open_opt(path: &Path) -> Result<Option<DirFd>> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// Mount points of FUSE filesystems (any user may make one with `fusermount` on a directory
+/// it owns) at or below one of `dirs`, from the text of a `mountinfo` file. Paths are
+/// unescaped (`\040` is a space).
+pub fn fuse_mounts_under(mountinfo: &str, dirs: &[&str]) -> Vec<String> {
+    fn unescape(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let oct = b
+                .get(i + 1..i + 4)
+                .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)));
+            match (b[i], oct) {
+                (b'\\', Some(o)) => {
+                    out.push(o.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                    i += 4;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let point = unescape(mount.split(' ').nth(4)?);
+            let fstype = fs.split(' ').next()?;
+            let fuse = fstype == "fuse" || fstype == "fuseblk" || fstype.starts_with("fuse.");
+            let under = dirs.iter().any(|d| {
+                point
+                    .strip_prefix(d.trim_end_matches('/'))
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            });
+            (fuse && under).then_some(point)
+        })
+        .collect()
 }
 
 /// Every pid whose real, effective or saved uid is `uid`.
@@ -995,6 +1051,25 @@ mod tests {
         host.find_trash([&plan(true)]).unwrap();
         assert_eq!(host.purge_trash(), 1);
         assert_eq!(names(&tmp), [".kloigos-trash-tenant", "other", "shared"]);
+    }
+
+    #[test]
+    fn fuse_mounts_are_found_under_a_units_directories_only() {
+        let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:35 / /home/u0 rw,nosuid,nodev shared:5 - fuse.sshfs me@h: rw,user_id=20000,group_id=20000
+41 22 0:36 / /home/u0-3/a\\040b rw,nosuid,nodev - fuse /dev/fuse rw,user_id=20000
+42 22 0:37 / /home/u01/x rw - fuse.evil x rw,user_id=20001
+43 22 8:2 / /mnt/c0 rw - ext4 /dev/sdb1 rw
+44 22 0:38 / /opt/c0/deep/er rw - fuseblk /dev/sdc1 rw,user_id=0
+";
+        assert_eq!(fuse_mounts_under(info, &["/home/u0"]), ["/home/u0"]);
+        assert_eq!(
+            fuse_mounts_under(info, &["/opt/c0", "/mnt/c0", "/home/u0-3"]),
+            ["/home/u0-3/a b", "/opt/c0/deep/er"]
+        );
+        assert!(fuse_mounts_under(info, &["/mnt/c0", "/home/u1"]).is_empty());
+        assert!(fuse_mounts_under("garbage\n\n1 2 3", &["/home/u0"]).is_empty());
     }
 
     #[test]

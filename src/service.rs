@@ -530,6 +530,15 @@ impl Kloigos {
             if failed.iter().any(|(id, _)| *id == p.compute_id) {
                 continue;
             }
+            // Its owner's process answers (or never answers) every access below a FUSE mount:
+            // the unit is left alone and reported, the host lock is not held up.
+            if let Some(m) = self.host.fuse_mount_in(p) {
+                failed.push((
+                    p.compute_id.clone(),
+                    format!("{m:?} is a FUSE mount: an admin must unmount it"),
+                ));
+                continue;
+            }
             if let Err(e) = self.host.create_dirs(p) {
                 failed.push((p.compute_id.clone(), e.to_string()));
             }

@@ -1456,3 +1456,57 @@ fn a_wrecked_unit_never_stops_the_service() {
         0
     );
 }
+
+/// A tenant's FUSE mount in its tree is answered by its own process, which may never answer:
+/// the service does not enter such a tree (the host lock would hang), marks the unit and
+/// serves the others; once the mount is gone the unit is repaired.
+#[test]
+fn a_fuse_mount_in_a_unit_is_not_entered() {
+    let mut s = Server::start();
+    s.init(&["0-3", "4-7"]);
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(4), &ssh_key("a"), Value::Null)),
+    );
+    assert_eq!(code, 200, "{v}");
+    let id = v["compute_id"].as_str().unwrap().to_string();
+    let home = s
+        .root()
+        .join(v["user"].as_str().map(|u| format!("home/{u}")).unwrap());
+    s.kill9();
+    // What reconcile would repair, under a (pretend) FUSE mount of the tenant's.
+    std::fs::remove_dir_all(home.join(".ssh")).unwrap();
+    let mountinfo = s.root().join("proc/self/mountinfo");
+    common::write(
+        &mountinfo,
+        &format!(
+            "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n40 22 0:35 / {} rw,nosuid - fuse.sshfs x rw,user_id=20000\n",
+            home.strip_prefix(s.root())
+                .map(|p| format!("/{}", p.display()))
+                .unwrap()
+        ),
+    );
+    s.spawn();
+    let (code, u) = s.get(&format!("/api/compute_units/{id}"));
+    assert_eq!(code, 200, "{u}");
+    assert!(
+        u["problem"].as_str().unwrap_or_default().contains("FUSE"),
+        "{u}"
+    );
+    assert!(!home.join(".ssh").exists(), "the tree was entered");
+    // The other unit is served.
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(4), &ssh_key("b"), Value::Null)),
+    );
+    assert_eq!(code, 200, "{v}");
+    // Unmounted: repaired at the next start.
+    std::fs::remove_file(&mountinfo).unwrap();
+    s.kill9();
+    s.spawn();
+    let (_, u) = s.get(&format!("/api/compute_units/{id}"));
+    assert_eq!(u["problem"], Value::Null, "{u}");
+    assert!(home.join(".ssh/authorized_keys").exists());
+}

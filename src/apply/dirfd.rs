@@ -32,6 +32,14 @@ fn dir_flags() -> OFlag {
     OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
+/// An entry's owner, mode and device (major, minor), from the kernel's cache.
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    uid: u32,
+    mode: u32,
+    dev: (u32, u32),
+}
+
 /// What one pass of [`DirFd::empty`] left for the next.
 #[derive(Default)]
 struct Pass {
@@ -111,7 +119,53 @@ impl DirFd {
         }
     }
 
-    /// Opens the subdirectory `name`. A symlink or non-directory there fails (`ELOOP`/`ENOTDIR`).
+    /// The entry `name` itself (a symlink is not followed) as the kernel has it cached
+    /// (`AT_STATX_DONT_SYNC`): owner, mode and device. A FUSE filesystem's process is never
+    /// asked, so a tenant's mount that never answers cannot stall the caller. `None` if missing.
+    fn lstat_cached(&self, name: &OsStr) -> std::result::Result<Option<Cached>, Errno> {
+        use std::os::fd::AsRawFd;
+        let c = std::ffi::CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)?;
+        let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
+        // SAFETY: a valid descriptor, a NUL-terminated name and a buffer of the right type,
+        // which the kernel fills on success (and which is zeroed anyway).
+        let r = unsafe {
+            libc::statx(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+                libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID,
+                buf.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return match Errno::last() {
+                Errno::ENOENT => Ok(None),
+                e => Err(e),
+            };
+        }
+        // SAFETY: zero-initialised plain data, filled by the kernel.
+        let st = unsafe { buf.assume_init() };
+        Ok(Some(Cached {
+            uid: st.stx_uid,
+            mode: u32::from(st.stx_mode),
+            dev: (st.stx_dev_major, st.stx_dev_minor),
+        }))
+    }
+
+    /// Is the entry `name` something mounted here (another device than this directory's)?
+    /// Asked without entering it (see [`DirFd::lstat_cached`]).
+    fn is_mount(&self, name: &OsStr) -> Result<bool> {
+        let here = self
+            .lstat_cached(OsStr::new("."))
+            .map_err(|e| err(&self.path, e))?;
+        match self.lstat_cached(name) {
+            Ok(Some(st)) => Ok(here.is_none_or(|h| h.dev != st.dev)),
+            Ok(None) => Ok(false),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Opens the subdirectory `name`. A symlink or non-directory there fails (`ELOOP`/`ENOTDIR`).    /// Opens the subdirectory `name`. A symlink or non-directory there fails (`ELOOP`/`ENOTDIR`).
     pub fn open_dir(&self, name: &OsStr) -> std::result::Result<DirFd, Errno> {
         check_name(name)?;
         let fd = openat(&self.fd, name, dir_flags(), Mode::empty())?;
@@ -342,6 +396,9 @@ impl DirFd {
                 Err(Errno::EISDIR) => {}
                 Err(e) => return Err(self.err(name, e)),
             }
+            if self.is_mount(name)? {
+                return Err(mounted(&self.child(name)));
+            }
             let sub = match self.open_dir(name) {
                 Ok(d) => d,
                 Err(Errno::ENOENT) => return Ok(false),
@@ -369,10 +426,7 @@ impl DirFd {
     /// that is left to an admin.
     fn same_fs(&self, sub: &DirFd) -> Result<()> {
         if sub.stat()?.st_dev != self.stat()?.st_dev {
-            return Err(ApplyError::Conflict(format!(
-                "{:?} is a mount point; not removing it",
-                sub.path
-            )));
+            return Err(mounted(&sub.path));
         }
         Ok(())
     }
@@ -452,6 +506,9 @@ impl DirFd {
             pass.hoisted = true;
             return Ok(());
         }
+        if self.is_mount(name)? {
+            return Err(mounted(&self.child(name)));
+        }
         let sub = match self.open_dir(name) {
             Ok(d) => d,
             Err(Errno::ENOENT) => return Ok(()),
@@ -502,18 +559,25 @@ impl DirFd {
         depth: usize,
         aside: Option<&DirFd>,
     ) -> Result<()> {
-        let dev = self.stat()?.st_dev;
+        let Some(here) = self
+            .lstat_cached(OsStr::new("."))
+            .map_err(|e| err(&self.path, e))?
+        else {
+            return Ok(());
+        };
+        let dev = here.dev;
         self.for_each_entry(|name| {
-            let st = match fstatat(&self.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(Errno::ENOENT) => return Ok(true),
-                Err(Errno::ENOTCONN) => {
-                    tracing::warn!(path = ?self.child(name), "dead FUSE mount left in place");
-                    return Ok(true);
-                }
+            // Never entered to look: a mount (another user's FUSE mount may never answer).
+            let st = match self.lstat_cached(name) {
+                Ok(Some(st)) => st,
+                Ok(None) => return Ok(true),
                 Err(e) => return Err(self.err(name, e)),
             };
-            if st.st_uid == uid {
+            if st.dev != dev {
+                tracing::warn!(path = ?self.child(name), "a mount point in a shared directory: left alone");
+                return Ok(true);
+            }
+            if st.uid == uid {
                 let moved = aside.is_some_and(|a| {
                     match renameat(&self.fd, name, &a.fd, name) {
                         Ok(()) => true,
@@ -526,12 +590,14 @@ impl DirFd {
                 if !moved {
                     self.remove_entry(name)?;
                 }
-            } else if recurse && is_dir(&st) && st.st_dev == dev && depth < MAX_DEPTH {
+            } else if recurse && st.mode & libc::S_IFMT == libc::S_IFDIR && depth < MAX_DEPTH {
                 // Opened without following: swapped for a link meanwhile, it is skipped. The
                 // mode is checked on the open handle, not on the name.
                 if let Some(sub) = self.open_dir_opt(name)? {
                     let st = sub.stat()?;
-                    if st.st_dev == dev && writable_by(&st, uid) {
+                    if sub.lstat_cached(OsStr::new(".")).ok().flatten().is_some_and(|h| h.dev == dev)
+                        && writable_by(&st, uid)
+                    {
                         sub.remove_owned_at(uid, true, depth + 1, None)?;
                     }
                 }
@@ -603,6 +669,10 @@ impl DirFd {
         }
         Ok(())
     }
+}
+
+fn mounted(path: &Path) -> ApplyError {
+    ApplyError::Conflict(format!("{path:?} is a mount point; not removing it"))
 }
 
 /// One path component: not empty, not `.` or `..`, no `/`.
@@ -780,6 +850,51 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, 0);
+    }
+
+    /// A mount in a shared directory (a tenant's FUSE mount, here a tmpfs made to look like
+    /// one of uid 5000's) is neither entered nor a reason to fail: it is left, the rest goes.
+    /// Needs root with CAP_SYS_ADMIN (to mount); says so and passes without it.
+    #[test]
+    fn leftovers_skip_mounts_without_entering_them() {
+        let t = tempfile::tempdir().unwrap();
+        let tmp = t.path().join("tmp");
+        let m = tmp.join("m");
+        fs::create_dir_all(&m).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "uid=5000,mode=0700", "kloigos-test"])
+            .arg(&m)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here: test skipped");
+            return;
+        }
+        let umount = scopeguard(&m);
+        fs::write(m.join("inside"), "x").unwrap();
+        fs::write(tmp.join("f"), "x").unwrap();
+        std::os::unix::fs::chown(tmp.join("f"), Some(5000), Some(5000)).unwrap();
+        let d = DirFd::open_trusted(&tmp).unwrap();
+        assert!(d.is_mount(OsStr::new("m")).unwrap());
+        assert!(!d.is_mount(OsStr::new("f")).unwrap());
+        d.remove_owned(5000, true).unwrap();
+        assert!(!tmp.join("f").exists());
+        assert!(m.join("inside").exists());
+        // A tree with a mount inside is refused, not entered.
+        let e = d.remove_entry(OsStr::new("m"));
+        assert!(matches!(e, Err(ApplyError::Conflict(_))), "{e:?}");
+        drop(umount);
+    }
+
+    /// Unmounts `path` when dropped (a failed assertion too).
+    fn scopeguard(path: &Path) -> impl Drop {
+        struct Umount(PathBuf);
+        impl Drop for Umount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        Umount(path.to_path_buf())
     }
 
     #[test]
