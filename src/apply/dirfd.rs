@@ -152,26 +152,38 @@ impl DirFd {
         }))
     }
 
-    /// Is the entry `name` something mounted here (another device than this directory's)?
-    /// Asked without entering it (see [`DirFd::lstat_cached`]).
-    fn is_mount(&self, name: &OsStr) -> Result<bool> {
-        let here = self
-            .lstat_cached(OsStr::new("."))
-            .map_err(|e| err(&self.path, e))?;
-        match self.lstat_cached(name) {
-            Ok(Some(st)) => Ok(here.is_none_or(|h| h.dev != st.dev)),
-            Ok(None) => Ok(false),
-            Err(e) => Err(self.err(name, e)),
-        }
-    }
-
-    /// Opens the subdirectory `name`. A symlink or non-directory there fails (`ELOOP`/`ENOTDIR`).    /// Opens the subdirectory `name`. A symlink or non-directory there fails (`ELOOP`/`ENOTDIR`).
+    /// Opens the subdirectory `name`. A symlink or non-directory there fails (`ELOOP`/`ENOTDIR`).
     pub fn open_dir(&self, name: &OsStr) -> std::result::Result<DirFd, Errno> {
         check_name(name)?;
         let fd = openat(&self.fd, name, dir_flags(), Mode::empty())?;
         Ok(DirFd {
             fd,
             path: self.child(name),
+        })
+    }
+
+    /// Opens the subdirectory `name` unless something is mounted there (`EXDEV` then), without
+    /// ever entering a mount: a path-only handle first (no filesystem is asked to open
+    /// anything), its device checked from the kernel's cache, then that very directory opened
+    /// through the handle (`.` crosses no mount, whatever is mounted on the name meanwhile).
+    pub fn open_dir_nomount(&self, name: &OsStr) -> std::result::Result<DirFd, Errno> {
+        check_name(name)?;
+        let here = self.lstat_cached(OsStr::new("."))?.ok_or(Errno::ENOENT)?;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let path_only = DirFd {
+            fd: openat(&self.fd, name, flags, Mode::empty())?,
+            path: self.child(name),
+        };
+        let st = path_only
+            .lstat_cached(OsStr::new("."))?
+            .ok_or(Errno::ENOENT)?;
+        if st.dev != here.dev {
+            return Err(Errno::EXDEV);
+        }
+        let fd = openat(&path_only.fd, ".", dir_flags(), Mode::empty())?;
+        Ok(DirFd {
+            fd,
+            path: path_only.path,
         })
     }
 
@@ -396,12 +408,10 @@ impl DirFd {
                 Err(Errno::EISDIR) => {}
                 Err(e) => return Err(self.err(name, e)),
             }
-            if self.is_mount(name)? {
-                return Err(mounted(&self.child(name)));
-            }
-            let sub = match self.open_dir(name) {
+            let sub = match self.open_dir_nomount(name) {
                 Ok(d) => d,
                 Err(Errno::ENOENT) => return Ok(false),
+                Err(Errno::EXDEV) => return Err(mounted(&self.child(name))),
                 // Swapped for a non-directory meanwhile: unlink again.
                 Err(Errno::ELOOP | Errno::ENOTDIR) => continue,
                 Err(e) => return Err(self.err(name, e)),
@@ -506,12 +516,10 @@ impl DirFd {
             pass.hoisted = true;
             return Ok(());
         }
-        if self.is_mount(name)? {
-            return Err(mounted(&self.child(name)));
-        }
-        let sub = match self.open_dir(name) {
+        let sub = match self.open_dir_nomount(name) {
             Ok(d) => d,
             Err(Errno::ENOENT) => return Ok(()),
+            Err(Errno::EXDEV) => return Err(mounted(&self.child(name))),
             Err(Errno::ELOOP | Errno::ENOTDIR) => {
                 // Swapped for a non-directory since: the next pass takes it.
                 pass.refilled = true;
@@ -591,15 +599,16 @@ impl DirFd {
                     self.remove_entry(name)?;
                 }
             } else if recurse && st.mode & libc::S_IFMT == libc::S_IFDIR && depth < MAX_DEPTH {
-                // Opened without following: swapped for a link meanwhile, it is skipped. The
-                // mode is checked on the open handle, not on the name.
-                if let Some(sub) = self.open_dir_opt(name)? {
-                    let st = sub.stat()?;
-                    if sub.lstat_cached(OsStr::new(".")).ok().flatten().is_some_and(|h| h.dev == dev)
-                        && writable_by(&st, uid)
-                    {
-                        sub.remove_owned_at(uid, true, depth + 1, None)?;
+                // Opened without following and without entering a mount: swapped for a link
+                // or a mount meanwhile, it is skipped. The mode is checked on the open handle.
+                match self.open_dir_nomount(name) {
+                    Ok(sub) => {
+                        if writable_by(&sub.stat()?, uid) {
+                            sub.remove_owned_at(uid, true, depth + 1, None)?;
+                        }
                     }
+                    Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {}
+                    Err(e) => return Err(self.err(name, e)),
                 }
             }
             Ok(true)
@@ -875,8 +884,12 @@ mod tests {
         fs::write(tmp.join("f"), "x").unwrap();
         std::os::unix::fs::chown(tmp.join("f"), Some(5000), Some(5000)).unwrap();
         let d = DirFd::open_trusted(&tmp).unwrap();
-        assert!(d.is_mount(OsStr::new("m")).unwrap());
-        assert!(!d.is_mount(OsStr::new("f")).unwrap());
+        fs::create_dir(tmp.join("plain")).unwrap();
+        assert_eq!(
+            d.open_dir_nomount(OsStr::new("m")).map(drop),
+            Err(Errno::EXDEV)
+        );
+        assert!(d.open_dir_nomount(OsStr::new("plain")).is_ok());
         d.remove_owned(5000, true).unwrap();
         assert!(!tmp.join("f").exists());
         assert!(m.join("inside").exists());
