@@ -630,6 +630,8 @@ impl Host {
                 }
             }
         }
+        // This process's own are registered when made and removed by whoever made them.
+        let mine = format!("-{}-", std::process::id());
         let mut trash = self.trash.lock().unwrap_or_else(|p| p.into_inner());
         for parent_path in parents {
             let Some(parent) = open_opt(&parent_path)? else {
@@ -645,8 +647,9 @@ impl Host {
                             && st.st_mode & 0o077 == 0
                     })
                 };
-                if name.as_encoded_bytes().starts_with(TRASH_PREFIX.as_bytes()) && !known && ours()
-                {
+                let bytes = name.as_encoded_bytes();
+                let own = bytes.windows(mine.len()).any(|w| w == mine.as_bytes());
+                if bytes.starts_with(TRASH_PREFIX.as_bytes()) && !known && !own && ours() {
                     trash.push((parent_path.clone(), name.to_os_string()));
                 }
                 Ok(true)
