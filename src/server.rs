@@ -15,7 +15,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,8 +78,15 @@ pub fn bind(addr: &str) -> io::Result<Listener> {
             std::fs::remove_file(&path)?;
         }
         let l = std::os::unix::net::UnixListener::bind(&path)?;
-        // Anyone may connect; peer credentials decide what they may do.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        // Anyone may connect; peer credentials decide what they may do. Never through a link
+        // someone put in the socket's place since the bind.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(io::Error::from)?;
         Ok(Listener::Unix(l, Some(path)))
     } else {
         let l = std::net::TcpListener::bind(addr)?;
