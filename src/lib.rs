@@ -9,6 +9,7 @@ pub mod api;
 pub mod apply;
 pub mod auth;
 pub mod cli;
+pub mod doctor;
 pub mod logging;
 pub mod model;
 pub mod render;
