@@ -1,10 +1,12 @@
 # shellcheck shell=bash
 # Host packages for the test and build scripts, sourced by every script that installs something
-# (scripts/test.sh, scripts/package.sh, tests/vm/vm.sh, tests/vm/e2e.sh, tests/browser/run.sh).
+# (scripts/test.sh, scripts/package.sh, tests/vm/vm.sh, tests/vm/e2e.sh, tests/browser/run.sh, and
+# tests/vm/guest.sh inside the VM).
 #
 #   deps_need CMD:PKG...   install PKG for every CMD missing from PATH (one apt transaction)
 #   deps_install PKG...    install Debian packages
 #   deps_qemu              qemu-system-x86, qemu-utils and debootstrap, from one qemu release
+#   deps_apt ARGS...       any other apt-get call (tests/vm/guest.sh installs the package with it)
 #
 # On a fresh machine: apt waits for the dpkg lock (other apt jobs run at boot) instead of failing,
 # and `apt-get update` runs at most once per run (KLOIGOS_APT_UPDATED is exported to the child
@@ -23,11 +25,16 @@ deps_apt_update() {
   export KLOIGOS_APT_UPDATED=1
 }
 
+# deps_apt ARGS...: apt-get ARGS, waiting for the dpkg lock, non-interactive
+deps_apt() {
+  deps_root env DEBIAN_FRONTEND=noninteractive "${DEPS_APT[@]}" "$@"
+}
+
 # deps_install [apt-get install options] PKG...
 deps_install() {
   deps_apt_update || return 1
   deps_log "apt-get install $*"
-  deps_root env DEBIAN_FRONTEND=noninteractive "${DEPS_APT[@]}" install -y --no-install-recommends "$@" >&2
+  deps_apt install -y --no-install-recommends "$@" >&2
 }
 
 deps_need() {
