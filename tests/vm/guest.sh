@@ -229,10 +229,11 @@ except Exception: print("closed")'
   systemctl restart nftables.service
   expect "kloigos-nftables.service active" "$(systemctl is-active kloigos-nftables.service)" active
   expect_match "table back after nftables restart" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
-  as_user $U0 k1 "nohup python3 $E2E/serve.py 9051 </dev/null >/dev/null 2>&1 &"; sleep 1
+  for p in 2051 9051; do as_user $U0 k1 "nohup python3 $E2E/serve.py $p </dev/null >/dev/null 2>&1 &"; done
+  sleep 1
   expect "foreign port still fenced" "$(python3 $E2E/probe.py 9051)" closed
   expect "other unit's port still fenced" "$(python3 $E2E/probe.py 2150)" closed
-  expect "own port still open" "$(python3 $E2E/probe.py 2050)" open
+  expect "own port still open" "$(python3 $E2E/probe.py 2051)" open
   finish e2-fence-after-nftables-restart
 
   # ---- f. files
