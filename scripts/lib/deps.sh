@@ -21,7 +21,7 @@ deps_root() { if ((EUID == 0)); then "$@"; else sudo "$@"; fi; }
 deps_apt_update() {
   [[ ${KLOIGOS_APT_UPDATED:-} == 1 ]] && return 0
   deps_log "apt-get update"
-  deps_root "${DEPS_APT[@]}" update >&2 || return 1
+  deps_root "${DEPS_APT[@]}" update >/dev/null || return 1
   export KLOIGOS_APT_UPDATED=1
 }
 
@@ -34,7 +34,13 @@ deps_apt() {
 deps_install() {
   deps_apt_update || return 1
   deps_log "apt-get install $*"
-  deps_apt install -y --no-install-recommends "$@" >&2
+  local log rc=0
+  log=$(mktemp "${TMPDIR:-/tmp}/kloigos-apt.XXXXXX")
+  deps_apt install -y --no-install-recommends "$@" >"$log" 2>&1 || rc=$?
+  # what apt changed (a downgrade of a backported qemu-utils shows here), or why it failed
+  if ((rc)); then tail -25 "$log" >&2; else grep -E '^(The following|  |[0-9]+ upgraded)|DOWNGRAD' "$log" >&2; fi
+  rm -f "$log"
+  return "$rc"
 }
 
 deps_need() {
