@@ -227,6 +227,8 @@ except Exception: print("closed")'
   # ---- e2. an admin restarts nftables on a freshly installed host, before any reboot
   start
   systemctl restart nftables.service
+  # PartOf= queues kloigos-nftables' restart behind nftables'; it loads the table a moment later.
+  wait_for 30 bash -c '[[ $(systemctl is-active kloigos-nftables.service) == active ]] && nft list table inet kloigos'
   expect "kloigos-nftables.service active" "$(systemctl is-active kloigos-nftables.service)" active
   expect_match "table back after nftables restart" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
   for p in 2051 9051; do as_user $U0 k1 "nohup python3 $E2E/serve.py $p </dev/null >/dev/null 2>&1 &"; done
