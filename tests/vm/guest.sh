@@ -311,7 +311,7 @@ reboot)
   expect "owner logs in after boot" "$(as_user $U1 k2 'id -un' 2>&1)" "$U1"
   expect "lingering user manager after boot" "$(systemctl is-active user@$UID1.service)" active
   systemctl restart nftables.service
-  sleep 1
+  wait_for 30 bash -c '[[ $(systemctl is-active kloigos-nftables.service) == active ]] && nft list table inet kloigos'
   expect_match "table survives nftables restart" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
   systemctl reload nftables.service 2>/dev/null || true
   sleep 1
