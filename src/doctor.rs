@@ -357,7 +357,11 @@ fn pam_session_reaches(
             }
             continue;
         }
-        if !first.trim_start_matches('-').eq_ignore_ascii_case("session") || words.len() < 3 {
+        if !first
+            .trim_start_matches('-')
+            .eq_ignore_ascii_case("session")
+            || words.len() < 3
+        {
             continue;
         }
         let (control, target) = (words[1].as_str(), words[2].as_str());
