@@ -27,7 +27,7 @@ U0=u0 U1=u1 UID0=20000 UID1=20001
 t0=0
 start() { t0=$EPOCHREALTIME; }
 secs() { awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-result() { echo "RESULT $1 $2 $(secs) ${3:-}"; }
+result() { local d=${3:-}; echo "RESULT $1 $2 $(secs) ${d//$'\n'/ | }"; }   # one line per check
 # check NAME CONDITION-OUTPUT: PASS when the accumulated failures list is empty.
 fails=()
 expect() { # expect DESCRIPTION ACTUAL WANTED
