@@ -36,7 +36,7 @@ deps_install() {
   deps_log "apt-get install $*"
   local log rc=0
   log=$(mktemp "${TMPDIR:-/tmp}/kloigos-apt.XXXXXX")
-  deps_apt install -y --no-install-recommends "$@" >"$log" 2>&1 || rc=$?
+  deps_apt install -y "$@" >"$log" 2>&1 || rc=$?
   # what apt changed (a downgrade of a backported qemu-utils shows here), or why it failed
   if ((rc)); then tail -25 "$log" >&2; else grep -E '^(The following|  |[0-9]+ upgraded)|DOWNGRAD' "$log" >&2; fi
   rm -f "$log"
@@ -71,7 +71,7 @@ deps_qemu() {
   command -v debootstrap >/dev/null 2>&1 || extra+=(debootstrap)
   command -v mkfs.ext4 >/dev/null 2>&1 || extra+=(e2fsprogs)
   command -v ssh-keygen >/dev/null 2>&1 && command -v scp >/dev/null 2>&1 || extra+=(openssh-client)
-  deps_install --allow-downgrades "qemu-system-x86=$ver" "qemu-utils=$ver" "${extra[@]}" || return 1
+  deps_install --no-install-recommends --allow-downgrades "qemu-system-x86=$ver" "qemu-utils=$ver" "${extra[@]}" || return 1
   for cmd in qemu-system-x86_64 qemu-img debootstrap; do
     command -v "$cmd" >/dev/null 2>&1 || { deps_log "$cmd still missing after the install"; return 1; }
   done
