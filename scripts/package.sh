@@ -4,6 +4,8 @@
 #   VERSION_SUFFIX=+up1 scripts/package.sh   builds a higher version (for upgrade tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=lib/deps.sh
+. scripts/lib/deps.sh
 out=target/packages
 mkdir -p "$out"
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@^3.8
@@ -18,7 +20,7 @@ version=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json,
 deb=$(cargo deb --no-build --locked --deb-version "$version" --output "$out/" 2>&1 | tail -1)
 cargo generate-rpm --output "$out/" ${VERSION_SUFFIX:+--set-metadata "version = \"${version//[+~]/.}\""} >/dev/null
 if [[ ${KLOIGOS_LINTIAN:-1} == 1 ]]; then
-  command -v lintian >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lintian >/dev/null; }
+  deps_need lintian:lintian
   # Errors fail the build; warnings are printed for a human to read.
   lintian --fail-on error --suppress-tags-from-file packaging/lintian-suppressed "$deb" || { echo "lintian found errors in $deb" >&2; exit 1; }
 fi

@@ -8,13 +8,10 @@ step() { printf '\n=== %s\n' "$*"; }
 start=$(date +%s)
 
 step "dependencies"
-need=()
-for pair in python3:python3 curl:curl nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux ip:iproute2 ssh-keygen:openssh-client; do
-  command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
-done
-if ((${#need[@]})); then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=lib/deps.sh
+. scripts/lib/deps.sh
+deps_need python3:python3 curl:curl nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux prlimit:util-linux \
+  ip:iproute2 ssh-keygen:openssh-client
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 step "format and lints"

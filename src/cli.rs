@@ -155,6 +155,14 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Check that this host gives the isolation what it needs: SSH logins land in the unit's
+    /// slice (sshd UsePAM, pam_systemd in sshd's session stack), cgroup v2 with cpuset, nft,
+    /// logind. Exits non-zero with the list of problems.
+    Doctor {
+        /// Root of the host to check.
+        #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
+        root: PathBuf,
+    },
     /// List compute units.
     Units {
         #[arg(long)]
@@ -351,8 +359,36 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             }
             Ok(())
         }
+        Command::Doctor { root } => doctor(&root, cli.json),
         other => client(&cli.socket, cli.url.as_deref(), cli.json, other),
     }
+}
+
+fn doctor(root: &std::path::Path, as_json: bool) -> Result<()> {
+    let live = crate::apply::Host::new(root).is_live();
+    let sshd_t = if live {
+        crate::doctor::sshd_effective_config()
+    } else {
+        None
+    };
+    let checks = crate::doctor::checks(root, sshd_t.as_deref());
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!(
+                "{} {}: {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+    }
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    if !failed.is_empty() {
+        bail!("{} problem(s): {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
 }
 
 /// The audit log's name for whoever runs a local command, as the API would name them.
@@ -708,6 +744,7 @@ fn client(socket: &std::path::Path, url: Option<&str>, as_json: bool, cmd: Comma
         Command::Serve { .. }
         | Command::Reconcile { .. }
         | Command::Render { .. }
+        | Command::Doctor { .. }
         | Command::Token { .. } => {
             unreachable!("local commands are handled by run()")
         }

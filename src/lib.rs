@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod canned;
 pub mod cli;
+pub mod doctor;
 pub mod logging;
 pub mod model;
 pub mod render;

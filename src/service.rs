@@ -399,6 +399,19 @@ impl Kloigos {
     pub fn init_server(&self, req: InitServer, actor: &str) -> Result<()> {
         let _lock = self.lock()?;
         let units = self.plan_server(&req)?;
+        // A unit's SSH logins must land in its slice, or they escape the CPU fence (doctor.rs).
+        if self.host.is_live() && self.is_local(&req.hostname) {
+            let sshd_t = crate::doctor::sshd_effective_config();
+            let problems = crate::doctor::ssh_problems(self.host.root(), sshd_t.as_deref());
+            if !problems.is_empty() {
+                return Err(OpError::Conflict(format!(
+                    "refusing init_server for {}: SSH logins of unit users would not land in \
+                     their slice on this host ({}); see `kloigos doctor`",
+                    req.hostname,
+                    problems.join("; ")
+                )));
+            }
+        }
         let now = crate::time::now();
         let server = Server {
             hostname: req.hostname.clone(),

@@ -18,3 +18,8 @@ if [ "$1" -eq 1 ]; then
 		systemctl start kloigos.socket >/dev/null 2>&1 || :
 	fi
 fi
+if [ -d /run/systemd/system ]; then
+	# Active from installation on, so PartOf=nftables.service restores the fence after an
+	# nftables restart; also restores a table rendered before (reinstall).
+	systemctl start kloigos-nftables.service >/dev/null 2>&1 || :
+fi

@@ -9,11 +9,13 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# shellcheck source=../../scripts/lib/deps.sh
+. "$repo/scripts/lib/deps.sh"
 if [ ! -x /usr/bin/chromium ] || ! command -v ssh-keygen >/dev/null; then
   echo "# installing chromium and openssh-client with apt"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium openssh-client >/dev/null
+  mkdir -p "$repo/target"
+  deps_install chromium openssh-client >/dev/null 2>"$repo/target/browser-apt.log" \
+    || { tail -20 "$repo/target/browser-apt.log"; exit 1; }
 fi
 
 echo "# npm dependencies"

@@ -5,6 +5,8 @@
 # its time and a closing `N passed, M failed` line. Exits non-zero if any check failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=../../scripts/lib/deps.sh
+. scripts/lib/deps.sh
 VM=tests/vm/vm.sh
 LOG=target/e2e
 mkdir -p "$LOG"
@@ -36,7 +38,7 @@ record packages-build-lintian PASS "$(elapsed "$t")"
 
 # RPM: no RPM-based VM here; check its file list and scriptlets.
 t=$EPOCHREALTIME
-command -v rpm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rpm >/dev/null; }
+deps_need rpm:rpm >>"$LOG/package.log" 2>&1 || fatal "cannot install rpm"
 rpmf=$(ls target/packages/kloigos-*.rpm | grep -v '\.up1' | head -1)
 list=$(rpm -qlp "$rpmf" 2>/dev/null); scripts=$(rpm -qp --scripts "$rpmf" 2>/dev/null)
 missing=()
@@ -50,6 +52,8 @@ for s in 'postinstall scriptlet' 'systemctl --no-reload preset kloigos.socket' '
          'disable --now kloigos.socket' 'postuninstall scriptlet' 'try-restart kloigos.service' 'systemd-sysusers'; do
   grep -qF "$s" <<<"$scripts" || missing+=("scriptlet: $s")
 done
+grep -qx 'systemd-pam' <<<"$(rpm -qpR "$rpmf" 2>/dev/null)" || missing+=("Requires: systemd-pam")
+grep -qF 'start kloigos-nftables.service' <<<"$scripts" || missing+=("scriptlet: start kloigos-nftables.service")
 if ((${#missing[@]})); then record rpm-files-scriptlets FAIL "$(elapsed "$t")" "missing: ${missing[*]}"
 else record rpm-files-scriptlets PASS "$(elapsed "$t")"; fi
 
@@ -61,6 +65,8 @@ t=$EPOCHREALTIME
 $VM up >"$LOG/up.log" 2>&1 || { tail -40 "$LOG/up.log"; fatal "VM did not boot"; }
 record vm-boot PASS "$(elapsed "$t")"
 $VM ssh 'mkdir -p /root/pkgs' && $VM put target/packages/. /root/pkgs/ && $VM put tests/vm/guest.sh /root/guest.sh \
+  && $VM put tests/race/tenant.py /root/tenant.py \
+  && $VM put scripts/lib/deps.sh /root/deps.sh \
   || fatal "cannot copy the packages into the VM"
 
 phase() {
@@ -70,12 +76,13 @@ phase() {
   while read -r _ name verdict secs detail; do
     record "$name" "$verdict" "$secs" "$detail"
   done < <(grep '^RESULT ' <<<"$out")
-  [[ $1 == before ]] || grep -q '^RESULT ' <<<"$out" || record "phase-$1" FAIL 0 "no result (see $LOG/guest.log)"
+  grep -q '^RESULT ' <<<"$out" || record "phase-$1" FAIL 0 "no result (see $LOG/guest.log)"
 }
 : >"$LOG/guest.log"
 phase before
 phase install
 phase units
+phase race
 phase upgrade
 t=$EPOCHREALTIME
 if $VM reboot >"$LOG/reboot.log" 2>&1; then

@@ -5,12 +5,17 @@
 #
 #   guest.sh before      snapshot the host before Kloigos is installed
 #   guest.sh install     a. install the .deb, socket activation, STATUS=, idle exit
-#   guest.sh units       b-g. init_server, ssh, CPUs and limits, ports, files, deallocation
+#   guest.sh units       b-g. init_server, ssh, CPUs and limits, ports, nftables restart, files,
+#                        deallocation
+#   guest.sh race        k. a hostile tenant (tests/race/tenant.py) against reconcile and reallocation
 #   guest.sh upgrade     j. upgrade in place (run before the reboot)
 #   guest.sh reboot      h. after a reboot: slices, nftables, allocations; nftables restart
 #   guest.sh purge       i. decommission, apt purge: the host is as before
 set -u
 export LC_ALL=C
+# apt-get through the project's helper (waits for the dpkg lock: apt-daily may run at boot)
+# shellcheck source=../../scripts/lib/deps.sh
+. /root/deps.sh
 PKGS=/root/pkgs
 KEYS=/root/keys
 SNAP=/root/snapshot
@@ -22,7 +27,7 @@ U0=u0 U1=u1 UID0=20000 UID1=20001
 t0=0
 start() { t0=$EPOCHREALTIME; }
 secs() { awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-result() { echo "RESULT $1 $2 $(secs) ${3:-}"; }
+result() { local d=${3:-}; echo "RESULT $1 $2 $(secs) ${d//$'\n'/ | }"; }   # one line per check
 # check NAME CONDITION-OUTPUT: PASS when the accumulated failures list is empty.
 fails=()
 expect() { # expect DESCRIPTION ACTUAL WANTED
@@ -63,22 +68,44 @@ curl_api() { curl -s --max-time 30 "$@"; }
 case ${1:-} in
 before)
   mkdir -p "$KEYS"
-  for k in k1 k2 k3 other; do [[ -f $KEYS/$k ]] || ssh-keygen -q -t ed25519 -N '' -C "$k@test" -f "$KEYS/$k"; done
+  for k in k1 k2 k3 k4 other; do [[ -f $KEYS/$k ]] || ssh-keygen -q -t ed25519 -N '' -C "$k@test" -f "$KEYS/$k"; done
   # An admin's firewall is part of the host before Kloigos (the reboot phase restarts it).
   systemctl start nftables.service
   snapshot >"$SNAP.before"
+  # The image is a minimal Debian without libpam-systemd (the package must bring it in): the
+  # package's own `kloigos doctor`, run from the unpacked .deb, must see that SSH logins would
+  # not land in a user's slice.
+  start
+  deb=$(ls $PKGS/kloigos_*_amd64.deb | grep -v '+up' | head -1)
+  rm -rf /root/unpacked && dpkg-deb -x "$deb" /root/unpacked
+  expect "pam_systemd.so not installed" "$(ls /{usr/,}lib/x86_64-linux-gnu/security/pam_systemd.so 2>/dev/null)" ""
+  out=$(/root/unpacked/usr/bin/kloigos doctor 2>&1); rc=$?
+  expect "doctor fails" "$rc" 1
+  expect_match "doctor names pam_systemd" "$out" 'FAIL pam-systemd: pam_systemd.so is not in sshd.s PAM session stack'
+  expect_match "doctor sees UsePAM yes" "$out" 'ok   sshd-usepam: UsePAM yes'
+  finish 0-doctor-before-install
   ;;
 
 install)
   start
   deb=$(ls $PKGS/kloigos_*_amd64.deb | grep -v '+up' | head -1)
-  out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb" 2>&1); rc=$?
+  # apt brings in what the package depends on (libpam-systemd) from the image's Debian mirror,
+  # reached through qemu's user network; the lists debootstrap left are refreshed only if needed.
+  out=$(deps_apt install -y "$deb" 2>&1) || out=$(deps_apt update 2>&1 && deps_apt install -y "$deb" 2>&1)
+  rc=$?
   expect "apt install" "$rc" 0
   [[ $rc == 0 ]] || echo "$out" | tail -20
   expect "socket enabled" "$(systemctl is-enabled kloigos.socket)" enabled
   expect "socket active" "$(systemctl is-active kloigos.socket)" active
   expect "service inactive before the first request" "$(systemctl is-active kloigos.service)" inactive
   expect "group kloigos" "$(getent group kloigos | cut -d: -f1)" kloigos
+  expect "libpam-systemd came with the package" "$(dpkg-query -W -f '${db:Status-Status}' libpam-systemd 2>&1)" installed
+  out=$(kloigos doctor 2>&1)
+  expect "kloigos doctor passes after install" "$?" 0
+  expect_match "doctor: pam_systemd reached" "$out" 'ok   pam-systemd: session stack sshd -> common-session reaches'
+  # Active before any table exists, so PartOf=nftables.service has a unit to restart.
+  expect "kloigos-nftables.service active at install" "$(systemctl is-active kloigos-nftables.service)" active
+  expect "no table yet" "$(nft list tables | grep -c kloigos)" 0
   # Short idle time for the test; the conffile is kept on upgrade with --force-confold.
   sed -i 's/^KLOIGOS_IDLE_TIMEOUT=.*/KLOIGOS_IDLE_TIMEOUT=5/' /etc/default/kloigos
   cli=$(kloigos servers 2>&1); rc=$?
@@ -101,6 +128,12 @@ units)
   # ---- b. init_server for this VM, one unit per CPU, with limits
   start
   ip=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
+  # Refused while SSH logins would bypass pam_systemd (a drop-in read before UsePAM yes).
+  echo 'UsePAM no' >/etc/ssh/sshd_config.d/00-e2e-nopam.conf
+  out=$(kloigos init-server --hostname "$HOST" --ip "${ip:-127.0.0.1}" --region test --zone vm 0 1 2 3 2>&1)
+  expect_match "init-server refused without UsePAM" "$out" 'would not land in their slice.*UsePAM no.*HTTP 409'
+  expect "nothing created by the refused init" "$(getent passwd u0)" ""
+  rm -f /etc/ssh/sshd_config.d/00-e2e-nopam.conf
   out=$(kloigos init-server --hostname "$HOST" --ip "${ip:-127.0.0.1}" --region test --zone vm \
         --limits '{"tasks_max": 64, "memory_max_per_cpu": 268435456}' 0 1 2 3 2>&1)
   expect "init-server" "$?" 0
@@ -142,7 +175,7 @@ units)
   # ---- d. CPUs and limits: from an ssh session and from a systemd --user service
   start
   expect "ssh session CPUs" "$(as_user $U0 k1 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 0
-  expect_match "ssh session cgroup" "$(as_user $U0 k1 'cat /proc/self/cgroup')" "user-$UID0.slice"
+  expect_match "ssh session cgroup" "$(as_user $U0 k1 'cat /proc/self/cgroup')" "^0::/user.slice/user-$UID0.slice/session-[0-9]+.scope$"
   as_user $U0 k1 'systemd-run --user --unit=e2e-svc sleep 600' >/dev/null 2>&1
   pid=$(as_user $U0 k1 'systemctl --user show -p MainPID --value e2e-svc')
   expect "user service CPUs" "$(awk '/Cpus_allowed_list/ {print $2}' /proc/${pid:-0}/status 2>/dev/null)" 0
@@ -190,6 +223,20 @@ except Exception: print("closed")'
   kill $root_srv 2>/dev/null
   expect_match "fence counter moved" "$(nft list chain inet kloigos output)" 'counter packets [1-9]'
   finish e-ports
+
+  # ---- e2. an admin restarts nftables on a freshly installed host, before any reboot
+  start
+  systemctl restart nftables.service
+  # PartOf= queues kloigos-nftables' restart behind nftables'; it loads the table a moment later.
+  wait_for 30 bash -c '[[ $(systemctl is-active kloigos-nftables.service) == active ]] && nft list table inet kloigos'
+  expect "kloigos-nftables.service active" "$(systemctl is-active kloigos-nftables.service)" active
+  expect_match "table back after nftables restart" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
+  for p in 2051 9051; do as_user $U0 k1 "nohup python3 $E2E/serve.py $p </dev/null >/dev/null 2>&1 &"; done
+  sleep 1
+  expect "foreign port still fenced" "$(python3 $E2E/probe.py 9051)" closed
+  expect "other unit's port still fenced" "$(python3 $E2E/probe.py 2150)" closed
+  expect "own port still open" "$(python3 $E2E/probe.py 2051)" open
+  finish e2-fence-after-nftables-restart
 
   # ---- f. files
   start
@@ -240,7 +287,7 @@ upgrade)
   pid_before=$(systemctl show -p MainPID --value kloigos.service)
   [[ $pid_before != 0 ]] || fails+=("service not running before the upgrade")
   deb=$(ls $PKGS/kloigos_*+up*_amd64.deb | head -1)
-  out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold "$deb" 2>&1)
+  out=$(deps_apt install -y -o Dpkg::Options::=--force-confold "$deb" 2>&1)
   expect "apt upgrade" "$?" 0
   expect_match "new version installed" "$(dpkg-query -W -f '${Version}' kloigos)" '\+up'
   expect "socket active" "$(systemctl is-active kloigos.socket)" active
@@ -264,7 +311,7 @@ reboot)
   expect "owner logs in after boot" "$(as_user $U1 k2 'id -un' 2>&1)" "$U1"
   expect "lingering user manager after boot" "$(systemctl is-active user@$UID1.service)" active
   systemctl restart nftables.service
-  sleep 1
+  wait_for 30 bash -c '[[ $(systemctl is-active kloigos-nftables.service) == active ]] && nft list table inet kloigos'
   expect_match "table survives nftables restart" "$(nft list table inet kloigos 2>&1)" 'meta skuid . th sport'
   systemctl reload nftables.service 2>/dev/null || true
   sleep 1
@@ -276,15 +323,49 @@ reboot)
   finish h-reboot
   ;;
 
+race)
+  # k. A hostile tenant (tests/race/tenant.py) swaps its ~/.ssh with a symlink to a root-owned
+  # directory and plants symlinks for whatever root creates in its home, while root restarts
+  # the service (start-up reconcile) and deallocates and reallocates the unit. The target must
+  # not change.
+  start
+  T=/var/lib/e2e-race-target
+  install -d -m 755 $T; echo secret >$T/secret; chmod 600 $T/secret; install -d -m 700 $T/sub
+  state() { find $T -printf '%p %y %m %U:%G %s %l\n' | sort; find $T -type f -exec sha256sum {} + | sort; }
+  before=$(state)
+  install -m 644 /root/tenant.py $E2E/tenant.py
+  C2=
+  for round in 1 2; do
+    a=$(kloigos --json allocate --cpu-count 1 --ssh-key $KEYS/k4.pub --tag owner=mallory)
+    c=$(sed -n 's/.*"compute_id": "\([^"]*\)".*/\1/p' <<<"$a" | head -1)
+    [[ -n $c ]] || { fails+=("round $round: allocate: $a"); break; }
+    C2=${C2:-$c}; U2=$(kloigos --json unit "$c" | sed -n 's/.*"user": "\([^"]*\)".*/\1/p' | head -1)
+    U2=${U2:-u${c##*_}}
+    as_user $U2 k4 "nohup python3 $E2E/tenant.py --home /home/$U2 --target $T --seconds 90 </dev/null >/tmp/tenant.log 2>&1 &" 2>/dev/null
+    wait_for 10 pgrep -u $U2 -f tenant.py || fails+=("round $round: the tenant script did not start")
+    for i in 1 2; do
+      systemctl restart kloigos.service || fails+=("round $round: restart $i failed")
+    done
+    out=$(kloigos deallocate "$C2" 2>&1) || fails+=("round $round: deallocate: $out")
+  done
+  after=$(state)
+  expect "target unchanged (content, mode, owner)" "$after" "$before"
+  expect "no tenant process left" "$(pgrep -u "${U2:-nobody}" -f tenant.py -c)" 0
+  expect "service active" "$(systemctl is-active kloigos.service)" active
+  expect "unit 2 FREE" "$(kloigos --json unit "$C2" | grep -o '"status": "[A-Z_]*"')" '"status": "FREE"'
+  rm -rf $T
+  finish k-tenant-race
+  ;;
+
 purge)
   start
   out=$(kloigos decommission --force "$HOST" 2>&1)
   expect "decommission --force" "$?" 0
-  DEBIAN_FRONTEND=noninteractive apt-get remove -y -q kloigos >/dev/null 2>&1
+  deps_apt remove -y kloigos >/dev/null 2>&1
   expect "apt remove" "$?" 0
   expect "remove stops the socket" "$(systemctl is-active kloigos.socket)" inactive
   expect "remove keeps the state" "$(ls /var/lib/kloigos/kloigos.db 2>&1)" /var/lib/kloigos/kloigos.db
-  DEBIAN_FRONTEND=noninteractive apt-get purge -y -q kloigos >/dev/null 2>&1
+  deps_apt purge -y kloigos >/dev/null 2>&1
   expect "apt purge" "$?" 0
   userdel -r opsadmin 2>/dev/null; userdel -r plainuser 2>/dev/null
   snapshot >"$SNAP.after"
@@ -295,5 +376,5 @@ purge)
   finish i-decommission-purge
   ;;
 
-*) sed -n 2,14p "$0"; exit 2 ;;
+*) sed -n 2,16p "$0"; exit 2 ;;
 esac
