@@ -13,6 +13,7 @@ pub mod canned;
 pub mod cli;
 pub mod logging;
 pub mod model;
+pub mod peeruid;
 pub mod render;
 pub mod server;
 pub mod service;
