@@ -110,8 +110,8 @@ pub fn parse_reply(mut buf: &[u8]) -> Result<Option<SockInfo>, PeerUidError> {
         let payload = &buf[NLMSG_HDRLEN..len];
         match kind {
             NLMSG_ERROR => {
-                let errno = u32_at(payload, 0).ok_or(PeerUidError::Malformed("short error"))?
-                    as i32;
+                let errno =
+                    u32_at(payload, 0).ok_or(PeerUidError::Malformed("short error"))? as i32;
                 match errno {
                     0 => {}
                     e if e == -libc::ENOENT => return Ok(None),
@@ -288,7 +288,13 @@ mod tests {
         for a in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
             assert!(is_loopback(a.parse().unwrap()), "{a}");
         }
-        for a in ["10.0.0.1", "::ffff:10.0.0.1", "::", "0.0.0.0", "::127.0.0.1"] {
+        for a in [
+            "10.0.0.1",
+            "::ffff:10.0.0.1",
+            "::",
+            "0.0.0.0",
+            "::127.0.0.1",
+        ] {
             assert!(!is_loopback(a.parse().unwrap()), "{a}");
         }
     }
@@ -303,8 +309,15 @@ mod tests {
         assert_eq!(u32_at(&r, 8), Some(7));
         assert_eq!(&r[16..20], &[AF_INET, IPPROTO_TCP, 0, 0]);
         assert_eq!(u32_at(&r, 20), Some(u32::MAX), "every state");
-        assert_eq!(&r[24..28], &[0x9c, 0x40, 0x1f, 0x40], "ports in network order");
-        assert_eq!(&r[28..44], &[127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &r[24..28],
+            &[0x9c, 0x40, 0x1f, 0x40],
+            "ports in network order"
+        );
+        assert_eq!(
+            &r[28..44],
+            &[127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(&r[44..48], &[127, 0, 0, 1]);
         assert_eq!(&r[64..72], &[0xff; 8], "no cookie");
     }
@@ -312,7 +325,11 @@ mod tests {
     #[test]
     fn request_unmaps_v4_mapped_peers_and_keeps_ipv6() {
         // A dual-stack listener sees an IPv4 client as ::ffff:127.0.0.1; its socket is IPv4.
-        let mapped = request(sa("[::ffff:127.0.0.1]:40000"), sa("[::ffff:127.0.0.1]:8000"), 1);
+        let mapped = request(
+            sa("[::ffff:127.0.0.1]:40000"),
+            sa("[::ffff:127.0.0.1]:8000"),
+            1,
+        );
         let plain = request(sa("127.0.0.1:40000"), sa("127.0.0.1:8000"), 1);
         assert_eq!(mapped, plain);
         let r = request(sa("[::1]:40000"), sa("[::1]:8000"), 1).unwrap();
