@@ -36,8 +36,7 @@ const DIAG_MSG_LEN: usize = 72;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
-const TCP_FIN_WAIT2: u8 = 5;
-const TCP_TIME_WAIT: u8 = 6;
+const TCP_ESTABLISHED: u8 = 1;
 
 /// Whether `ip` is a loopback address (`127.0.0.0/8`, `::1`, or `127.x` mapped into IPv6).
 pub fn is_loopback(ip: IpAddr) -> bool {
@@ -157,12 +156,15 @@ fn parse_msg(m: &[u8]) -> Result<SockInfo, PeerUidError> {
     })
 }
 
-/// The uid a socket's owner really has. A socket its process has closed may live on as a
-/// "time-wait" stub (state `FIN_WAIT2` or `TIME_WAIT`) that the kernel reports as uid 0:
-/// such a 0 means unknown, never root.
+/// The uid a socket's owner really has. Once its process has closed it, a socket lives on for
+/// a while (`FIN_WAIT1`, `FIN_WAIT2`, `TIME_WAIT`, ...) and the kernel may report it as uid 0:
+/// a time-wait stub always, an orphaned socket on kernels whose `sock_i_uid` reads the (gone)
+/// file's owner. So 0 means root only for an established socket, and unknown otherwise; any
+/// other uid is the socket's creator.
 pub fn trusted_uid(s: &SockInfo) -> Option<u32> {
     match (s.state, s.uid) {
-        (TCP_FIN_WAIT2 | TCP_TIME_WAIT, 0) => None,
+        (TCP_ESTABLISHED, uid) => Some(uid),
+        (_, 0) => None,
         (_, uid) => Some(uid),
     }
 }
@@ -378,13 +380,24 @@ mod tests {
     }
 
     #[test]
-    fn time_wait_stubs_are_not_root() {
-        for state in [TCP_FIN_WAIT2, TCP_TIME_WAIT] {
+    fn closed_sockets_are_not_root() {
+        // FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+        for state in [4, 5, 6, 8, 9, 11] {
             let b = reply(AF_INET, state, sa("127.0.0.1:1"), sa("127.0.0.1:2"), 0);
-            assert_eq!(trusted_uid(&parse_reply(&b).unwrap().unwrap()), None);
+            assert_eq!(
+                trusted_uid(&parse_reply(&b).unwrap().unwrap()),
+                None,
+                "{state}"
+            );
             let b = reply(AF_INET, state, sa("127.0.0.1:1"), sa("127.0.0.1:2"), 1000);
-            assert_eq!(trusted_uid(&parse_reply(&b).unwrap().unwrap()), Some(1000));
+            assert_eq!(
+                trusted_uid(&parse_reply(&b).unwrap().unwrap()),
+                Some(1000),
+                "{state}"
+            );
         }
+        let b = reply(AF_INET, 1, sa("127.0.0.1:1"), sa("127.0.0.1:2"), 0);
+        assert_eq!(trusted_uid(&parse_reply(&b).unwrap().unwrap()), Some(0));
     }
 
     #[test]
@@ -438,6 +451,14 @@ mod tests {
             // A port no socket has: none.
             let gone = SocketAddr::new(peer.ip(), 1);
             assert_eq!(local_uid(gone, ours).unwrap(), None, "{bind}");
+            // Once the client closed its socket, a 0 the kernel reports is not root.
+            drop(client);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let after = local_uid(peer, ours).unwrap();
+            assert!(
+                after.is_none() || (me != 0 && after == Some(me)),
+                "{bind}: {after:?}"
+            );
         }
     }
 }

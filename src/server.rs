@@ -254,6 +254,10 @@ impl Admins {
 fn tcp_peer_uid(s: &tokio::net::TcpStream, peer: std::net::SocketAddr) -> Option<u32> {
     let ours = s.local_addr().ok()?;
     match crate::peeruid::local_uid(peer, ours) {
+        Ok(None) => {
+            tracing::debug!(%peer, "the local user calling over TCP is unknown (socket closed)");
+            None
+        }
         Ok(uid) => uid,
         Err(e) => {
             warn!(error = %e, %peer, "cannot tell which local user is calling over TCP");
