@@ -429,7 +429,7 @@ mod tests {
     }
 
     /// Against the real kernel: our own loopback connections, IPv4, IPv6, and IPv4 seen by a
-    /// dual-stack listener as a mapped address.
+    /// dual-stack listener as a mapped address (from an IPv4 or an IPv6 client socket).
     #[test]
     fn finds_the_owner_of_a_real_loopback_connection() {
         let me = nix::unistd::geteuid().as_raw();
@@ -437,9 +437,13 @@ mod tests {
             ("127.0.0.1:0", "127.0.0.1"),
             ("[::1]:0", "::1"),
             ("[::]:0", "127.0.0.1"),
+            // An IPv6 client socket talking to a mapped address.
+            ("[::]:0", "::ffff:127.0.0.1"),
         ] {
-            let Ok(l) = std::net::TcpListener::bind(bind) else {
-                continue; // no IPv6 here
+            let l = match std::net::TcpListener::bind(bind) {
+                Ok(l) => l,
+                Err(_) if bind.starts_with('[') => continue, // no IPv6 here
+                Err(e) => panic!("{bind}: {e}"),
             };
             let port = l.local_addr().unwrap().port();
             let to: IpAddr = to.parse().unwrap();

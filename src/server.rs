@@ -249,18 +249,25 @@ impl Admins {
     }
 }
 
-/// The local uid behind a loopback TCP connection, if the kernel can tell. A failure is logged
-/// and leaves the connection under the total cap only.
+/// The local uid behind a loopback TCP connection, if the kernel can tell. A failure leaves the
+/// connection under the total cap only; it is logged as a warning once, then at debug level
+/// (if the kernel always refuses, every connection would log it).
 fn tcp_peer_uid(s: &tokio::net::TcpStream, peer: std::net::SocketAddr) -> Option<u32> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
     let ours = s.local_addr().ok()?;
     match crate::peeruid::local_uid(peer, ours) {
         Ok(None) => {
-            tracing::debug!(%peer, "the local user calling over TCP is unknown (socket closed)");
+            tracing::debug!(%peer, "the local user calling over TCP is unknown (its socket is gone)");
             None
         }
         Ok(uid) => uid,
         Err(e) => {
-            warn!(error = %e, %peer, "cannot tell which local user is calling over TCP");
+            if WARNED.swap(true, Ordering::Relaxed) {
+                tracing::debug!(error = %e, %peer, "cannot tell which local user is calling over TCP");
+            } else {
+                warn!(error = %e, %peer, "cannot tell which local user is calling over TCP; such callers count against the total cap only (logged once)");
+            }
             None
         }
     }
