@@ -478,12 +478,17 @@ fn no_web_page_can_drive_it() {
     assert_eq!(allocated(), 1);
 }
 
-/// `GET /healthz` over TCP as `daemon`: the raw answer.
+/// `GET /healthz` over TCP as `daemon`: the raw answer. A connection over its cap is answered
+/// at once and closed: the request is sent only if nothing came first (sent into a closed
+/// connection, it would reset it before the answer is read).
 fn healthz_as_daemon(port: u16) -> (u16, Value) {
     let script = format!(
         "import socket, sys\nc = socket.create_connection(('127.0.0.1', {port}))\n\
+         c.settimeout(0.5)\n\
+         try:\n  r = c.recv(65536)\n\
+         except socket.timeout:\n  r = b''\n  c.settimeout(30)\n  \
          c.sendall(b'GET /healthz HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n')\n\
-         r = b''\nwhile True:\n  d = c.recv(65536)\n  if not d: break\n  r += d\n\
+         while True:\n  d = c.recv(65536)\n  if not d: break\n  r += d\n\
          sys.stdout.buffer.write(r)\n"
     );
     let out = as_user("daemon", "daemon", &script)
@@ -496,7 +501,10 @@ fn healthz_as_daemon(port: u16) -> (u16, Value) {
 #[test]
 fn tcp_connections_are_capped_in_all() {
     need_root();
-    let s = Server::start_tcp_with_env(&[("KLOIGOS_MAX_TCP_CONNECTIONS", "2")]);
+    let s = Server::start_tcp_with_env(&[
+        ("KLOIGOS_MAX_TCP_CONNECTIONS", "2"),
+        ("KLOIGOS_HEADER_TIMEOUT", "60"),
+    ]);
     let port = s.tcp.expect("tcp");
     let (mut holder, held, busy) = hold_slow_tcp(port, "nobody", "nogroup", 3);
     assert_eq!((held, busy), (2, 1));
@@ -512,8 +520,10 @@ fn tcp_connections_are_capped_in_all() {
     assert_eq!(healthz_as_daemon(port).0, 200);
 }
 
-/// Opens `n` TCP connections that send half a request, as `user`, and keeps them open for a
-/// minute; returns the process once it said how many were kept and how many got a 503.
+/// Opens `n` TCP connections as `user` and keeps them open for a minute, sending half a request
+/// on those the service kept; returns the process once it said how many were kept and how many
+/// got a 503. (Nothing is sent before: sent into a connection the service closes, it would
+/// reset it before the 503 is read.)
 fn hold_slow_tcp(
     port: u16,
     user: &str,
@@ -522,15 +532,15 @@ fn hold_slow_tcp(
 ) -> (std::process::Child, usize, usize) {
     let script = format!(
         "import socket, time\n\
+         conns = [socket.create_connection(('127.0.0.1', {port})) for i in range({n})]\n\
+         time.sleep(2)\n\
          held, busy = [], 0\n\
-         for i in range({n}):\n  c = socket.create_connection(('127.0.0.1', {port}))\n  \
-         try:\n    c.sendall(b'GET /api/whoami HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n')\n  \
-         except OSError:\n    pass\n  held.append(c)\n\
-         time.sleep(1)\n\
-         for c in held:\n  c.setblocking(False)\n  \
-         try:\n    busy += c.recv(64).startswith(b'HTTP/1.1 503 ')\n  \
-         except BlockingIOError:\n    pass\n\
-         print('held', len(held) - busy, 'busy', busy, flush=True)\n\
+         for c in conns:\n  c.setblocking(False)\n  \
+         try:\n    d = c.recv(64)\n  \
+         except BlockingIOError:\n    held.append(c)\n    continue\n  \
+         assert d.startswith(b'HTTP/1.1 503 '), d\n  busy += 1\n\
+         for c in held:\n  c.sendall(b'GET /api/whoami HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n')\n\
+         print('held', len(held), 'busy', busy, flush=True)\n\
          time.sleep(60)\n"
     );
     let mut p = as_user(user, group, &script)
@@ -558,6 +568,8 @@ fn tcp_connections_are_capped_per_local_user_and_never_lock_out_root() {
     let s = Server::start_tcp_with_env(&[
         ("KLOIGOS_MAX_CONNECTIONS_PER_USER", "8"),
         ("KLOIGOS_MAX_TCP_CONNECTIONS", "12"),
+        // The held connections must outlive the test, on a busy machine too.
+        ("KLOIGOS_HEADER_TIMEOUT", "60"),
     ]);
     let port = s.tcp.expect("tcp");
     let admin = s.token("ansible", "admin");
