@@ -31,7 +31,13 @@ pub enum Peer {
         gid: u32,
         pid: Option<i32>,
     },
-    Tcp(std::net::SocketAddr),
+    /// TCP: the peer's address and, for a loopback peer, the uid owning its socket if the
+    /// kernel could tell. The uid is for connection caps and audit rate limits only: it never
+    /// grants a role, over TCP only the bearer token does.
+    Tcp {
+        addr: std::net::SocketAddr,
+        uid: Option<u32>,
+    },
     Unknown,
 }
 
@@ -1384,7 +1390,7 @@ async fn authenticate(
 ) -> Response {
     let needs_caller = req.uri().path().starts_with("/api/") || req.uri().path() == "/api";
     let peer = peer_of(req.extensions());
-    if let Err(e) = check_request(&k, matches!(peer, Peer::Tcp(_)), &req) {
+    if let Err(e) = check_request(&k, matches!(peer, Peer::Tcp { .. }), &req) {
         return e.into_response();
     }
     let caller = match &peer {
@@ -1394,7 +1400,17 @@ async fn authenticate(
                 .await
                 .ok()
         }
-        Peer::Tcp(addr) => {
+        Peer::Tcp { addr, uid } => {
+            // A local caller's uid (never its role) keys the refusal rate limit, so one
+            // user's noise does not hide other callers' refusals from the same address.
+            let source = match uid {
+                Some(uid) => format!("uid {uid}"),
+                None => addr.ip().to_string(),
+            };
+            let who = match uid {
+                Some(uid) => format!("tcp {addr} (uid {uid})"),
+                None => format!("tcp {addr}"),
+            };
             let credential = crate::auth::credential(
                 req.headers()
                     .get_all(header::AUTHORIZATION)
@@ -1402,10 +1418,10 @@ async fn authenticate(
                     .map(|v| v.as_bytes()),
             );
             let refused = || Caller {
-                actor: format!("tcp {addr}"),
+                actor: who.clone(),
                 role: Role::Readonly,
                 anonymous: false,
-                source: addr.ip().to_string(),
+                source: source.clone(),
             };
             let what = format!("{} {}", req.method(), req.uri().path());
             match credential {
@@ -1451,7 +1467,7 @@ async fn authenticate(
                     actor: format!("anonymous(tcp {})", addr.ip()),
                     role,
                     anonymous: true,
-                    source: addr.ip().to_string(),
+                    source: source.clone(),
                 }),
             }
         }

@@ -63,7 +63,8 @@ struct Slot {
     seen: u32,
 }
 
-/// Counts refusals per source (uid on the unix socket, address over TCP) in fixed windows.
+/// Counts refusals per source (a uid on the unix socket or for a local TCP caller, a token, or
+/// an address over TCP) in fixed windows.
 #[derive(Debug)]
 pub struct DenialLimiter {
     window: Duration,

@@ -88,14 +88,15 @@ pub struct Guard {
     /// Seconds a client has to send a request's body.
     #[arg(long, env = "KLOIGOS_BODY_TIMEOUT", default_value_t = 30.0)]
     pub body_timeout: f64,
-    /// Open connections one local non-admin user may have on the unix socket.
+    /// Open connections one local non-admin user may have on the unix socket, and one local
+    /// user other than root over loopback TCP.
     #[arg(long, env = "KLOIGOS_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,
     /// Open connections all local non-admin users together may have on the unix socket (root
     /// and group kloigos are never capped).
     #[arg(long, env = "KLOIGOS_MAX_USER_CONNECTIONS", default_value_t = 512)]
     pub max_user_connections: usize,
-    /// Open TCP connections in all.
+    /// Open TCP connections in all (root's from loopback are not counted).
     #[arg(long, env = "KLOIGOS_MAX_TCP_CONNECTIONS", default_value_t = 256)]
     pub max_tcp_connections: usize,
     /// Days audit rows are kept (0: forever). Applied at start and hourly.

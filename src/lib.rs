@@ -14,6 +14,7 @@ pub mod cli;
 pub mod doctor;
 pub mod logging;
 pub mod model;
+pub mod peeruid;
 pub mod render;
 pub mod server;
 pub mod service;

@@ -4,9 +4,12 @@
 //! start the service again on the next connection.
 //!
 //! No caller may exhaust it: headers must arrive within a timeout (which also closes idle
-//! keep-alive connections, so none keeps the service from its idle exit), TCP connections are
-//! capped in all, and on the unix socket each non-admin user, and all of them together, are
-//! capped while root and group `kloigos` are not, so a local user cannot lock admins out.
+//! keep-alive connections, so none keeps the service from its idle exit). On the unix socket
+//! each non-admin user, and all of them together, are capped while root and group `kloigos`
+//! are not, so a local user cannot lock admins out. Over TCP, a loopback caller's local uid is
+//! asked of the kernel ([`crate::peeruid`]): each user other than root is capped, all TCP
+//! callers together are capped, and root is not, so no tenant can lock out a token holder
+//! running as root. The uid never grants a role over TCP.
 
 use crate::api::Peer;
 use crate::canned::JsonErrors;
@@ -108,59 +111,81 @@ pub struct ServeOptions {
 /// Most connections open at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
-    /// Per local non-admin user on the unix socket.
+    /// Per local non-admin user on the unix socket, and per local user other than root over
+    /// loopback TCP.
     pub per_user: usize,
     /// All local non-admin users together on the unix socket.
     pub users: usize,
-    /// TCP, in all.
+    /// TCP, in all, root's loopback connections aside.
     pub tcp: usize,
 }
 
 /// What an open connection counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Counted {
+    /// TCP from a peer whose local user is unknown (not on loopback, or gone): the total only.
     Tcp,
+    /// TCP from a local user other than root: that user's cap and the total.
+    TcpUser(u32),
+    /// Unix socket, a non-admin user: that user's cap and all users' cap.
     User(u32),
+}
+
+/// Connections of one transport: in all, and per local user.
+#[derive(Debug, Default)]
+struct Pool {
+    all: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+impl Pool {
+    fn admit(&mut self, uid: Option<u32>, per_user: usize, all: usize) -> bool {
+        let n = uid.map_or(0, |u| self.per_uid.get(&u).copied().unwrap_or(0));
+        if self.all >= all || (uid.is_some() && n >= per_user) {
+            return false;
+        }
+        if let Some(u) = uid {
+            self.per_uid.insert(u, n + 1);
+        }
+        self.all += 1;
+        true
+    }
+
+    fn release(&mut self, uid: Option<u32>) {
+        self.all = self.all.saturating_sub(1);
+        if let Some(u) = uid
+            && let Some(n) = self.per_uid.get_mut(&u)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_uid.remove(&u);
+            }
+        }
+    }
 }
 
 /// Open connections, by what they count against. Admins' connections are not counted.
 #[derive(Debug, Default)]
 struct Counts {
-    tcp: usize,
-    users: usize,
-    per_uid: HashMap<u32, usize>,
+    tcp: Pool,
+    unix: Pool,
 }
 
 impl Counts {
     /// Takes a place for a new connection, if the caps leave one.
     fn admit(&mut self, what: Counted, caps: &Caps) -> bool {
         match what {
-            Counted::Tcp if self.tcp < caps.tcp => self.tcp += 1,
-            Counted::User(uid) => {
-                let n = self.per_uid.get(&uid).copied().unwrap_or(0);
-                if n >= caps.per_user || self.users >= caps.users {
-                    return false;
-                }
-                self.per_uid.insert(uid, n + 1);
-                self.users += 1;
-            }
-            Counted::Tcp => return false,
+            Counted::Tcp => self.tcp.admit(None, caps.per_user, caps.tcp),
+            Counted::TcpUser(uid) => self.tcp.admit(Some(uid), caps.per_user, caps.tcp),
+            Counted::User(uid) => self.unix.admit(Some(uid), caps.per_user, caps.users),
         }
-        true
     }
 
     fn release(&mut self, what: Counted) {
         match what {
-            Counted::Tcp => self.tcp = self.tcp.saturating_sub(1),
-            Counted::User(uid) => {
-                self.users = self.users.saturating_sub(1);
-                if let Some(n) = self.per_uid.get_mut(&uid) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.per_uid.remove(&uid);
-                    }
-                }
-            }
+            Counted::Tcp => self.tcp.release(None),
+            Counted::TcpUser(uid) => self.tcp.release(Some(uid)),
+            Counted::User(uid) => self.unix.release(Some(uid)),
         }
     }
 }
@@ -221,6 +246,30 @@ impl Admins {
         }
         known.insert((uid, gid), (admin, now));
         admin
+    }
+}
+
+/// The local uid behind a loopback TCP connection, if the kernel can tell. A failure leaves the
+/// connection under the total cap only; it is logged as a warning once, then at debug level
+/// (if the kernel always refuses, every connection would log it).
+fn tcp_peer_uid(s: &tokio::net::TcpStream, peer: std::net::SocketAddr) -> Option<u32> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let ours = s.local_addr().ok()?;
+    match crate::peeruid::local_uid(peer, ours) {
+        Ok(None) => {
+            tracing::debug!(%peer, "the local user calling over TCP is unknown (its socket is gone)");
+            None
+        }
+        Ok(uid) => uid,
+        Err(e) => {
+            if WARNED.swap(true, Ordering::Relaxed) {
+                tracing::debug!(error = %e, %peer, "cannot tell which local user is calling over TCP");
+            } else {
+                warn!(error = %e, %peer, "cannot tell which local user is calling over TCP; such callers count against the total cap only (logged once)");
+            }
+            None
+        }
     }
 }
 
@@ -299,12 +348,38 @@ pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) ->
                             r = l.accept() => match r {
                                 Ok((s, addr)) => {
                                     *lock(&last_active) = Instant::now();
-                                    let Some(place) = Place::take(&counts, Counted::Tcp, &caps) else {
-                                        let _ = s.try_write(BUSY);
-                                        continue;
-                                    };
                                     let _ = s.set_nodelay(true);
-                                    spawn_conn(TokioIo::new(s), Peer::Tcp(addr), &app, &graceful, header_timeout, Some(place));
+                                    if !crate::peeruid::is_loopback(addr.ip()) {
+                                        let Some(place) = Place::take(&counts, Counted::Tcp, &caps) else {
+                                            let _ = s.try_write(BUSY);
+                                            continue;
+                                        };
+                                        spawn_conn(TokioIo::new(s), Peer::Tcp { addr, uid: None }, &app, &graceful, header_timeout, Some(place));
+                                        continue;
+                                    }
+                                    // A local caller: its uid, asked of the kernel, decides
+                                    // which caps it counts against (never its role).
+                                    let (app, graceful, counts) = (app.clone(), graceful.clone(), counts.clone());
+                                    tokio::spawn(async move {
+                                        let uid = tcp_peer_uid(&s, addr);
+                                        let what = match uid {
+                                            Some(0) => None,
+                                            Some(uid) => Some(Counted::TcpUser(uid)),
+                                            None => Some(Counted::Tcp),
+                                        };
+                                        let place = match what {
+                                            None => None,
+                                            Some(what) => match Place::take(&counts, what, &caps) {
+                                                Some(p) => Some(p),
+                                                None => {
+                                                    tracing::debug!(?uid, "too many TCP connections from this user");
+                                                    let _ = s.try_write(BUSY);
+                                                    return;
+                                                }
+                                            },
+                                        };
+                                        spawn_conn(TokioIo::new(s), Peer::Tcp { addr, uid }, &app, &graceful, header_timeout, place);
+                                    });
                                 }
                                 Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; }
                             },
@@ -471,6 +546,10 @@ mod tests {
         assert!(take(Counted::User(1002)).is_none(), "all users' cap");
         let t = take(Counted::Tcp).unwrap();
         assert!(take(Counted::Tcp).is_none());
+        assert!(
+            take(Counted::TcpUser(1003)).is_none(),
+            "known and unknown TCP callers share the total"
+        );
         drop(a1);
         assert!(
             take(Counted::User(1002)).is_some(),
@@ -479,11 +558,47 @@ mod tests {
         drop((b1, t));
         let _t = take(Counted::Tcp).unwrap();
         let c = lock(&counts);
-        assert_eq!((c.users, c.tcp), (1, 1));
-        assert_eq!(c.per_uid.get(&1000), Some(&1));
+        assert_eq!((c.unix.all, c.tcp.all), (1, 1));
+        assert_eq!(c.unix.per_uid.get(&1000), Some(&1));
         assert!(
-            !c.per_uid.contains_key(&1001),
+            !c.unix.per_uid.contains_key(&1001),
             "emptied users are forgotten"
+        );
+    }
+
+    #[test]
+    fn tcp_callers_are_capped_per_local_user() {
+        let caps = Caps {
+            per_user: 2,
+            users: 100,
+            tcp: 5,
+        };
+        let counts = Arc::new(Mutex::new(Counts::default()));
+        let take = |w| Place::take(&counts, w, &caps);
+        let held: Vec<Place> = (0..2)
+            .map(|_| take(Counted::TcpUser(65534)).unwrap())
+            .collect();
+        assert!(take(Counted::TcpUser(65534)).is_none(), "one user's cap");
+        let other = take(Counted::TcpUser(1000)).unwrap();
+        let unknown = take(Counted::Tcp).unwrap();
+        // The unix socket's caps are apart.
+        let _u = take(Counted::User(65534)).unwrap();
+        let _u2 = take(Counted::User(65534)).unwrap();
+        let _t = take(Counted::TcpUser(1001)).unwrap();
+        assert!(take(Counted::TcpUser(1002)).is_none(), "the total");
+        assert!(take(Counted::Tcp).is_none(), "the total");
+        drop(held);
+        let _again = take(Counted::TcpUser(65534)).unwrap();
+        drop((other, unknown));
+        let c = lock(&counts);
+        assert_eq!(c.tcp.all, 2);
+        assert_eq!(
+            c.tcp
+                .per_uid
+                .keys()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            [65534, 1001].into()
         );
     }
 }

@@ -29,10 +29,15 @@ fn open_dir(s: &Server) {
 
 /// A python3 script run as `nobody`.
 fn as_nobody(script: &str) -> Command {
+    as_user("nobody", "nogroup", script)
+}
+
+/// A python3 script run as another user.
+fn as_user(user: &str, group: &str, script: &str) -> Command {
     let mut c = Command::new("setpriv");
     c.args([
-        "--reuid=nobody",
-        "--regid=nogroup",
+        &format!("--reuid={user}"),
+        &format!("--regid={group}"),
         "--clear-groups",
         "/usr/bin/python3",
         "-c",
@@ -132,7 +137,9 @@ fn suppressed_refusals_are_summarized_once_the_window_is_over() {
         assert!(Instant::now() < deadline, "no summary row");
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(summary["actor"], "127.0.0.1");
+    // A local caller's refusals are counted under its uid (here root's), not the address.
+    let me = format!("uid {}", nix::unistd::geteuid());
+    assert_eq!(summary["actor"], me.as_str());
     // Every window is over by now.
     std::thread::sleep(Duration::from_millis(2500));
     let detail = summary["detail"].as_str().unwrap_or("");
@@ -149,7 +156,7 @@ fn suppressed_refusals_are_summarized_once_the_window_is_over() {
         })
         .sum();
     assert!(
-        detail.contains("more refused requests from 127.0.0.1"),
+        detail.contains(&format!("more refused requests from {me}")),
         "{detail}"
     );
     assert_eq!(recorded + suppressed, 20, "every refusal is accounted for");
@@ -471,28 +478,177 @@ fn no_web_page_can_drive_it() {
     assert_eq!(allocated(), 1);
 }
 
+/// `GET /healthz` over TCP as `daemon`: the raw answer. A connection over its cap is answered
+/// at once and closed: the request is sent only if nothing came first (sent into a closed
+/// connection, it would reset it before the answer is read).
+fn healthz_as_daemon(port: u16) -> (u16, Value) {
+    let script = format!(
+        "import socket, sys\nc = socket.create_connection(('127.0.0.1', {port}))\n\
+         c.settimeout(0.5)\n\
+         try:\n  r = c.recv(65536)\n\
+         except socket.timeout:\n  r = b''\n  c.settimeout(30)\n  \
+         c.sendall(b'GET /healthz HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         while True:\n  d = c.recv(65536)\n  if not d: break\n  r += d\n\
+         sys.stdout.buffer.write(r)\n"
+    );
+    let out = as_user("daemon", "daemon", &script)
+        .output()
+        .expect("python3 as daemon");
+    assert!(out.status.success(), "{out:?}");
+    parse_response(&out.stdout)
+}
+
 #[test]
 fn tcp_connections_are_capped_in_all() {
-    let s = Server::start_tcp_with_env(&[("KLOIGOS_MAX_TCP_CONNECTIONS", "2")]);
+    need_root();
+    let s = Server::start_tcp_with_env(&[
+        ("KLOIGOS_MAX_TCP_CONNECTIONS", "2"),
+        ("KLOIGOS_HEADER_TIMEOUT", "60"),
+    ]);
     let port = s.tcp.expect("tcp");
-    let open = || {
-        let c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        c
-    };
-    let (a, _b) = (open(), open());
-    // Accepted in order: wait until both hold their places.
-    std::thread::sleep(Duration::from_millis(300));
-    let mut raw = Vec::new();
-    let _ = open().read_to_end(&mut raw);
-    let (code, v) = parse_response(&raw);
+    let (mut holder, held, busy) = hold_slow_tcp(port, "nobody", "nogroup", 3);
+    assert_eq!((held, busy), (2, 1));
+    let (code, v) = healthz_as_daemon(port);
     assert_eq!(code, 503, "{v}");
     assert!(v["detail"].is_string(), "{v}");
-    // The unix socket is not affected, and a freed place is taken again.
-    assert_eq!(s.get("/healthz").0, 200);
-    drop(a);
-    std::thread::sleep(Duration::from_millis(300));
+    // Root is not counted, over TCP or the unix socket; a freed place is taken again.
     assert_eq!(s.tcp_call(None, "GET", "/healthz", None).0, 200);
+    assert_eq!(s.get("/healthz").0, 200);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(healthz_as_daemon(port).0, 200);
+}
+
+/// Opens `n` TCP connections as `user` and keeps them open for a minute, sending half a request
+/// on those the service kept; returns the process once it said how many were kept and how many
+/// got a 503. (Nothing is sent before: sent into a connection the service closes, it would
+/// reset it before the 503 is read.)
+fn hold_slow_tcp(
+    port: u16,
+    user: &str,
+    group: &str,
+    n: usize,
+) -> (std::process::Child, usize, usize) {
+    let script = format!(
+        "import socket, time\n\
+         conns = [socket.create_connection(('127.0.0.1', {port})) for i in range({n})]\n\
+         time.sleep(2)\n\
+         held, busy = [], 0\n\
+         for c in conns:\n  c.setblocking(False)\n  \
+         try:\n    d = c.recv(64)\n  \
+         except BlockingIOError:\n    held.append(c)\n    continue\n  \
+         assert d.startswith(b'HTTP/1.1 503 '), d\n  busy += 1\n\
+         for c in held:\n  c.sendall(b'GET /api/whoami HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n')\n\
+         print('held', len(held), 'busy', busy, flush=True)\n\
+         time.sleep(60)\n"
+    );
+    let mut p = as_user(user, group, &script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(p.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words[..] {
+        ["held", held, "busy", busy] => (
+            p,
+            held.parse().expect("a number"),
+            busy.parse().expect("a number"),
+        ),
+        _ => panic!("{user}: {line:?}"),
+    }
+}
+
+#[test]
+fn tcp_connections_are_capped_per_local_user_and_never_lock_out_root() {
+    need_root();
+    let s = Server::start_tcp_with_env(&[
+        ("KLOIGOS_MAX_CONNECTIONS_PER_USER", "8"),
+        ("KLOIGOS_MAX_TCP_CONNECTIONS", "12"),
+        // The held connections must outlive the test, on a busy machine too.
+        ("KLOIGOS_HEADER_TIMEOUT", "60"),
+    ]);
+    let port = s.tcp.expect("tcp");
+    let admin = s.token("ansible", "admin");
+    // One user holds its 8 places; the rest of its connections get a 503.
+    let (mut nobody, held, busy) = hold_slow_tcp(port, "nobody", "nogroup", 30);
+    // Another user still gets in, until all non-root connections together are at the cap.
+    let (mut daemon, d_held, d_busy) = hold_slow_tcp(port, "daemon", "daemon", 8);
+    // Root, with a token, is never locked out by them.
+    let t0 = Instant::now();
+    let (code, v) = s.tcp_call(Some(&admin), "GET", "/api/whoami", None);
+    let took = t0.elapsed();
+    for p in [&mut nobody, &mut daemon] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    assert_eq!((held, busy), (8, 22), "the per-user cap");
+    assert_eq!((d_held, d_busy), (4, 4), "the total cap");
+    assert_eq!((code, v["role"].as_str()), (200, Some("admin")), "{v}");
+    assert!(took < Duration::from_secs(2), "root waited {took:?}");
+    // The uid is for caps only: root without a token is no one over TCP.
+    assert_eq!(s.tcp_call(None, "GET", "/api/whoami", None).0, 401);
+}
+
+#[test]
+fn tcp_refusals_are_rate_limited_per_local_user() {
+    need_root();
+    let s = Server::start_tcp_with_env(&[("KLOIGOS_AUDIT_DENIAL_WINDOW", "1")]);
+    let port = s.tcp.expect("tcp");
+    let script = format!(
+        "import socket\ncodes = set()\n\
+         for i in range(20):\n  c = socket.create_connection(('127.0.0.1', {port}))\n  \
+         c.sendall(b'GET /api/whoami HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nAuthorization: Bearer klg_forged\\r\\nConnection: close\\r\\n\\r\\n')\n  \
+         r = b''\n  while True:\n    d = c.recv(65536)\n    if not d: break\n    r += d\n  \
+         codes.add(r.split(b' ')[1].decode()); c.close()\n\
+         print(sorted(codes))"
+    );
+    let out = as_nobody(&script).output().expect("python3 as nobody");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "['401']");
+    // Root's refusals right after are its own, not hidden behind nobody's on 127.0.0.1.
+    for _ in 0..3 {
+        assert_eq!(
+            s.tcp_call(Some("klg_forged"), "GET", "/api/whoami", None).0,
+            401
+        );
+    }
+    let by = |rows: &[Value], uid: &str| {
+        rows.iter()
+            .filter(|e| {
+                e["actor"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("tcp 127.0.0.1:") && a.ends_with(uid))
+            })
+            .count() as u64
+    };
+    let auth = events(&s, "operation=authenticate");
+    assert_eq!(by(&auth, "(uid 0)"), 3, "{auth:?}");
+    // nobody's: 5 per window recorded, the rest summed up under its uid once the window is over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events(&s, "operation=suppressed").is_empty() {
+        assert!(Instant::now() < deadline, "no summary row");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let summaries = events(&s, "operation=suppressed");
+    let mut suppressed = 0;
+    for e in &summaries {
+        assert_eq!(e["actor"], "uid 65534", "{e}");
+        let d = e["detail"].as_str().unwrap_or("");
+        assert!(d.contains("more refused requests from uid 65534"), "{d}");
+        suppressed += d
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("a count");
+    }
+    let recorded = by(&events(&s, "operation=authenticate"), "(uid 65534)");
+    assert!(recorded >= 5, "{recorded}");
+    assert_eq!(recorded + suppressed, 20, "every refusal is accounted for");
 }
 
 #[test]
