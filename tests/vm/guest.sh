@@ -122,6 +122,46 @@ install)
   expect "service runs again" "$(systemctl is-active kloigos.service)" active
   expect_match "journal has structured logs" "$(journalctl -u kloigos.service -o verbose --no-pager 2>/dev/null | grep -c 'SYSLOG_IDENTIFIER=kloigos')" '^[1-9]'
   finish a-install-socket-activation
+
+  # ---- a2. the installed service's own bounds, inside its sandbox: the fd limit, and a local
+  # user holding many slow TCP connections caps only itself (the kernel names the caller of a
+  # loopback connection through sock_diag), so a token holder running as root still gets answers.
+  start
+  expect "LimitNOFILE" "$(systemctl show -p LimitNOFILE --value kloigos.service)" 65536
+  tok=$(kloigos token create --name e2e-a2 --role admin 2>&1)
+  cat >$E2E/hold.py <<'PY'
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[1])):
+    s = socket.create_connection(("127.0.0.1", 8000))
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends its head
+    held.append(s)
+time.sleep(1)
+refused = 0
+for s in held:  # a connection over the caps was answered 503 and closed at once
+    s.setblocking(False)
+    try:
+        refused += s.recv(64).startswith(b"HTTP/1.1 503")
+    except BlockingIOError:
+        pass
+print("holding", len(held) - refused, "refused", refused, flush=True)
+time.sleep(float(sys.argv[2]))
+PY
+  chmod 755 $E2E/hold.py
+  since=$(date '+%Y-%m-%d %H:%M:%S')
+  runuser -u nobody -- python3 $E2E/hold.py 40 8 >/tmp/hold.out 2>&1 &
+  hold=$!
+  wait_for 10 grep -q holding /tmp/hold.out
+  t1=$EPOCHREALTIME
+  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H "Authorization: Bearer $tok" http://127.0.0.1:8000/api/whoami)
+  took=$(awk -v a="$t1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+  expect "nobody capped at its own 32 connections" "$(cat /tmp/hold.out)" "holding 32 refused 8"
+  expect "root's token answered while nobody holds its connections" "$code" 200
+  expect "within 2 s" "$(awk -v t="$took" 'BEGIN { print (t < 2) ? "yes" : "no (" t " s)" }')" yes
+  kill $hold 2>/dev/null; wait $hold 2>/dev/null
+  expect "the caller's uid was known" "$(journalctl -u kloigos.service --since "$since" --no-pager 2>/dev/null | grep -ci 'cannot tell which local user')" 0
+  kloigos token revoke e2e-a2 >/dev/null 2>&1
+  finish a2-service-bounds
   ;;
 
 units)
