@@ -129,6 +129,7 @@ install)
   start
   expect "LimitNOFILE" "$(systemctl show -p LimitNOFILE --value kloigos.service)" 65536
   tok=$(kloigos token create --name e2e-a2 --role admin 2>&1)
+  install -d -m 755 $E2E
   cat >$E2E/hold.py <<'PY'
 import socket, sys, time
 held = []
