@@ -1208,17 +1208,7 @@ async fn audit_denied(k: &AppState, caller: &Caller, operation: &str, detail: &s
             record_suppressed(&k, &s);
         }
         if let Some((actor, operation, detail)) = recorded {
-            if let Err(e) = k.store.record(crate::store::NewEvent {
-                actor: &actor,
-                operation: &operation,
-                compute_id: None,
-                hostname: None,
-                result: Err(&detail),
-                before: None,
-                after: None,
-            }) {
-                tracing::error!(error = %e, "cannot write the audit log");
-            }
+            k.record(&actor, &operation, None, None, Err(&detail), None, None);
         }
     })
     .await;
@@ -1227,17 +1217,15 @@ async fn audit_denied(k: &AppState, caller: &Caller, operation: &str, detail: &s
 fn record_suppressed(k: &App, s: &crate::audit::Suppressed) {
     let detail = s.detail();
     tracing::warn!(source = %s.source, suppressed = s.count, "{detail}");
-    if let Err(e) = k.store.record(crate::store::NewEvent {
-        actor: &s.source,
-        operation: "suppressed",
-        compute_id: None,
-        hostname: None,
-        result: Err(&detail),
-        before: None,
-        after: None,
-    }) {
-        tracing::error!(error = %e, "cannot write the audit log");
-    }
+    k.record(
+        &s.source,
+        "suppressed",
+        None,
+        None,
+        Err(&detail),
+        None,
+        None,
+    );
 }
 
 /// Background upkeep while serving: summaries of suppressed refusals once their window is

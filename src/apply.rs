@@ -803,6 +803,16 @@ fn signal_uid(uid: u32, sig: nix::sys::signal::Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names in a directory, sorted.
+    fn names(p: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn file(path: &str, content: &str, mode: u32) -> RenderedFile {
@@ -952,30 +962,22 @@ mod tests {
             fs::write(home.join(format!("d{i}/e/f")), "x").unwrap();
         }
         fs::write(host.path("opt/c0/data"), "x").unwrap();
-        let listing = |p: &Path| {
-            let mut v: Vec<String> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        };
 
         host.wipe_dirs(&plan(false)).unwrap();
-        assert_eq!(listing(&home), [".bashrc"]);
-        assert_eq!(listing(&host.path("opt/c0")), Vec::<String>::new());
-        let aside: Vec<String> = listing(&host.path("home"))
+        assert_eq!(names(&home), [".bashrc"]);
+        assert_eq!(names(&host.path("opt/c0")), Vec::<String>::new());
+        let aside: Vec<String> = names(&host.path("home"))
             .into_iter()
             .filter(|n| n.starts_with(TRASH_PREFIX))
             .collect();
         assert_eq!(aside.len(), 1, "{aside:?}");
         let m = fs::symlink_metadata(host.path("home").join(&aside[0])).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o700));
-        assert_eq!(listing(&host.path("home").join(&aside[0])).len(), 51);
+        assert_eq!(names(&host.path("home").join(&aside[0])).len(), 51);
 
         assert_eq!(host.purge_trash(), 3, "opt, mnt and home");
-        assert_eq!(listing(&host.path("home")), ["u0"]);
-        assert_eq!(listing(&host.path("opt")), ["c0"]);
+        assert_eq!(names(&host.path("home")), ["u0"]);
+        assert_eq!(names(&host.path("opt")), ["c0"]);
         assert_eq!(host.purge_trash(), 0);
 
         // What a stopped run left aside is found again and removed.
@@ -988,7 +990,7 @@ mod tests {
         host.find_trash([&plan(false)]).unwrap();
         host.find_trash([&plan(false), &plan(false)]).unwrap();
         assert_eq!(host.purge_trash(), 1);
-        assert_eq!(listing(&host.path("home")), ["u0"]);
+        assert_eq!(names(&host.path("home")), ["u0"]);
     }
 
     /// What the user left in /tmp goes into a new directory only root can enter (at once,
@@ -1015,14 +1017,6 @@ mod tests {
         }
         chown(tmp.join("other"), Some(4242), Some(4242)).unwrap();
         chown(tmp.join("shared"), Some(4242), Some(4242)).unwrap();
-        let names = |p: &Path| {
-            let mut v: Vec<String> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        };
 
         host.remove_user_leftovers(&plan(true)).unwrap();
         let left = names(&tmp);

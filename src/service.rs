@@ -274,7 +274,7 @@ impl Kloigos {
     }
 
     #[allow(clippy::too_many_arguments)] // mirrors NewEvent, with the error logged here
-    fn record(
+    pub(crate) fn record(
         &self,
         actor: &str,
         operation: &str,

@@ -1023,13 +1023,7 @@ fn crash_mid_allocation_is_rolled_back_at_restart() {
     );
     // A second reconcile (from the CLI, as an admin would run it) finds nothing to do.
     s.kill9();
-    let out = std::process::Command::new(common::bin())
-        .args(["reconcile", "--templates", "/nonexistent", "--root"])
-        .arg(s.root())
-        .arg("--db")
-        .arg(s.db())
-        .output()
-        .unwrap();
+    let out = s.reconcile(&[]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -1222,19 +1216,7 @@ fn reconcile_repairs_drift() {
         "[Slice]\n",
     );
     let reconcile = || {
-        let out = std::process::Command::new(common::bin())
-            .args([
-                "--json",
-                "reconcile",
-                "--templates",
-                "/nonexistent",
-                "--root",
-            ])
-            .arg(s.root())
-            .arg("--db")
-            .arg(s.db())
-            .output()
-            .unwrap();
+        let out = s.reconcile(&["--json"]);
         assert!(out.status.success(), "{out:?}");
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
@@ -1417,13 +1399,7 @@ fn a_wrecked_unit_never_stops_the_service() {
     );
     assert_eq!(failures(&s), 1);
     // A hand-run reconcile says so, by its exit status too.
-    let out = std::process::Command::new(common::bin())
-        .args(["reconcile", "--templates", "/nonexistent", "--root"])
-        .arg(s.root())
-        .arg("--db")
-        .arg(s.db())
-        .output()
-        .unwrap();
+    let out = s.reconcile(&[]);
     assert!(!out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("FAILED: testhost_8-11"),

@@ -122,6 +122,19 @@ impl Server {
         self.dir.path().join("kloigos.db")
     }
 
+    /// A hand-run `kloigos [ARGS...] reconcile` on this server's root and database, as an admin
+    /// would run it (built-in templates only).
+    pub fn reconcile(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args(args)
+            .args(["reconcile", "--templates", "/nonexistent", "--root"])
+            .arg(self.root())
+            .arg("--db")
+            .arg(self.db())
+            .output()
+            .expect("run kloigos reconcile")
+    }
+
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         let mut cmd = match self.nofile {
