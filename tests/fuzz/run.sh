@@ -15,52 +15,19 @@ venv="$repo/target/fuzz-venv"
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$(sed -n 's/^schemathesis==//p' "$here/requirements.txt")"; then
   echo "# installing schemathesis into $venv"
   if ! python3 -c 'import ensurepip' 2>/dev/null; then
-    as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv >/dev/null
+    # shellcheck source=../../scripts/lib/deps.sh
+    . "$repo/scripts/lib/deps.sh"
+    deps_install python3-venv >/dev/null
   fi
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
 fi
 
-echo "# cargo build"
-(cd "$repo" && cargo build --quiet)
-bin="$repo/target/debug/kloigos"
-
-tmp="$(mktemp -d)"
-server_pid=""
-cleanup() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-host=fuzzhost
-root="$tmp/root"
-mkdir -p "$root/etc/skel" "$root/sys/devices/system/cpu" "$root/proc/sys/net/ipv4" \
-  "$root/sys/devices/system/node/node0" "$root/sys/devices/system/node/node1"
-echo "$host" >"$root/etc/hostname"
-echo 0-15 >"$root/sys/devices/system/cpu/online"
-echo 0-7 >"$root/sys/devices/system/node/node0/cpulist"
-echo 8-15 >"$root/sys/devices/system/node/node1/cpulist"
-printf '32768\t60999\n' >"$root/proc/sys/net/ipv4/ip_local_port_range"
-echo '# skel' >"$root/etc/skel/.bashrc"
-
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-url="http://127.0.0.1:$port"
-token="$(KLOIGOS_TOKENS="$tmp/tokens" "$bin" token create --role admin --name fuzz)"
-
-KLOIGOS_LOG=warn "$bin" serve --listen "127.0.0.1:$port" --root "$root" --db "$tmp/kloigos.db" \
-  --templates "$repo/templates" --tokens "$tmp/tokens" >"$tmp/serve.log" 2>&1 &
-server_pid=$!
-for _ in $(seq 1 100); do
-  curl -sf "$url/healthz" >/dev/null 2>&1 && break
-  kill -0 "$server_pid" 2>/dev/null || { cat "$tmp/serve.log"; echo "kloigos serve exited"; exit 1; }
-  sleep 0.1
-done
+# shellcheck source=../lib/fakehost.sh
+. "$repo/tests/lib/fakehost.sh"
+fakehost_start fuzzhost 0-15 0-7 8-15
+token="$(KLOIGOS_TOKENS="$tokens" "$bin" token create --role admin --name fuzz)"
+fakehost_serve
 
 auth=(-H "Authorization: Bearer $token")
 curl -sf "${auth[@]}" -X POST "$url/api/admin/init_server" -H 'content-type: application/json' \
