@@ -1,7 +1,7 @@
 //! The rendered nftables table against the real kernel, in a throw-away network namespace
 //! (`unshare -n`): every golden table loads, and the port fence does what it promises.
-//! Needs root, `unshare` and `nft` (the test scripts install nftables). Set
-//! KLOIGOS_SKIP_PRIVILEGED=1 to skip on a machine where that is impossible.
+//! Needs root, `unshare` and `nft` (the test scripts install nftables); skipped with a message
+//! where they are missing (see `common::privileged`).
 
 mod common;
 
@@ -9,16 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn privileged() -> bool {
-    if std::env::var_os("KLOIGOS_SKIP_PRIVILEGED").is_some() {
-        eprintln!("KLOIGOS_SKIP_PRIVILEGED is set: skipping the kernel test");
-        return false;
-    }
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (it loads nftables in a private network namespace); \
-         set KLOIGOS_SKIP_PRIVILEGED=1 to skip it"
-    );
-    true
+    common::privileged(&["unshare", "nft", "setpriv", "python3"])
 }
 
 #[test]

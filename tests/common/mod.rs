@@ -280,6 +280,11 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// The body of `POST /api/compute_units/allocate`.
+pub fn alloc_body(cpu_count: Value, key: &str, tags: Value) -> String {
+    serde_json::json!({"cpu_count": cpu_count, "tags": tags, "ssh_public_key": key}).to_string()
+}
+
 pub fn ssh_key(comment: &str) -> String {
     // A syntactically valid ed25519 public key: type string + 32 key bytes.
     use base64::Engine;
@@ -328,4 +333,56 @@ pub fn files(root: &Path) -> Vec<String> {
         .into_keys()
         .filter(|rel| !rel.starts_with("sys/") && !rel.starts_with("proc/"))
         .collect()
+}
+
+/// Whether a privileged test can run here: root, and every command of `cmds` on `PATH`. If not,
+/// prints `SKIP <test>: needs ...` and returns false, and the test returns early. Set
+/// `KLOIGOS_SKIP_PRIVILEGED=1` to skip them all, `KLOIGOS_REQUIRE_PRIVILEGED=1` (scripts/test.sh
+/// does, as root) to make a missing requirement a failure instead, so CI never skips silently.
+pub fn privileged(cmds: &[&str]) -> bool {
+    can_run(true, cmds)
+}
+
+/// Like [`privileged`], for a test that needs commands but not root.
+pub fn have_commands(cmds: &[&str]) -> bool {
+    can_run(false, cmds)
+}
+
+fn can_run(root: bool, cmds: &[&str]) -> bool {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("privileged test")
+        .to_string();
+    if std::env::var_os("KLOIGOS_SKIP_PRIVILEGED").is_some_and(|v| v == "1") {
+        eprintln!("SKIP {test}: KLOIGOS_SKIP_PRIVILEGED=1");
+        return false;
+    }
+    let mut missing: Vec<String> = cmds
+        .iter()
+        .filter(|c| !on_path(c))
+        .map(|c| format!("`{c}`"))
+        .collect();
+    if root && !nix::unistd::geteuid().is_root() {
+        missing.insert(0, "root".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("SKIP {test}: needs {}", missing.join(", "));
+    assert!(
+        std::env::var_os("KLOIGOS_REQUIRE_PRIVILEGED").is_none_or(|v| v != "1"),
+        "{why} (KLOIGOS_REQUIRE_PRIVILEGED=1)"
+    );
+    eprintln!("{why}");
+    false
+}
+
+/// An executable file named `cmd` in a directory of `PATH`, where `Command::new(cmd)` finds it.
+fn on_path(cmd: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(cmd))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
