@@ -24,6 +24,9 @@ fn detail_types(v: &Value) -> Vec<(String, Value)> {
 }
 #[test]
 fn full_lifecycle_over_the_api() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let s = Server::start();
     s.init(&["0-3", "4-7", "8-11", "12-15"]);
 
@@ -351,6 +354,9 @@ fn full_lifecycle_over_the_api() {
 
 #[test]
 fn validation_errors_have_fastapi_shape() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let s = Server::start();
     let post = |path: &str, body: &str| s.call("POST", path, Some(body));
 
@@ -770,6 +776,9 @@ fn raw_exchange(
 
 #[test]
 fn every_error_is_json_on_unix_and_tcp() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let s = Server::start_tcp();
     let port = s.tcp.unwrap();
     let token = s.token("raw", "admin");
@@ -888,6 +897,9 @@ fn every_error_is_json_on_unix_and_tcp() {
 
 #[test]
 fn fifty_concurrent_allocations_on_ten_units() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let s = Server::start();
     s.init(
         &(0..10)

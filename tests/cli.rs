@@ -7,6 +7,9 @@ use serde_json::{Value, json};
 
 #[test]
 fn cli_tables_json_and_errors() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let s = Server::start();
     let out = s.cli(&[
         "init-server",

@@ -1,7 +1,8 @@
 //! What no unauthenticated or unprivileged caller can do: fill the disk with refused requests,
 //! exhaust the service's connections or keep it from its idle exit, or drive it from a web
 //! page (cross-site requests, DNS rebinding, anonymous callers freeing each other's units).
-//! These run the real binary, as root, and switch uids for the unprivileged clients.
+//! These run the real binary, as root, and switch uids for the unprivileged clients; without root
+//! they are skipped with a message.
 
 mod common;
 
@@ -206,6 +207,9 @@ fn slow_connections_from_a_user_do_not_lock_out_admins() {
 
 #[test]
 fn timeouts_close_slow_connections_and_the_idle_exit_still_happens() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let mut s = Server::start_with_env(&[
         ("KLOIGOS_IDLE_TIMEOUT", "1"),
         ("KLOIGOS_HEADER_TIMEOUT", "1"),
@@ -288,6 +292,9 @@ fn raw_tcp(port: u16, head: &[u8], body: &str) -> (u16, Value) {
 
 #[test]
 fn no_web_page_can_drive_it() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let s = Server::start_tcp_with_env(&[
         ("KLOIGOS_TCP_ANONYMOUS_ROLE", "user"),
         (
@@ -663,6 +670,9 @@ fn tcp_refusals_are_rate_limited_per_local_user() {
 
 #[test]
 fn audit_retention_applies_at_start() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let mut s = Server::start();
     s.init(&["0-1", "2-3"]);
     let key = ssh_key("r");

@@ -11,6 +11,9 @@ use serde_json::{Value, json};
 #[cfg(feature = "test-hooks")]
 #[test]
 fn crash_mid_allocation_is_rolled_back_at_restart() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let mut s = Server::start_with_env(&[("KLOIGOS_TEST_PAUSE", "allocate:30")]);
     s.init(&["0-7", "8-15"]);
     let socket = s.socket.clone();
@@ -88,6 +91,9 @@ fn crash_mid_allocation_is_rolled_back_at_restart() {
 
 #[test]
 fn failed_apply_is_rolled_back_and_audited() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let s = Server::start();
     // init_server fails on the host (tmpfiles.d is not a directory): nothing is left behind.
     common::write(&s.root().join("etc/tmpfiles.d"), "not a directory");
@@ -157,6 +163,9 @@ fn failed_apply_is_rolled_back_and_audited() {
 
 #[test]
 fn reconcile_repairs_drift() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let mut s = Server::start();
     s.init(&["0-7", "8-15"]);
     let key = ssh_key("drift");
@@ -230,6 +239,9 @@ fn reconcile_repairs_drift() {
 #[cfg(feature = "test-hooks")]
 #[test]
 fn crash_mid_init_server_is_finished_at_restart() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let mut s = Server::start_with_env(&[("KLOIGOS_TEST_PAUSE", "init_server:30")]);
     let socket = s.socket.clone();
     let body = json!({"ip": "192.0.2.10", "region": "eu", "zone": "a", "hostname": HOST, "cpu_ranges": ["0-7", "8-15"]}).to_string();
@@ -286,6 +298,9 @@ fn crash_mid_init_server_is_finished_at_restart() {
 
 #[test]
 fn a_wrecked_unit_never_stops_the_service() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let mut s = Server::start();
     s.init(&["0-3", "4-7", "8-11"]);
     for (i, who) in ["a", "b", "c"].iter().enumerate() {
@@ -409,6 +424,9 @@ fn a_wrecked_unit_never_stops_the_service() {
 /// serves the others; once the mount is gone the unit is repaired.
 #[test]
 fn a_fuse_mount_in_a_unit_is_not_entered() {
+    if !common::privileged(&[]) {
+        return;
+    }
     let mut s = Server::start();
     s.init(&["0-3", "4-7"]);
     let (code, v) = s.call(

@@ -32,7 +32,12 @@ fn unix_as(s: &Server, uid: u32, method: &str, path: &str, body: &str) -> u16 {
     .arg(&s.socket)
     .args(["--request", method]);
     if !body.is_empty() {
-        cmd.args(["--header", "Content-Type: application/json", "--data-binary", body]);
+        cmd.args([
+            "--header",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
     }
     let out = cmd
         .arg(format!("http://localhost{path}"))

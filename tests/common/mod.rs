@@ -335,7 +335,10 @@ pub fn files(root: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Whether a privileged test can run here: root, and every command of `cmds` on `PATH`. If not,
+/// Whether a privileged test can run here: root, and every command of `cmds` on `PATH`. Root,
+/// because whatever inits a server needs it even on a temporary root (the service insists that the
+/// directories it works below belong to root, as on a host) and only root is admin on the unix
+/// socket; and tests that switch uids or load nftables need it anyway. If not,
 /// prints `SKIP <test>: needs ...` and returns false, and the test returns early. Set
 /// `KLOIGOS_SKIP_PRIVILEGED=1` to skip them all, `KLOIGOS_REQUIRE_PRIVILEGED=1` (scripts/test.sh
 /// does, as root) to make a missing requirement a failure instead, so CI never skips silently.
@@ -382,7 +385,7 @@ fn on_path(cmd: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).any(|dir| {
-            std::fs::metadata(dir.join(cmd))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        std::fs::metadata(dir.join(cmd))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
