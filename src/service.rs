@@ -4,15 +4,15 @@
 //! `reconcile` finishes or rolls back. Host-changing operations hold an exclusive file lock, so
 //! the service and a `kloigos reconcile` run by hand never interleave.
 
-use crate::apply::{ApplyError, Host};
+use crate::apply::{ApplyError, ApplyReport, ErrorList, Host, Scope, converge};
 use crate::model::{self, CpuList, PortPlan, names, validate::SshKey};
-use crate::render::{self, HostFacts, RenderError, Renderer, UnitPlan};
+use crate::plan::{self, Desired};
+use crate::render::{HostFacts, RenderError, RenderedFile, Renderer, UnitPlan};
 use crate::store::{
     Event, EventFilter, Limits, NewEvent, NewUnit, Server, ServerStatus, Store, StoreError,
     Transition, Unit, UnitChange, UnitFilter, UnitStatus,
 };
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,6 +62,8 @@ pub enum OpError {
     Render(#[from] RenderError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Teardown(#[from] ErrorList),
     #[error("lock {}: {source}", path.display())]
     Lock {
         path: PathBuf,
@@ -129,27 +131,17 @@ impl ReconcileReport {
     }
 }
 
-/// What `apply_local` did.
-struct Applied {
-    written: Vec<String>,
-    removed: Vec<String>,
-    /// Units it could not set up: (compute_id, why).
-    failed: Vec<(String, String)>,
-}
-
-impl Applied {
-    /// All or nothing, for operations that must set up every unit (init_server, decommission).
-    fn all_ok(self) -> Result<()> {
-        if self.failed.is_empty() {
-            Ok(())
-        } else {
-            let msgs: Vec<String> = self
-                .failed
-                .iter()
-                .map(|(id, e)| format!("{id}: {e}"))
-                .collect();
-            Err(OpError::Failed(msgs.join("; ")))
-        }
+/// All or nothing, for operations that must set up every unit (init_server, decommission).
+fn all_ok(report: ApplyReport) -> Result<()> {
+    if report.failed.is_empty() {
+        Ok(())
+    } else {
+        let msgs: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(id, e)| format!("{id}: {e}"))
+            .collect();
+        Err(OpError::Failed(msgs.join("; ")))
     }
 }
 
@@ -243,6 +235,12 @@ impl Kloigos {
         &self.local
     }
 
+    /// Overrides the detected `socket_bind` host fact (whether systemd enforces
+    /// `SocketBindAllow=`), e.g. for a fake root standing in for a host with BPF.
+    pub fn set_socket_bind(&mut self, on: bool) {
+        self.facts.socket_bind = on;
+    }
+
     pub fn host(&self) -> &Host {
         &self.host
     }
@@ -270,7 +268,8 @@ impl Kloigos {
     }
 
     fn plan(&self, server: &Server, unit: &Unit) -> Result<UnitPlan> {
-        Ok(UnitPlan::new(server, unit, self.host.root())?)
+        let topology = model::numa::topology(self.host.root());
+        Ok(UnitPlan::new(server, unit, &topology)?)
     }
 
     #[allow(clippy::too_many_arguments)] // mirrors NewEvent, with the error logged here
@@ -438,7 +437,7 @@ impl Kloigos {
         let after = json!({"hostname": server.hostname, "cpu_ranges": server.cpu_ranges});
         if self.is_local(&req.hostname) {
             info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "applying");
-            if let Err(e) = self.apply_local(None).and_then(Applied::all_ok) {
+            if let Err(e) = self.apply_local(None).and_then(all_ok) {
                 error!(hostname = %req.hostname, operation = "init_server", error = %e, "init failed, rolling back");
                 let detail = format!("init_server failed on the host: {e}");
                 let rolled_back = self.rollback_init(&server);
@@ -484,166 +483,42 @@ impl Kloigos {
             .iter()
             .map(|u| self.plan(server, u))
             .collect::<Result<Vec<_>>>()?;
-        self.remove_units_from_host(&plans)?;
+        self.host.teardown(&plans, self.kill_grace)?;
         self.host.purge_trash();
-        self.apply_local(Some(&server.hostname))?.all_ok()
+        all_ok(self.apply_local(Some(&server.hostname))?)
     }
 
-    /// Every local unit's plan, optionally leaving out one server's.
-    fn local_plans(&self, except: Option<&str>) -> Result<Vec<(Server, Unit, UnitPlan)>> {
-        let mut out = Vec::new();
+    /// The inventory rows of this host's servers, optionally leaving out one server, and with
+    /// the unit `released` seen as FREE (its release is under way).
+    fn rows(&self, except: Option<&str>, released: Option<&str>) -> Result<Vec<(Server, Vec<Unit>)>> {
+        let mut rows = Vec::new();
         for server in self.store.servers()? {
-            if !self.is_local(&server.hostname) || Some(server.hostname.as_str()) == except {
+            if !plan::is_planned(&server, &self.local) || Some(server.hostname.as_str()) == except {
                 continue;
             }
-            if matches!(
-                server.status,
-                ServerStatus::Decommissioned | ServerStatus::InitFail
-            ) {
-                continue;
+            let mut units = self.store.units_of(&server.hostname)?;
+            for u in &mut units {
+                if Some(u.compute_id.as_str()) == released {
+                    u.status = UnitStatus::Free;
+                }
             }
-            for unit in self.store.units_of(&server.hostname)? {
-                let plan = self.plan(&server, &unit)?;
-                out.push((server.clone(), unit, plan));
-            }
+            rows.push((server, units));
         }
-        Ok(out)
+        Ok(rows)
     }
 
-    /// Brings the host in line with the inventory's local units: users, unit files
-    /// (daemon-reload only when one changed), directories, the nftables table; removes Kloigos
-    /// files no unit claims. Returns the paths written and removed, and the units whose user
-    /// or directories could not be made (`compute_id`, why): one broken unit does not stop
-    /// the others.
-    fn apply_local(&self, except: Option<&str>) -> Result<Applied> {
-        let plans = self.local_plans(except)?;
-        let mut written = Vec::new();
-        let mut failed: Vec<(String, String)> = Vec::new();
-        for (_, _, p) in &plans {
-            if let Err(e) = self.host.ensure_user(p) {
-                failed.push((p.compute_id.clone(), e.to_string()));
-            }
-        }
-        for (_, _, p) in &plans {
-            for f in self.renderer.unit_files(&self.facts, p)? {
-                if self.host.write(&f, None)? {
-                    written.push(f.path.display().to_string());
-                }
-            }
-        }
-        let owned =
-            render::owned_paths(&plans.iter().map(|(_, _, p)| p.clone()).collect::<Vec<_>>());
-        let removed = self.remove_stale_files(&owned)?;
-        if written.iter().any(|p| p.starts_with("etc/systemd"))
-            || removed.iter().any(|p| p.starts_with("etc/systemd"))
-        {
-            self.host.daemon_reload()?;
-        }
-        for (_, _, p) in &plans {
-            if failed.iter().any(|(id, _)| *id == p.compute_id) {
-                continue;
-            }
-            // Its owner's process answers (or never answers) every access below a FUSE mount:
-            // the unit is left alone and reported, the host lock is not held up.
-            if let Some(m) = self.host.fuse_mount_in(p) {
-                failed.push((
-                    p.compute_id.clone(),
-                    format!("{m:?} is a FUSE mount: an admin must unmount it"),
-                ));
-                continue;
-            }
-            if let Err(e) = self.host.create_dirs(p) {
-                failed.push((p.compute_id.clone(), e.to_string()));
-            }
-        }
-        let all: Vec<UnitPlan> = plans.into_iter().map(|(_, _, p)| p).collect();
-        if all.is_empty() {
-            if self.host.path(render::NFT_PATH).exists() || self.host.nft_loaded() == Some(true) {
-                self.host.remove_nft(Path::new(render::NFT_PATH))?;
-                written.push(format!("{} (removed)", render::NFT_PATH));
-            }
-        } else {
-            let nft = self.renderer.nftables(&self.facts, &all)?;
-            let changed = self.host.write(&nft, None)?;
-            if changed || self.host.nft_loaded() == Some(false) {
-                self.host.load_nft(&nft)?;
-            }
-            if changed {
-                written.push(nft.path.display().to_string());
-            }
-        }
-        Ok(Applied {
-            written,
-            removed,
-            failed,
-        })
+    /// The desired state of this host (see `plan::desired`).
+    fn desired(&self, except: Option<&str>, released: Option<&str>) -> Result<Desired> {
+        let topology = model::numa::topology(self.host.root());
+        let rows = self.rows(except, released)?;
+        Ok(plan::desired(&self.renderer, &self.facts, &topology, &rows)?)
     }
 
-    /// Removes drop-ins and tmpfiles.d files that Kloigos wrote for units no longer in `owned`.
-    fn remove_stale_files(&self, owned: &BTreeSet<PathBuf>) -> Result<Vec<String>> {
-        let mut removed = Vec::new();
-        let mut candidates = Vec::new();
-        let sysd = self.host.path("etc/systemd/system");
-        if let Ok(entries) = std::fs::read_dir(&sysd) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let is_ours = (name.starts_with("user-") && name.ends_with(".slice.d"))
-                    || (name.starts_with("user@") && name.ends_with(".service.d"));
-                if is_ours {
-                    candidates.push(PathBuf::from(format!(
-                        "etc/systemd/system/{name}/50-kloigos.conf"
-                    )));
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(self.host.path("etc/tmpfiles.d")) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("kloigos-") && name.ends_with(".conf") {
-                    candidates.push(PathBuf::from(format!("etc/tmpfiles.d/{name}")));
-                }
-            }
-        }
-        for c in candidates {
-            if !owned.contains(&c) && self.host.remove(&c)? {
-                if let Some(parent) = c.parent().filter(|p| p.starts_with("etc/systemd/system/")) {
-                    self.host.remove_empty_dir(parent);
-                }
-                removed.push(c.display().to_string());
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Takes units off the host entirely: processes, files, directories, users.
-    fn remove_units_from_host(&self, plans: &[UnitPlan]) -> Result<()> {
-        let mut errors = Vec::new();
-        for p in plans {
-            // Keep going after an error: a half-removed unit is reported, not hidden.
-            let r = (|| -> Result<()> {
-                self.host.remove(p.tmpfiles_conf())?;
-                self.end_ownership(p)?;
-                for f in [p.slice_dropin(), p.user_service_dropin()] {
-                    self.host.remove(&f)?;
-                    if let Some(parent) =
-                        f.parent().filter(|d| d.starts_with("etc/systemd/system/"))
-                    {
-                        self.host.remove_empty_dir(parent);
-                    }
-                }
-                self.host.remove_dirs(p)?;
-                self.host.remove_user(&p.user)?;
-                Ok(())
-            })();
-            if let Err(e) = r {
-                errors.push(format!("{}: {e}", p.compute_id));
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(OpError::Failed(errors.join("; ")))
-        }
+    /// Brings the host in line with the inventory's local units (optionally leaving out one
+    /// server's): users, state file and generator drop-ins, tmpfiles.d, directories, the
+    /// nftables table. One broken unit does not stop the others: it is in `failed`.
+    fn apply_local(&self, except: Option<&str>) -> Result<ApplyReport> {
+        Ok(converge(&self.host, &self.desired(except, None)?, Scope::Full)?)
     }
 
     // ---- allocate ----------------------------------------------------------------------
@@ -765,9 +640,8 @@ impl Kloigos {
         let plan = self.plan(&server, unit)?;
         self.host.write_authorized_key(&plan, key)?;
         test_pause("allocate");
-        // tmpfiles.d now carries the linger flag; no daemon-reload is needed for that.
-        self.host
-            .write(&self.renderer.tmpfiles(&self.facts, &plan)?, None)?;
+        // tmpfiles.d now carries the linger flag; the drop-ins do not change (no reload).
+        converge(&self.host, &self.desired(None, None)?, Scope::Files)?;
         self.host.set_linger(&plan, true)?;
         Ok(())
     }
@@ -780,8 +654,11 @@ impl Kloigos {
         plan.allocated = false;
         // tmpfiles.d without the linger flag first: recreating the skeleton below runs
         // systemd-tmpfiles on that file, which would otherwise bring the flag back.
-        self.host
-            .write(&self.renderer.tmpfiles(&self.facts, &plan)?, None)?;
+        converge(
+            &self.host,
+            &self.desired(None, Some(&plan.compute_id))?,
+            Scope::Files,
+        )?;
         self.end_ownership(&plan)?;
         self.host.wipe_dirs(&plan)?;
         // A login that raced the key removal is gone with this second pass.
@@ -793,11 +670,7 @@ impl Kloigos {
     /// key and what the owner left outside its directories. A login that slipped in before
     /// the key went is ended by `release`'s second kill.
     fn end_ownership(&self, plan: &UnitPlan) -> Result<()> {
-        self.host.set_linger(plan, false)?;
-        self.host.kill_user(plan, self.kill_grace)?;
-        self.host.remove_authorized_key(plan)?;
-        self.host.remove_user_leftovers(plan)?;
-        Ok(())
+        Ok(self.host.end_ownership(plan, self.kill_grace)?)
     }
 
     // ---- deallocate --------------------------------------------------------------------
@@ -988,8 +861,8 @@ impl Kloigos {
                 .iter()
                 .map(|u| self.plan(server, u))
                 .collect::<Result<Vec<_>>>()?;
-            self.remove_units_from_host(&plans)?;
-            self.apply_local(Some(&server.hostname))?.all_ok()?;
+            self.host.teardown(&plans, self.kill_grace)?;
+            all_ok(self.apply_local(Some(&server.hostname))?)?;
         }
         self.store
             .retire_server(&server.hostname, ServerStatus::Decommissioned)?;
@@ -1025,12 +898,12 @@ impl Kloigos {
             }
         }
         // What a run stopped before removing it: for `purge_trash`, after the lock.
-        let plans = self.local_plans(None)?;
-        if let Err(e) = self.host.find_trash(plans.iter().map(|(_, _, p)| p)) {
+        let desired = self.desired(None, None)?;
+        if let Err(e) = self.host.find_trash(&desired.plans) {
             error!(error = %e, "cannot look for old files to remove");
         }
         // Every file, user, directory and the table as the inventory says...
-        let applied = self.apply_local(None)?;
+        let applied = converge(&self.host, &desired, Scope::Full)?;
         report.files_changed.extend(applied.written);
         report.files_removed.extend(applied.removed);
         let setup_failed: std::collections::BTreeMap<String, String> =
@@ -1228,17 +1101,18 @@ impl Kloigos {
         Ok(())
     }
 
-    /// Every file Kloigos would write for the local units, for `kloigos render`.
-    pub fn render_all(&self) -> Result<Vec<render::RenderedFile>> {
-        let plans = self.local_plans(None)?;
-        let mut files = Vec::new();
-        for (_, _, p) in &plans {
-            files.extend(self.renderer.unit_files(&self.facts, p)?);
-        }
-        let all: Vec<UnitPlan> = plans.into_iter().map(|(_, _, p)| p).collect();
-        if !all.is_empty() {
-            files.push(self.renderer.nftables(&self.facts, &all)?);
-        }
+    /// Every file Kloigos would write for the local units, for `kloigos render`: the state
+    /// file, the drop-ins the generator makes of it (under `run/systemd/generator`), the
+    /// tmpfiles.d files and the nftables table.
+    pub fn render_all(&self) -> Result<Vec<RenderedFile>> {
+        let d = self.desired(None, None)?;
+        let mut files = vec![d.state_file];
+        files.extend(d.dropins.into_iter().map(|mut f| {
+            f.path = std::path::Path::new(plan::GENERATOR_DIR).join(&f.path);
+            f
+        }));
+        files.extend(d.tmpfiles);
+        files.extend(d.nft);
         Ok(files)
     }
 
