@@ -62,8 +62,7 @@ pub struct ParsedState {
 /// Parses the state file. A wrong version or shape of the whole file is an error (nothing is
 /// generated); a bad unit is only that unit's error.
 pub fn parse_state(text: &str) -> Result<ParsedState, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     match v.get("version").and_then(serde_json::Value::as_u64) {
         Some(n) if n == u64::from(STATE_VERSION) => {}
         other => {
@@ -329,6 +328,9 @@ mod tests {
         let again = write_output(out, &[f(1, "a\n"), f(5, "old")]).unwrap();
         assert_eq!(again, Output::default());
         write_output(out, &[]).unwrap();
-        assert!(!out.join("user-5.slice.d").exists(), "empty directory removed");
+        assert!(
+            !out.join("user-5.slice.d").exists(),
+            "empty directory removed"
+        );
     }
 }

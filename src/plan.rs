@@ -91,8 +91,7 @@ pub struct HostState {
 
 impl HostState {
     pub fn to_file(&self) -> RenderedFile {
-        let mut content =
-            serde_json::to_string_pretty(self).unwrap_or_else(|_| unreachable_json());
+        let mut content = serde_json::to_string_pretty(self).unwrap_or_else(|_| unreachable_json());
         content.push('\n');
         RenderedFile {
             path: PathBuf::from(STATE_PATH),
@@ -120,8 +119,9 @@ pub struct UserSpec {
 #[derive(Debug, Clone)]
 pub struct Desired {
     pub state: HostState,
-    /// `etc/kloigos/host.json`.
-    pub state_file: RenderedFile,
+    /// `etc/kloigos/host.json`; None when no unit is local (the file is removed: a host
+    /// Kloigos does not use keeps nothing of it).
+    pub state_file: Option<RenderedFile>,
     /// What the generator makes of `state`, relative to its output directory.
     pub dropins: Vec<RenderedFile>,
     pub tmpfiles: Vec<RenderedFile>,
@@ -196,7 +196,7 @@ pub fn desired(
         Some(renderer.nftables(facts, &plans)?)
     };
     Ok(Desired {
-        state_file: state.to_file(),
+        state_file: (!plans.is_empty()).then(|| state.to_file()),
         state,
         dropins,
         tmpfiles,
@@ -289,13 +289,23 @@ mod tests {
             (
                 server("h1", ServerStatus::Ready),
                 vec![
-                    unit("h1", "0-3", UnitStatus::Allocated, Some("ssh-ed25519 AAAA a")),
+                    unit(
+                        "h1",
+                        "0-3",
+                        UnitStatus::Allocated,
+                        Some("ssh-ed25519 AAAA a"),
+                    ),
                     unit("h1", "4-7", UnitStatus::Free, None),
                 ],
             ),
             (
                 server("h2", ServerStatus::Ready),
-                vec![unit("h2", "0-3", UnitStatus::Allocated, Some("ssh-ed25519 BBBB b"))],
+                vec![unit(
+                    "h2",
+                    "0-3",
+                    UnitStatus::Allocated,
+                    Some("ssh-ed25519 BBBB b"),
+                )],
             ),
         ]
     }
@@ -353,7 +363,14 @@ mod tests {
         );
         assert_eq!(
             d.dirs,
-            ["/opt/c0-3", "/mnt/c0-3", "/home/u0-3", "/opt/c4-7", "/mnt/c4-7", "/home/u4-7"]
+            [
+                "/opt/c0-3",
+                "/mnt/c0-3",
+                "/home/u0-3",
+                "/opt/c4-7",
+                "/mnt/c4-7",
+                "/home/u4-7"
+            ]
         );
         // Only the allocated unit lingers and has a key; the other host's key is not here.
         assert_eq!(d.linger, BTreeSet::from(["u0-3".to_string()]));
@@ -383,7 +400,11 @@ mod tests {
                 PathBuf::from("etc/tmpfiles.d/kloigos-c4-7.conf")
             ])
         );
-        assert!(d.tmpfiles[0].content.contains("/var/lib/systemd/linger/u0-3"));
+        assert!(
+            d.tmpfiles[0]
+                .content
+                .contains("/var/lib/systemd/linger/u0-3")
+        );
         assert!(!d.tmpfiles[1].content.contains("linger"));
         let nft = d.nft.as_ref().unwrap();
         assert_eq!(nft.path, PathBuf::from(NFT_PATH));
@@ -394,10 +415,14 @@ mod tests {
     #[test]
     fn the_state_file_is_versioned_pretty_json_without_keys() {
         let d = desired(&renderer(), &facts("h1"), &[], &rows()).unwrap();
-        let f = &d.state_file;
+        let f = d.state_file.as_ref().unwrap();
         assert_eq!(f.path, PathBuf::from(STATE_PATH));
         assert_eq!(f.mode, 0o644);
-        assert!(f.content.starts_with("{\n  \"version\": 1,\n"), "{}", f.content);
+        assert!(
+            f.content.starts_with("{\n  \"version\": 1,\n"),
+            "{}",
+            f.content
+        );
         assert!(!f.content.contains("AAAA"), "no secret in the state file");
         let back: HostState = serde_json::from_str(&f.content).unwrap();
         assert_eq!(back, d.state);
@@ -405,10 +430,7 @@ mod tests {
 
     #[test]
     fn numa_nodes_come_from_the_topology_value() {
-        let topo = vec![
-            (0, "0-3".parse().unwrap()),
-            (1, "4-7".parse().unwrap()),
-        ];
+        let topo = vec![(0, "0-3".parse().unwrap()), (1, "4-7".parse().unwrap())];
         let d = desired(&renderer(), &facts("h1"), &topo, &rows()).unwrap();
         assert_eq!(d.plans[0].memory_nodes.as_deref(), Some("0"));
         assert_eq!(d.plans[1].memory_nodes.as_deref(), Some("1"));
@@ -423,7 +445,11 @@ mod tests {
         let mut f = facts("h1");
         f.socket_bind = true;
         let d = desired(&renderer(), &f, &[], &rows()).unwrap();
-        assert!(d.dropins[0].content.contains("SocketBindAllow=tcp:2000-2399\n"));
+        assert!(
+            d.dropins[0]
+                .content
+                .contains("SocketBindAllow=tcp:2000-2399\n")
+        );
         assert!(d.dropins[0].content.contains("SocketBindDeny=any\n"));
         let d = desired(&renderer(), &facts("h1"), &[], &rows()).unwrap();
         assert!(!d.dropins[0].content.contains("SocketBind"));
@@ -438,7 +464,8 @@ mod tests {
             assert!(d.plans.is_empty() && d.dropins.is_empty() && d.tmpfiles.is_empty());
             assert!(d.nft.is_none());
             assert!(d.linger.is_empty() && d.authorized_keys.is_empty());
-            assert!(d.state_file.content.contains("\"units\": []"));
+            assert!(d.state_file.is_none(), "no unit, no state file");
+            assert!(d.state.units.is_empty());
         }
         let d = desired(&renderer(), &facts("elsewhere"), &[], &rows()).unwrap();
         assert!(d.plans.is_empty());

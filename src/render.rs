@@ -205,7 +205,6 @@ impl UnitPlan {
         }
         Ok(())
     }
-
 }
 
 fn resolve_limits(l: &Limits, cpus: u64) -> UnitLimits {
@@ -303,7 +302,10 @@ impl Renderer {
     ) -> Result<Vec<RenderedFile>, RenderError> {
         [
             ("slice.conf", crate::plan::slice_dropin(plan.uid)),
-            ("user-service.conf", crate::plan::user_service_dropin(plan.uid)),
+            (
+                "user-service.conf",
+                crate::plan::user_service_dropin(plan.uid),
+            ),
         ]
         .into_iter()
         .map(|(template, path)| {

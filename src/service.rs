@@ -490,7 +490,11 @@ impl Kloigos {
 
     /// The inventory rows of this host's servers, optionally leaving out one server, and with
     /// the unit `released` seen as FREE (its release is under way).
-    fn rows(&self, except: Option<&str>, released: Option<&str>) -> Result<Vec<(Server, Vec<Unit>)>> {
+    fn rows(
+        &self,
+        except: Option<&str>,
+        released: Option<&str>,
+    ) -> Result<Vec<(Server, Vec<Unit>)>> {
         let mut rows = Vec::new();
         for server in self.store.servers()? {
             if !plan::is_planned(&server, &self.local) || Some(server.hostname.as_str()) == except {
@@ -511,14 +515,23 @@ impl Kloigos {
     fn desired(&self, except: Option<&str>, released: Option<&str>) -> Result<Desired> {
         let topology = model::numa::topology(self.host.root());
         let rows = self.rows(except, released)?;
-        Ok(plan::desired(&self.renderer, &self.facts, &topology, &rows)?)
+        Ok(plan::desired(
+            &self.renderer,
+            &self.facts,
+            &topology,
+            &rows,
+        )?)
     }
 
     /// Brings the host in line with the inventory's local units (optionally leaving out one
     /// server's): users, state file and generator drop-ins, tmpfiles.d, directories, the
     /// nftables table. One broken unit does not stop the others: it is in `failed`.
     fn apply_local(&self, except: Option<&str>) -> Result<ApplyReport> {
-        Ok(converge(&self.host, &self.desired(except, None)?, Scope::Full)?)
+        Ok(converge(
+            &self.host,
+            &self.desired(except, None)?,
+            Scope::Full,
+        )?)
     }
 
     // ---- allocate ----------------------------------------------------------------------
@@ -1106,7 +1119,7 @@ impl Kloigos {
     /// tmpfiles.d files and the nftables table.
     pub fn render_all(&self) -> Result<Vec<RenderedFile>> {
         let d = self.desired(None, None)?;
-        let mut files = vec![d.state_file];
+        let mut files: Vec<RenderedFile> = d.state_file.into_iter().collect();
         files.extend(d.dropins.into_iter().map(|mut f| {
             f.path = std::path::Path::new(plan::GENERATOR_DIR).join(&f.path);
             f
