@@ -4,6 +4,7 @@
 //!   {"hostname": ..., "force": bool}` (run last: `expected/` is what remains after).
 //! - `root/`: the host before (sysfs topology, /etc/hostname, /etc/skel, ...)
 //! - `templates/` (optional): an admin's overrides, as in /etc/kloigos/templates
+//! - `removed` (optional): the files of `root/` Kloigos removed, one a line (none otherwise);
 //! - `expected/`: every file Kloigos wrote, compared as text: the state file
 //!   `etc/kloigos/host.json`, the drop-ins the generator made of it under
 //!   `run/systemd/generator/` (a fake root's daemon-reload runs the generator in-process),
@@ -66,6 +67,17 @@ fn run_case(case: &Path) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
     }
+    // What Kloigos removed of the host before: only what `removed` lists (one path a line).
+    let now = tree(&root);
+    let removed: Vec<&String> = before.keys().filter(|p| !now.contains_key(*p)).collect();
+    let want_removed = std::fs::read_to_string(case.join("removed")).unwrap_or_default();
+    let want_removed: Vec<&str> = want_removed.lines().filter(|l| !l.is_empty()).collect();
+    let mut problems = Vec::new();
+    if removed != want_removed {
+        problems.push(format!(
+            "removed from the host: {removed:?}, expected {want_removed:?}"
+        ));
+    }
     // What Kloigos wrote: every file that is new or changed.
     let after: BTreeMap<String, String> = tree(&root)
         .into_iter()
@@ -82,7 +94,6 @@ fn run_case(case: &Path) -> Result<(), String> {
         return Ok(());
     }
     let expected = tree(&expected_dir);
-    let mut problems = Vec::new();
     for (p, want) in &expected {
         match after.get(p) {
             None => problems.push(format!("missing {p}")),
@@ -122,7 +133,7 @@ fn golden_cases() {
         .collect();
     cases.sort();
     assert!(
-        cases.len() >= 6,
+        cases.len() >= 7,
         "golden cases missing in {}",
         dir.display()
     );
