@@ -211,20 +211,22 @@ pub fn run(root: &Path, normal_dir: &Path, log: &mut Log) -> Output {
     for s in &skipped {
         log.error(s);
     }
-    // Each file on its own: one that cannot be written does not stop the others.
-    let mut out = Output::default();
-    match write_output(normal_dir, &[]) {
-        Ok(o) => out.removed = o.removed,
-        Err(e) => log.error(&e.to_string()),
-    }
-    for f in files {
-        match Host::new(normal_dir).write(&f, None) {
-            Ok(true) => out.written.push(f.path),
-            Ok(false) => {}
-            Err(e) => log.error(&e.to_string()),
+    match write_output(normal_dir, &files) {
+        Ok(o) => o,
+        Err(e) => {
+            log.error(&e.to_string());
+            // Then each file on its own: one that cannot be written does not stop the others.
+            let mut out = Output::default();
+            for f in files {
+                match Host::new(normal_dir).write(&f, None) {
+                    Ok(true) => out.written.push(f.path),
+                    Ok(false) => {}
+                    Err(e) => log.error(&e.to_string()),
+                }
+            }
+            out
         }
     }
-    out
 }
 
 /// `kloigos-generator NORMAL_DIR [EARLY_DIR LATE_DIR]`; returns the exit status (0 but for a

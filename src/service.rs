@@ -145,6 +145,15 @@ fn all_ok(report: ApplyReport) -> Result<()> {
     }
 }
 
+/// Who does what to which unit or server, for [`Kloigos::conclude`].
+struct Op<'a> {
+    actor: &'a str,
+    operation: &'static str,
+    compute_id: Option<&'a str>,
+    hostname: &'a str,
+    before: Option<Value>,
+}
+
 pub struct Kloigos {
     pub store: Store,
     host: Host,
@@ -293,6 +302,57 @@ impl Kloigos {
             after,
         }) {
             error!(operation, error = %e, "cannot write the audit log");
+        }
+    }
+
+    /// The end of the skeleton allocate, deallocate and decommission share. They take the
+    /// host lock and record their intent in the store (`ALLOCATING`, `DEALLOCATING`,
+    /// `DECOMMISSIONING`), apply it to the host, then come here with the result: `done`
+    /// records the outcome of a success, `failed` rolls back or marks the failure and says
+    /// why; either way the operation is logged and audited once.
+    fn conclude<T>(
+        &self,
+        op: Op<'_>,
+        applied: Result<()>,
+        done: impl FnOnce() -> Result<(T, Option<Value>)>,
+        failed: impl FnOnce(&OpError) -> Result<(String, Option<Value>)>,
+    ) -> Result<T> {
+        let Op {
+            actor,
+            operation,
+            compute_id,
+            hostname,
+            before,
+        } = op;
+        match applied {
+            Ok(()) => {
+                let (value, after) = done()?;
+                info!(compute_id, hostname, operation, actor, "done");
+                self.record(
+                    actor,
+                    operation,
+                    compute_id,
+                    Some(hostname),
+                    Ok(()),
+                    before,
+                    after,
+                );
+                Ok(value)
+            }
+            Err(e) => {
+                error!(compute_id, hostname, operation, error = %e, "failed on the host");
+                let (msg, after) = failed(&e)?;
+                self.record(
+                    actor,
+                    operation,
+                    compute_id,
+                    Some(hostname),
+                    Err(&msg),
+                    before,
+                    after,
+                );
+                Err(OpError::Failed(msg))
+            }
         }
     }
 
@@ -574,8 +634,17 @@ impl Kloigos {
         } else {
             Ok(())
         };
-        match applied {
-            Ok(()) => {
+        let op = Op {
+            actor,
+            operation: "allocate",
+            compute_id: Some(&id),
+            hostname: &unit.hostname,
+            before: Some(json!({"status": "FREE"})),
+        };
+        self.conclude(
+            op,
+            applied,
+            || {
                 let Transition::Done(done) = self.store.transition(
                     &id,
                     &[UnitStatus::Allocating],
@@ -588,21 +657,10 @@ impl Kloigos {
                 else {
                     return Err(OpError::Failed(format!("{id} changed state under us")));
                 };
-                info!(compute_id = %id, operation = "allocate", actor, "allocated");
-                let done = *done;
-                self.record(
-                    actor,
-                    "allocate",
-                    Some(&id),
-                    Some(&done.hostname),
-                    Ok(()),
-                    Some(json!({"status": "FREE"})),
-                    Some(unit_json(&done)),
-                );
-                Ok(done)
-            }
-            Err(e) => {
-                error!(compute_id = %id, operation = "allocate", error = %e, "allocation failed, rolling back");
+                let after = unit_json(&done);
+                Ok((*done, Some(after)))
+            },
+            |e| {
                 let detail = format!("allocation of {id} failed on the host: {e}");
                 let server = self.store.server(&unit.hostname)?;
                 let rollback = match &server {
@@ -631,18 +689,9 @@ impl Kloigos {
                         Transition::Done(u) => Some(unit_json(&u)),
                         _ => None,
                     };
-                self.record(
-                    actor,
-                    "allocate",
-                    Some(&id),
-                    Some(&unit.hostname),
-                    Err(&msg),
-                    Some(json!({"status": "FREE"})),
-                    after,
-                );
-                Err(OpError::Failed(msg))
-            }
-        }
+                Ok((msg, after))
+            },
+        )
     }
 
     fn apply_allocate(&self, unit: &Unit, key: &str) -> Result<()> {
@@ -742,31 +791,26 @@ impl Kloigos {
         } else {
             Ok(())
         };
-        match applied {
-            Ok(()) => {
-                let after = match self.store.transition(
-                    id,
-                    &[UnitStatus::Deallocating],
-                    UnitStatus::Free,
-                    UnitChange::cleared(),
-                )? {
-                    Transition::Done(u) => *u,
-                    _ => return Err(OpError::Failed(format!("{id} changed state under us"))),
-                };
-                info!(compute_id = %id, operation = "deallocate", actor, "deallocated");
-                self.record(
-                    actor,
-                    "deallocate",
-                    Some(id),
-                    Some(&unit.hostname),
-                    Ok(()),
-                    Some(unit_json(&before)),
-                    Some(unit_json(&after)),
-                );
-                Ok(())
-            }
-            Err(e) => {
-                error!(compute_id = %id, operation = "deallocate", error = %e, "deallocation failed");
+        let op = Op {
+            actor,
+            operation: "deallocate",
+            compute_id: Some(id),
+            hostname: &unit.hostname,
+            before: Some(unit_json(&before)),
+        };
+        self.conclude(
+            op,
+            applied,
+            || match self.store.transition(
+                id,
+                &[UnitStatus::Deallocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+            )? {
+                Transition::Done(u) => Ok(((), Some(unit_json(&u)))),
+                _ => Err(OpError::Failed(format!("{id} changed state under us"))),
+            },
+            |e| {
                 let msg = format!(
                     "deallocation of {id} failed on the host: {e} (unit is DEALLOCATION_FAIL; retry deallocate)"
                 );
@@ -779,18 +823,9 @@ impl Kloigos {
                     Transition::Done(u) => Some(unit_json(&u)),
                     _ => None,
                 };
-                self.record(
-                    actor,
-                    "deallocate",
-                    Some(id),
-                    Some(&unit.hostname),
-                    Err(&msg),
-                    Some(unit_json(&before)),
-                    after,
-                );
-                Err(OpError::Failed(msg))
-            }
-        }
+                Ok((msg, after))
+            },
+        )
     }
 
     // ---- decommission ------------------------------------------------------------------
@@ -834,38 +869,26 @@ impl Kloigos {
             force,
             "decommissioning"
         );
-        match self.finish_decommission(&server, &units) {
-            Ok(()) => {
-                self.record(
-                    actor,
-                    "decommission_server",
-                    None,
-                    Some(hostname),
-                    Ok(()),
-                    Some(json!({"status": server.status, "units_in_use": busy})),
-                    Some(json!({"status": "DECOMMISSIONED"})),
-                );
-                Ok(())
-            }
-            Err(e) => {
+        let op = Op {
+            actor,
+            operation: "decommission_server",
+            compute_id: None,
+            hostname,
+            before: Some(json!({"status": server.status, "units_in_use": busy})),
+        };
+        self.conclude(
+            op,
+            self.finish_decommission(&server, &units),
+            || Ok(((), Some(json!({"status": "DECOMMISSIONED"})))),
+            |e| {
                 let msg = format!(
                     "decommission of {hostname} failed on the host: {e} (server is DECOMMISSION_FAIL; retry)"
                 );
-                error!(hostname, operation = "decommission_server", error = %e, "failed");
                 self.store
                     .set_server_status(hostname, ServerStatus::DecommissionFail, None)?;
-                self.record(
-                    actor,
-                    "decommission_server",
-                    None,
-                    Some(hostname),
-                    Err(&msg),
-                    Some(json!({"status": server.status})),
-                    Some(json!({"status": "DECOMMISSION_FAIL"})),
-                );
-                Err(OpError::Failed(msg))
-            }
-        }
+                Ok((msg, Some(json!({"status": "DECOMMISSION_FAIL"}))))
+            },
+        )
     }
 
     fn finish_decommission(&self, server: &Server, units: &[Unit]) -> Result<()> {
