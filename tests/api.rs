@@ -81,7 +81,7 @@ fn full_lifecycle_over_the_api() {
     // Every unit's files exist under the root; NUMA nodes follow the CPUs.
     let slice = std::fs::read_to_string(
         s.root()
-            .join("etc/systemd/system/user-20008.slice.d/50-kloigos.conf"),
+            .join("run/systemd/generator/user-20008.slice.d/50-kloigos.conf"),
     )
     .unwrap();
     assert!(slice.contains("AllowedCPUs=8-11\n"), "{slice}");
