@@ -6,7 +6,6 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -113,7 +112,7 @@ pub fn credential<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential 
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("{}: {source}", path.display())]
+    #[error("token file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -121,6 +120,8 @@ pub enum TokenError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("no randomness for a new token")]
+    Random(#[source] getrandom::Error),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -228,9 +229,7 @@ impl Tokens {
             )));
         }
         let mut raw = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut raw))
-            .map_err(io_err(Path::new("/dev/urandom")))?;
+        getrandom::fill(&mut raw).map_err(TokenError::Random)?;
         let secret = format!(
             "klg_{}",
             raw.iter().map(|b| format!("{b:02x}")).collect::<String>()

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod canned;
 pub mod cli;
 pub mod doctor;
+pub(crate) mod error;
 pub mod logging;
 pub mod model;
 pub mod peeruid;

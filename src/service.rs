@@ -18,36 +18,54 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::{error, info, warn};
 
-/// One validation problem, in the shape FastAPI reports (`loc`, `msg`, `type`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct FieldError {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub loc: Vec<Value>,
-    pub msg: String,
-    pub input: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ctx: Option<Value>,
+/// One step of the path to an invalid part of a request: a field or a list index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocPart {
+    Field(&'static str),
+    Index(usize),
 }
 
-impl FieldError {
-    /// A semantic check that failed (pydantic's `value_error`).
-    pub fn value(loc: Vec<Value>, input: Value, reason: impl Into<String>) -> FieldError {
-        let reason = reason.into();
-        FieldError {
-            kind: "value_error".into(),
-            loc,
-            msg: format!("Value error, {reason}"),
-            input,
-            ctx: Some(json!({ "error": reason })),
+/// One semantic problem with a request: where (`cpu_ranges[2]`), the offending input as the
+/// caller gave it, and why. The API turns these into FastAPI's 422 `loc` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub loc: Vec<LocPart>,
+    pub input: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, part) in self.loc.iter().enumerate() {
+            match part {
+                LocPart::Field(name) if i == 0 => f.write_str(name)?,
+                LocPart::Field(name) => write!(f, ".{name}")?,
+                LocPart::Index(n) => write!(f, "[{n}]")?,
+            }
         }
+        write!(f, " ({:?}): {}", self.input, self.reason)
+    }
+}
+
+/// The problems of a request, all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidList(pub Vec<Invalid>);
+
+impl std::fmt::Display for InvalidList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("invalid request")?;
+        for (i, e) in self.0.iter().enumerate() {
+            f.write_str(if i == 0 { ": " } else { "; " })?;
+            e.fmt(f)?;
+        }
+        Ok(())
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
-    #[error("validation failed")]
-    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    Invalid(InvalidList),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -62,7 +80,7 @@ pub enum OpError {
     Render(#[from] RenderError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    #[error("lock {}: {source}", path.display())]
+    #[error("lock {}", path.display())]
     Lock {
         path: PathBuf,
         source: std::io::Error,
@@ -323,7 +341,11 @@ impl Kloigos {
     /// ports beyond the ephemeral range and user names that would be too long.
     fn plan_server(&self, req: &InitServer) -> Result<Vec<NewUnit>> {
         let mut errors = Vec::new();
-        let loc = |i: usize| vec![json!("body"), json!("cpu_ranges"), json!(i)];
+        let invalid = |i: usize, input: &str, reason: String| Invalid {
+            loc: vec![LocPart::Field("cpu_ranges"), LocPart::Index(i)],
+            input: input.to_string(),
+            reason,
+        };
         let local = self.is_local(&req.hostname);
         let online = if local {
             model::numa::online_cpus(self.host.root())
@@ -337,23 +359,17 @@ impl Kloigos {
         };
         let mut units = Vec::new();
         for (i, cpus) in req.cpu_ranges.iter().enumerate() {
-            let input = json!(cpus.to_string());
+            let input = cpus.to_string();
             for (j, other) in req.cpu_ranges.iter().enumerate().take(i) {
                 if cpus.overlaps(other) {
-                    errors.push(FieldError::value(
-                        loc(i),
-                        input.clone(),
-                        format!("CPU range {cpus} overlaps cpu_ranges[{j}] ({other})"),
+                    errors.push(invalid(i, &input, format!("CPU range {cpus} overlaps cpu_ranges[{j}] ({other})"),
                     ));
                 }
             }
             if let Some(online) = &online {
                 let missing = cpus.difference(online);
                 if !missing.is_empty() {
-                    errors.push(FieldError::value(
-                        loc(i),
-                        input.clone(),
-                        format!(
+                    errors.push(invalid(i, &input, format!(
                             "host {} has no CPU {:?} (online CPUs: {online})",
                             req.hostname, missing
                         ),
@@ -363,20 +379,20 @@ impl Kloigos {
             let user = match names::user_name(cpus) {
                 Ok(u) => u,
                 Err(e) => {
-                    errors.push(FieldError::value(loc(i), input.clone(), e.to_string()));
+                    errors.push(invalid(i, &input, e.to_string()));
                     continue;
                 }
             };
             let ports = match req.ports.ranges_for(cpus, ephemeral) {
                 Ok(p) => p,
                 Err(e) => {
-                    errors.push(FieldError::value(loc(i), input.clone(), e.to_string()));
+                    errors.push(invalid(i, &input, e.to_string()));
                     continue;
                 }
             };
             let uid = names::uid(req.uid_base, cpus);
             if u64::from(req.uid_base) + u64::from(cpus.first()) > 2_000_000_000 {
-                errors.push(FieldError::value(loc(i), input, "uid out of range"));
+                errors.push(invalid(i, &input, "uid out of range".into()));
                 continue;
             }
             units.push(NewUnit {
@@ -392,7 +408,7 @@ impl Kloigos {
         if errors.is_empty() {
             Ok(units)
         } else {
-            Err(OpError::Invalid(errors))
+            Err(OpError::Invalid(InvalidList(errors)))
         }
     }
 

@@ -15,9 +15,9 @@ use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
+    #[error("database")]
     Sql(#[from] rusqlite::Error),
-    #[error("database migration: {0}")]
+    #[error("database migration")]
     Migration(#[from] rusqlite_migration::Error),
     #[error("corrupt row in the database: {0}")]
     Corrupt(String),
