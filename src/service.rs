@@ -362,14 +362,20 @@ impl Kloigos {
             let input = cpus.to_string();
             for (j, other) in req.cpu_ranges.iter().enumerate().take(i) {
                 if cpus.overlaps(other) {
-                    errors.push(invalid(i, &input, format!("CPU range {cpus} overlaps cpu_ranges[{j}] ({other})"),
+                    errors.push(invalid(
+                        i,
+                        &input,
+                        format!("CPU range {cpus} overlaps cpu_ranges[{j}] ({other})"),
                     ));
                 }
             }
             if let Some(online) = &online {
                 let missing = cpus.difference(online);
                 if !missing.is_empty() {
-                    errors.push(invalid(i, &input, format!(
+                    errors.push(invalid(
+                        i,
+                        &input,
+                        format!(
                             "host {} has no CPU {:?} (online CPUs: {online})",
                             req.hostname, missing
                         ),

@@ -10,7 +10,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-
 pub struct ApiError(pub StatusCode, pub Value);
 
 impl ApiError {
@@ -66,7 +65,6 @@ pub(super) async fn blocking<T: Send + 'static>(
     }
 }
 
-
 /// `{"detail": ...}` for an error response that is not JSON yet (axum's extractor rejections,
 /// such as a body over [`MAX_BODY`] while it is read, are plain text), from its text or, when
 /// it has none, its status.
@@ -91,7 +89,10 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
 /// Every error is JSON: refuses an announced body over [`MAX_BODY`] before reading it, and
 /// turns any other error response that is not JSON into `{"detail": ...}`. Every answer also
 /// forbids framing and content sniffing.
-pub(super) async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+pub(super) async fn json_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -140,4 +141,3 @@ pub(super) async fn not_found() -> ApiError {
 pub(super) async fn method_not_allowed() -> ApiError {
     ApiError::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
 }
-

@@ -173,4 +173,3 @@ pub(super) async fn authenticate(
     }
     next.run(req).await
 }
-

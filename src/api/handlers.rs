@@ -3,9 +3,9 @@
 
 use super::errors::{ApiResult, blocking};
 use super::parse::{parse_allocate, parse_init_server, query_bool, query_int, query_map};
-use super::schema::{ComputeUnitResponse, NumaNode, ServerResponse, WhoAmI};
 #[allow(unused_imports)] // named by the `#[utoipa::path]` annotations
 use super::schema::{ComputeUnitRequest, ErrorDetail, HTTPValidationError, InitServerRequest};
+use super::schema::{ComputeUnitResponse, NumaNode, ServerResponse, WhoAmI};
 use super::{ApiError, App, AppState, MAX_BODY, Peer};
 use crate::auth::{Caller, Role};
 use crate::service::OpError;
@@ -16,7 +16,6 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
-
 
 pub(super) fn peer_of(ext: &axum::http::Extensions) -> Peer {
     ext.get::<Peer>().cloned().unwrap_or(Peer::Unknown)
@@ -424,4 +423,3 @@ pub(super) async fn healthz(State(k): State<AppState>) -> ApiResult<Json<Value>>
         "servers": servers.len(),
     })))
 }
-

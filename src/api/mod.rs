@@ -168,8 +168,10 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state, guard::authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            guard::authenticate,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(errors::json_errors))
 }
-

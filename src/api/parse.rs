@@ -48,7 +48,6 @@ impl FieldError {
     }
 }
 
-
 pub(super) fn err(kind: &str, loc: Vec<Value>, msg: &str, input: Value) -> FieldError {
     FieldError {
         kind: kind.into(),
@@ -60,7 +59,7 @@ pub(super) fn err(kind: &str, loc: Vec<Value>, msg: &str, input: Value) -> Field
 }
 
 /// The JSON object of a request body, or the FastAPI errors for a body that is not one.
-fn json_object(body: &Bytes) -> Result<Map<String, Value>, Vec<FieldError>> {
+pub(super) fn json_object(body: &Bytes) -> Result<Map<String, Value>, Vec<FieldError>> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(vec![err(
             "missing",
@@ -97,17 +96,32 @@ fn json_object(body: &Bytes) -> Result<Map<String, Value>, Vec<FieldError>> {
     }
 }
 
-struct Fields<'a> {
+/// The fields of a request body being read, the problems found so far, and every field the
+/// parser asked for with whether it had to be there (the OpenAPI document must list exactly
+/// those: see `api::tests`).
+pub(super) struct Fields<'a> {
     obj: &'a Map<String, Value>,
     errors: Vec<FieldError>,
+    pub(super) asked: Vec<(String, bool)>,
 }
 
 impl<'a> Fields<'a> {
+    pub(super) fn new(obj: &'a Map<String, Value>) -> Fields<'a> {
+        Fields {
+            obj,
+            errors: Vec::new(),
+            asked: Vec::new(),
+        }
+    }
+
     fn loc(name: &str) -> Vec<Value> {
         vec![json!("body"), json!(name)]
     }
 
     fn get(&mut self, name: &str, required: bool) -> Option<&'a Value> {
+        if !self.asked.iter().any(|(n, _)| n == name) {
+            self.asked.push((name.to_string(), required));
+        }
         match self.obj.get(name) {
             Some(v) => Some(v),
             None => {
@@ -164,7 +178,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn lax_int(v: &Value) -> Result<Option<i64>, Box<FieldError>> {
+pub(super) fn lax_int(v: &Value) -> Result<Option<i64>, Box<FieldError>> {
     match v {
         Value::Null => Ok(None),
         Value::Number(n) => {
@@ -274,12 +288,13 @@ fn parse_tags(f: &mut Fields<'_>) -> Option<Value> {
     Some(out)
 }
 
+/// An allocate request (`ComputeUnitRequest` in the document).
 pub fn parse_allocate(body: &Bytes) -> Result<Allocate, Vec<FieldError>> {
     let obj = json_object(body)?;
-    let mut f = Fields {
-        obj: &obj,
-        errors: Vec::new(),
-    };
+    read_allocate(&mut Fields::new(&obj))
+}
+
+pub(super) fn read_allocate(f: &mut Fields<'_>) -> Result<Allocate, Vec<FieldError>> {
     let cpu_count = f.int("cpu_count").unwrap_or(4);
     if cpu_count < 1 || cpu_count > i64::from(crate::model::cpulist::MAX_CPU) + 1 {
         f.errors.push(FieldError::value(
@@ -296,7 +311,7 @@ pub fn parse_allocate(body: &Bytes) -> Result<Allocate, Vec<FieldError>> {
     if let Some(z) = &zone {
         f.check("zone", z, validate::label(z));
     }
-    let tags = parse_tags(&mut f);
+    let tags = parse_tags(f);
     let key = f.string("ssh_public_key", true);
     let ssh_key = key
         .as_ref()
@@ -319,7 +334,7 @@ pub fn parse_allocate(body: &Bytes) -> Result<Allocate, Vec<FieldError>> {
             tags,
             ssh_key,
         }),
-        _ => Err(f.errors),
+        _ => Err(std::mem::take(&mut f.errors)),
     }
 }
 
@@ -366,12 +381,13 @@ fn parse_limits(f: &mut Fields<'_>) -> Limits {
     }
 }
 
+/// An init_server request (`InitServerRequest` in the document).
 pub fn parse_init_server(body: &Bytes) -> Result<InitServer, Vec<FieldError>> {
     let obj = json_object(body)?;
-    let mut f = Fields {
-        obj: &obj,
-        errors: Vec::new(),
-    };
+    read_init_server(&mut Fields::new(&obj))
+}
+
+pub(super) fn read_init_server(f: &mut Fields<'_>) -> Result<InitServer, Vec<FieldError>> {
     let ip = f.string("ip", true);
     let region = f.string("region", true);
     let zone = f.string("zone", true);
@@ -452,7 +468,7 @@ pub fn parse_init_server(body: &Bytes) -> Result<InitServer, Vec<FieldError>> {
             "uid_base below 1000 would collide with system users",
         ));
     }
-    let limits = parse_limits(&mut f);
+    let limits = parse_limits(f);
     let plan = PortPlan::new(port_base as u16, per_cpu as u16);
     if let Err(e) = &plan {
         f.errors.push(FieldError::value(
@@ -472,7 +488,7 @@ pub fn parse_init_server(body: &Bytes) -> Result<InitServer, Vec<FieldError>> {
             uid_base: uid_base as u32,
             limits,
         }),
-        _ => Err(f.errors),
+        _ => Err(std::mem::take(&mut f.errors)),
     }
 }
 
@@ -504,7 +520,11 @@ pub(super) fn query_int(
     }
 }
 
-pub(super) fn query_bool(q: &BTreeMap<String, String>, name: &str, errors: &mut Vec<FieldError>) -> bool {
+pub(super) fn query_bool(
+    q: &BTreeMap<String, String>,
+    name: &str,
+    errors: &mut Vec<FieldError>,
+) -> bool {
     match q.get(name).map(|s| s.to_ascii_lowercase()) {
         None => false,
         Some(v) if ["true", "1", "yes", "on", "t", "y"].contains(&v.as_str()) => true,
@@ -520,4 +540,3 @@ pub(super) fn query_bool(q: &BTreeMap<String, String>, name: &str, errors: &mut 
         }
     }
 }
-

@@ -10,7 +10,6 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use utoipa::{OpenApi, ToSchema};
 
-
 /// A tag value: a string, an integer or a list of strings.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
@@ -28,7 +27,9 @@ pub struct ComputeUnitRequest {
     pub region: Option<String>,
     pub zone: Option<String>,
     /// Free-form tags; `deployment_id` and `owner` are the ones upstream's tools use. At most
-    /// 64 tags, values of at most 256 characters, 4096 bytes in all as JSON.
+    /// 64 tags, values of at most 256 characters, 4096 bytes in all as JSON. Required, as
+    /// upstream's: send `null` for none.
+    #[schema(required = true)]
     pub tags: Option<BTreeMap<String, TagValue>>,
     /// One OpenSSH public key (`ssh-ed25519 AAAA... comment`), no options.
     pub ssh_public_key: String,
@@ -236,7 +237,7 @@ const COMMON_ERRORS: [(&str, &str); 8] = [
 ];
 
 /// Which of [`COMMON_ERRORS`] an operation can give.
-fn common_errors(path: &str, has_body: bool) -> Vec<&'static str> {
+pub(super) fn common_errors(path: &str, has_body: bool) -> Vec<&'static str> {
     let api = path.starts_with("/api/");
     let mut out = Vec::new();
     if path.contains('{') {
@@ -291,4 +292,3 @@ impl utoipa::Modify for CommonErrors {
         }
     }
 }
-

@@ -10,7 +10,6 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
-
 struct Reply {
     status: u16,
     body: Value,
@@ -100,7 +99,10 @@ fn tcp_target(url: &str) -> Result<(String, String, u16)> {
     if authority.as_str().contains('@') {
         bail!("--url {url:?}: credentials in the URL are not supported (use a token)");
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     Ok((
         authority.as_str().to_string(),
         host.to_string(),
@@ -174,7 +176,12 @@ fn parse_tags(tags: &[String]) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-pub(super) fn client(socket: &std::path::Path, url: Option<&str>, as_json: bool, cmd: Command) -> Result<()> {
+pub(super) fn client(
+    socket: &std::path::Path,
+    url: Option<&str>,
+    as_json: bool,
+    cmd: Command,
+) -> Result<()> {
     let (method, path, body) = match &cmd {
         Command::Units {
             compute_id,
@@ -385,7 +392,6 @@ pub(super) fn client(socket: &std::path::Path, url: Option<&str>, as_json: bool,
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,7 +413,11 @@ mod tests {
         );
         assert!(t("https://localhost:1").unwrap_err().contains("http://"));
         assert!(t("localhost:8000").is_err());
-        assert!(t("http://u:p@localhost:8000").unwrap_err().contains("credentials"));
+        assert!(
+            t("http://u:p@localhost:8000")
+                .unwrap_err()
+                .contains("credentials")
+        );
     }
 
     #[test]
@@ -416,7 +426,11 @@ mod tests {
         assert_eq!(encode("a b/c?d&e=f%"), "a%20b%2Fc%3Fd%26e%3Df%25");
         assert_eq!(encode("ελ"), "%CE%B5%CE%BB");
         assert_eq!(
-            query(&[("a", &Some("x y".into())), ("b", &None), ("c", &Some("0,2".into()))]),
+            query(&[
+                ("a", &Some("x y".into())),
+                ("b", &None),
+                ("c", &Some("0,2".into()))
+            ]),
             "?a=x%20y&c=0%2C2"
         );
         assert_eq!(query(&[("a", &None)]), "");

@@ -26,9 +26,7 @@ pub(super) fn token(tokens: &Path, action: TokenAction, as_json: bool) -> Result
                     &["NAME", "ROLE", "CREATED"],
                     entries
                         .iter()
-                        .map(|e| {
-                            vec![e.name.clone(), e.role.to_string(), e.created.clone()]
-                        })
+                        .map(|e| vec![e.name.clone(), e.role.to_string(), e.created.clone()])
                         .collect(),
                 );
             }
@@ -215,4 +213,3 @@ pub(super) fn serve(
     ))?;
     Ok(())
 }
-

@@ -110,4 +110,3 @@ mod tests {
         assert!(!printable("\r\t\x7f").chars().any(char::is_control));
     }
 }
-
