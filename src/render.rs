@@ -108,8 +108,8 @@ pub struct RenderedFile {
 impl UnitPlan {
     /// Plans a unit from its row. `root` is read for NUMA topology only.
     pub fn new(server: &Server, unit: &Unit, root: &Path) -> Result<UnitPlan, RenderError> {
-        let cpus: CpuList = unit.cpu_range.parse()?;
-        let ports: PortRanges = unit.ports_range.parse()?;
+        let cpus: CpuList = unit.cpu_range.clone();
+        let ports: PortRanges = unit.ports_range.clone();
         let memory_nodes = model::numa::nodes_of(root, &cpus)
             .filter(|n| !n.is_empty())
             .map(|nodes| {

@@ -8,8 +8,8 @@ use crate::apply::{ApplyError, Host};
 use crate::model::{self, CpuList, PortPlan, names, validate::SshKey};
 use crate::render::{self, HostFacts, RenderError, Renderer, UnitPlan};
 use crate::store::{
-    Event, EventFilter, Limits, NewEvent, NewUnit, Server, ServerStatus, Store, StoreError,
-    Transition, Unit, UnitChange, UnitFilter, UnitStatus,
+    Event, EventFilter, Inventory, Limits, NewEvent, NewUnit, Server, ServerStatus, Store,
+    StoreError, Transition, Unit, UnitChange, UnitFilter, UnitStatus,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -172,7 +172,7 @@ impl Applied {
 }
 
 pub struct Kloigos {
-    pub store: Store,
+    pub store: Box<dyn Inventory>,
     host: Host,
     renderer: Renderer,
     local: String,
@@ -233,7 +233,7 @@ fn test_pause(point: &str) {
 
 impl Kloigos {
     pub fn open(cfg: &Config) -> Result<Kloigos> {
-        let store = Store::open(&cfg.db)?;
+        let store = Box::new(Store::open(&cfg.db)?);
         let host = Host::new(&cfg.root);
         let renderer = Renderer::load(&cfg.templates)?;
         let local = cfg
@@ -403,12 +403,12 @@ impl Kloigos {
             }
             units.push(NewUnit {
                 compute_id: names::compute_id(&req.hostname, cpus),
-                cpu_range: cpus.to_string(),
+                cpu_range: cpus.clone(),
                 cpu_count: cpus.len() as u32,
                 first_cpu: cpus.first(),
                 uid,
                 user,
-                ports_range: ports.to_string(),
+                ports_range: ports,
             });
         }
         if errors.is_empty() {
@@ -441,7 +441,7 @@ impl Kloigos {
             region: req.region.clone(),
             zone: req.zone.clone(),
             status: ServerStatus::Initializing,
-            cpu_ranges: req.cpu_ranges.iter().map(|c| c.to_string()).collect(),
+            cpu_ranges: req.cpu_ranges.clone(),
             port_base: req.ports.base,
             ports_per_cpu: req.ports.per_cpu,
             uid_base: req.uid_base,

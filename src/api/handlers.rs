@@ -8,6 +8,7 @@ use super::schema::{ComputeUnitRequest, ErrorDetail, HTTPValidationError, InitSe
 use super::schema::{ComputeUnitResponse, NumaNode, ServerResponse, WhoAmI};
 use super::{ApiError, App, AppState, MAX_BODY, Peer};
 use crate::auth::{Caller, Role};
+use crate::model::CpuList;
 use crate::service::OpError;
 use crate::store::{EventFilter, Server, UnitFilter};
 use axum::Json;
@@ -172,7 +173,7 @@ fn server_response(s: &Server, local: &str) -> ServerResponse {
         region: s.region.clone(),
         zone: s.zone.clone(),
         status: s.status.to_string(),
-        cpu_ranges: s.cpu_ranges.clone(),
+        cpu_ranges: s.cpu_ranges.iter().map(CpuList::to_string).collect(),
         port_base: s.port_base,
         ports_per_cpu: s.ports_per_cpu,
         uid_base: s.uid_base,

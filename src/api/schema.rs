@@ -3,7 +3,6 @@
 //! accepts; a test in `api::tests` proves the two agree field by field.
 
 use super::handlers::*;
-use crate::model::CpuList;
 use crate::store::{Limits, Unit};
 use serde::Serialize;
 use serde_json::Value;
@@ -66,27 +65,23 @@ impl From<&Unit> for ComputeUnitResponse {
     fn from(u: &Unit) -> Self {
         let cpu_list = u
             .cpu_range
-            .parse::<CpuList>()
-            .map(|c| {
-                c.iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .unwrap_or_default();
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         ComputeUnitResponse {
             compute_id: u.compute_id.clone(),
             hostname: u.hostname.clone(),
             ip: u.ip.clone(),
             cpu_count: u.cpu_count,
-            cpu_range: u.cpu_range.clone(),
+            cpu_range: u.cpu_range.to_string(),
             region: u.region.clone(),
             zone: u.zone.clone(),
             status: u.status.to_string(),
             started_at: u.started_at.clone(),
             tags: u.tags.clone(),
             cpu_list,
-            ports_range: Some(u.ports_range.clone()),
+            ports_range: Some(u.ports_range.to_string()),
             user: u.user.clone(),
             uid: u.uid,
             allocated_by: u.allocated_by.clone(),

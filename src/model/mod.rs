@@ -5,6 +5,7 @@ pub mod cpulist;
 pub mod names;
 pub mod numa;
 pub mod ports;
+pub mod status;
 pub mod validate;
 
 pub use cpulist::CpuList;
