@@ -10,13 +10,13 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-pub struct ApiError(pub StatusCode, pub Value);
+pub(crate) struct ApiError(pub StatusCode, pub Value);
 
 impl ApiError {
-    pub fn detail(status: StatusCode, detail: impl Into<String>) -> ApiError {
+    pub(crate) fn detail(status: StatusCode, detail: impl Into<String>) -> ApiError {
         ApiError(status, json!({ "detail": detail.into() }))
     }
-    pub fn invalid(errors: Vec<FieldError>) -> ApiError {
+    pub(crate) fn invalid(errors: Vec<FieldError>) -> ApiError {
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({ "detail": errors }),

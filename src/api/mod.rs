@@ -18,10 +18,10 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-pub use errors::ApiError;
+pub(crate) use errors::ApiError;
 pub(crate) use handlers::housekeeping;
-pub use parse::{FieldError, MAX_TAGS_JSON, parse_allocate, parse_init_server};
-pub use schema::ApiDoc;
+pub use parse::{FieldError, parse_allocate, parse_init_server};
+pub(crate) use schema::ApiDoc;
 
 use crate::auth::{Role, Tokens};
 use crate::service::Kloigos;
@@ -36,12 +36,11 @@ use utoipa::OpenApi;
 
 /// Who is calling, as the transport tells it.
 #[derive(Debug, Clone)]
-pub enum Peer {
+pub(crate) enum Peer {
     /// Unix socket: the kernel's peer credentials.
     Unix {
         uid: u32,
         gid: u32,
-        pid: Option<i32>,
     },
     /// TCP: the peer's address and, for a loopback peer, the uid owning its socket if the
     /// kernel could tell. The uid is for connection caps and audit rate limits only: it never
@@ -54,22 +53,22 @@ pub enum Peer {
 }
 
 /// Everything a request handler needs.
-pub struct App {
-    pub kloigos: Kloigos,
-    pub tokens: Tokens,
+pub(crate) struct App {
+    pub(crate) kloigos: Kloigos,
+    pub(crate) tokens: Tokens,
     /// Role of a TCP caller without a token (None: such calls get 401). For playbooks that
     /// cannot send a header; off by default.
-    pub tcp_anonymous: Option<Role>,
+    pub(crate) tcp_anonymous: Option<Role>,
     /// Names besides loopback a TCP request's `Host` (and a browser's `Origin`) may carry.
-    pub allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
     /// How long a request body may take to arrive.
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     /// Refusals recorded per source and window (the rest are counted, then summarized).
-    pub denials: std::sync::Mutex<crate::audit::DenialLimiter>,
+    pub(crate) denials: std::sync::Mutex<crate::audit::DenialLimiter>,
 }
 
 impl App {
-    pub fn new(kloigos: Kloigos, tokens: Tokens) -> App {
+    pub(crate) fn new(kloigos: Kloigos, tokens: Tokens) -> App {
         App {
             kloigos,
             tokens,
@@ -91,7 +90,7 @@ impl std::ops::Deref for App {
     }
 }
 
-pub type AppState = Arc<App>;
+pub(crate) type AppState = Arc<App>;
 
 async fn openapi() -> impl IntoResponse {
     let doc = ApiDoc::openapi();
@@ -113,9 +112,9 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// The largest request body accepted (axum's default, made explicit).
-pub const MAX_BODY: usize = 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 1024 * 1024;
 
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/compute_units/allocate", post(allocate))
         .route(

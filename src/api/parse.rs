@@ -217,7 +217,7 @@ const MAX_TAG_TEXT: usize = 256;
 /// Largest tags object, as JSON. Tags are kept with the unit and twice in every audit row of
 /// its allocation and release (before and after): without a cap on the whole, a `user` caller
 /// could make each row ~1 MiB and fill the disk within the row limit.
-pub const MAX_TAGS_JSON: usize = 4096;
+pub(crate) const MAX_TAGS_JSON: usize = 4096;
 
 fn parse_tags(f: &mut Fields<'_>) -> Option<Value> {
     let v = f.get("tags", true)?;

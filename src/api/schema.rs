@@ -13,52 +13,52 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
 #[allow(dead_code)] // described in the document only: `parse` reads tags as JSON values
-pub enum TagValue {
+pub(crate) enum TagValue {
     String(String),
     Integer(i64),
     Strings(Vec<String>),
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ComputeUnitRequest {
+pub(crate) struct ComputeUnitRequest {
     #[schema(default = 4, minimum = 1)]
-    pub cpu_count: Option<i64>,
-    pub region: Option<String>,
-    pub zone: Option<String>,
+    pub(crate) cpu_count: Option<i64>,
+    pub(crate) region: Option<String>,
+    pub(crate) zone: Option<String>,
     /// Free-form tags; `deployment_id` and `owner` are the ones upstream's tools use. At most
     /// 64 tags, values of at most 256 characters, 4096 bytes in all as JSON. Required, as
     /// upstream's: send `null` for none.
     #[schema(required = true)]
-    pub tags: Option<BTreeMap<String, TagValue>>,
+    pub(crate) tags: Option<BTreeMap<String, TagValue>>,
     /// One OpenSSH public key (`ssh-ed25519 AAAA... comment`), no options.
-    pub ssh_public_key: String,
+    pub(crate) ssh_public_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ComputeUnitResponse {
-    pub compute_id: String,
-    pub hostname: String,
-    pub ip: String,
-    pub cpu_count: u32,
-    pub cpu_range: String,
-    pub region: String,
-    pub zone: String,
-    pub status: String,
+pub(crate) struct ComputeUnitResponse {
+    pub(crate) compute_id: String,
+    pub(crate) hostname: String,
+    pub(crate) ip: String,
+    pub(crate) cpu_count: u32,
+    pub(crate) cpu_range: String,
+    pub(crate) region: String,
+    pub(crate) zone: String,
+    pub(crate) status: String,
     /// When the unit was allocated (RFC 3339, UTC); null unless allocated.
-    pub started_at: Option<String>,
+    pub(crate) started_at: Option<String>,
     #[schema(value_type = Option<Object>)]
-    pub tags: Option<Value>,
+    pub(crate) tags: Option<Value>,
     /// Every CPU of the unit, comma separated.
-    pub cpu_list: String,
-    pub ports_range: Option<String>,
+    pub(crate) cpu_list: String,
+    pub(crate) ports_range: Option<String>,
     /// Additive: the unit's Unix user (`ssh <user>@<ip>`).
-    pub user: String,
+    pub(crate) user: String,
     /// Additive: the unit's Unix UID.
-    pub uid: u32,
+    pub(crate) uid: u32,
     /// Additive: who allocated it (`token:NAME` or `unix:USER(uid N)`); null unless allocated.
-    pub allocated_by: Option<String>,
+    pub(crate) allocated_by: Option<String>,
     /// Additive: why reconcile could not repair the unit on its host; null when nothing is wrong.
-    pub problem: Option<String>,
+    pub(crate) problem: Option<String>,
 }
 
 impl From<&Unit> for ComputeUnitResponse {
@@ -91,91 +91,91 @@ impl From<&Unit> for ComputeUnitResponse {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct InitServerRequest {
-    pub ip: String,
-    pub region: String,
-    pub zone: String,
-    pub hostname: String,
+pub(crate) struct InitServerRequest {
+    pub(crate) ip: String,
+    pub(crate) region: String,
+    pub(crate) zone: String,
+    pub(crate) hostname: String,
     /// CPU lists, one per compute unit: `0-15`, `0,2,4`, `0-63:2`.
-    pub cpu_ranges: Vec<String>,
+    pub(crate) cpu_ranges: Vec<String>,
     /// Additive: first port of CPU 0's block (default 2000).
-    pub port_base: Option<u16>,
+    pub(crate) port_base: Option<u16>,
     /// Additive: ports each CPU owns (default 100).
-    pub ports_per_cpu: Option<u16>,
+    pub(crate) ports_per_cpu: Option<u16>,
     /// Additive: UID of the unit whose first CPU is 0 (default 20000).
-    pub uid_base: Option<u32>,
+    pub(crate) uid_base: Option<u32>,
     /// Additive: resource limits for every unit of this server.
-    pub limits: Option<Limits>,
+    pub(crate) limits: Option<Limits>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ServerResponse {
-    pub hostname: String,
-    pub ip: String,
-    pub region: String,
-    pub zone: String,
-    pub status: String,
-    pub cpu_ranges: Vec<String>,
-    pub port_base: u16,
-    pub ports_per_cpu: u16,
-    pub uid_base: u32,
-    pub limits: Limits,
-    pub created_at: String,
+pub(crate) struct ServerResponse {
+    pub(crate) hostname: String,
+    pub(crate) ip: String,
+    pub(crate) region: String,
+    pub(crate) zone: String,
+    pub(crate) status: String,
+    pub(crate) cpu_ranges: Vec<String>,
+    pub(crate) port_base: u16,
+    pub(crate) ports_per_cpu: u16,
+    pub(crate) uid_base: u32,
+    pub(crate) limits: Limits,
+    pub(crate) created_at: String,
     /// True for the host this Kloigos runs on (its units are applied here).
-    pub local: bool,
+    pub(crate) local: bool,
     /// NUMA nodes and their CPUs (the local host only; empty when unknown).
-    pub numa_nodes: Vec<NumaNode>,
+    pub(crate) numa_nodes: Vec<NumaNode>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct NumaNode {
-    pub node: u32,
+pub(crate) struct NumaNode {
+    pub(crate) node: u32,
     /// CPUs of the node, `0-15,32-47`.
-    pub cpus: String,
+    pub(crate) cpus: String,
 }
 
 /// The caller, as the API sees it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct WhoAmI {
-    pub actor: String,
+pub(crate) struct WhoAmI {
+    pub(crate) actor: String,
     /// `admin`, `user` or `readonly`.
-    pub role: String,
+    pub(crate) role: String,
 }
 
 /// One step of a validation error's `loc`: a field name or a list index (FastAPI's shape).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
 #[allow(dead_code)] // described in the document only: `FieldError::loc` holds JSON values
-pub enum LocItem {
+pub(crate) enum LocItem {
     String(String),
     Integer(i64),
 }
 
 /// FastAPI's validation error item (the document's view of `service::FieldError`).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ValidationError {
+pub(crate) struct ValidationError {
     /// Where: `["body", "tags", "owner"]`, `["body", "cpu_ranges", 0]`, `["query", "limit"]`.
-    pub loc: Vec<LocItem>,
-    pub msg: String,
+    pub(crate) loc: Vec<LocItem>,
+    pub(crate) msg: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub(crate) kind: String,
     /// The offending input, as sent (any JSON value).
     #[schema(value_type = Value)]
-    pub input: Value,
+    pub(crate) input: Value,
     /// Details of the error, e.g. `{"error": "..."}`.
     #[schema(value_type = Option<Object>)]
-    pub ctx: Option<Value>,
+    pub(crate) ctx: Option<Value>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct HTTPValidationError {
-    pub detail: Vec<ValidationError>,
+pub(crate) struct HTTPValidationError {
+    pub(crate) detail: Vec<ValidationError>,
 }
 
 /// Every other error: `{"detail": "what went wrong"}`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    pub detail: String,
+pub(crate) struct ErrorDetail {
+    pub(crate) detail: String,
 }
 
 #[derive(OpenApi)]
@@ -187,7 +187,7 @@ pub struct ErrorDetail {
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearer" = []))
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 struct BearerAuth;
 

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub const DEFAULT_SOCKET: &str = "/run/kloigos/kloigos.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/run/kloigos/kloigos.sock";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,24 +45,24 @@ pub struct Local {
         env = "KLOIGOS_DB",
         default_value = "/var/lib/kloigos/kloigos.db"
     )]
-    pub db: PathBuf,
+    pub(crate) db: PathBuf,
     /// Root of the host to manage; anything but / renders files there and runs no system tool.
     #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Template directories, later ones override earlier ones file by file.
     #[arg(long = "templates", env = "KLOIGOS_TEMPLATES", value_delimiter = ':',
           default_values = ["/usr/lib/kloigos/templates", "/etc/kloigos/templates"])]
-    pub templates: Vec<PathBuf>,
+    pub(crate) templates: Vec<PathBuf>,
     /// Name of this host (default: the system's hostname, or <root>/etc/hostname for a demo root).
     #[arg(long = "hostname", env = "KLOIGOS_HOSTNAME")]
-    pub hostname: Option<String>,
+    pub(crate) hostname: Option<String>,
     /// Seconds a deallocated unit's processes get between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 3.0)]
-    pub kill_grace: f64,
+    pub(crate) kill_grace: f64,
 }
 
 impl Local {
-    pub fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         Config {
             db: self.db.clone(),
             root: self.root.clone(),
@@ -80,38 +80,38 @@ pub struct Guard {
     /// clients that cannot send a header, on hosts where every local user is trusted. Such
     /// callers all look alike: none of them may deallocate a unit unless the role is admin.
     #[arg(long, env = "KLOIGOS_TCP_ANONYMOUS_ROLE")]
-    pub tcp_anonymous_role: Option<crate::auth::Role>,
+    pub(crate) tcp_anonymous_role: Option<crate::auth::Role>,
     /// Host names (besides localhost, 127.0.0.1 and [::1]) TCP requests may be addressed to,
     /// comma separated; also the web origins allowed to make changes.
     #[arg(long, env = "KLOIGOS_ALLOWED_HOSTS", value_delimiter = ',')]
-    pub allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
     /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
     #[arg(long, env = "KLOIGOS_HEADER_TIMEOUT", default_value_t = 10.0)]
-    pub header_timeout: f64,
+    pub(crate) header_timeout: f64,
     /// Seconds a client has to send a request's body.
     #[arg(long, env = "KLOIGOS_BODY_TIMEOUT", default_value_t = 30.0)]
-    pub body_timeout: f64,
+    pub(crate) body_timeout: f64,
     /// Open connections one local non-admin user may have on the unix socket, and one local
     /// user other than root over loopback TCP.
     #[arg(long, env = "KLOIGOS_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
-    pub max_connections_per_user: usize,
+    pub(crate) max_connections_per_user: usize,
     /// Open connections all local non-admin users together may have on the unix socket (root
     /// and group kloigos are never capped).
     #[arg(long, env = "KLOIGOS_MAX_USER_CONNECTIONS", default_value_t = 512)]
-    pub max_user_connections: usize,
+    pub(crate) max_user_connections: usize,
     /// Open TCP connections in all (root's from loopback are not counted).
     #[arg(long, env = "KLOIGOS_MAX_TCP_CONNECTIONS", default_value_t = 256)]
-    pub max_tcp_connections: usize,
+    pub(crate) max_tcp_connections: usize,
     /// Days audit rows are kept (0: forever). Applied at start and hourly.
     #[arg(long, env = "KLOIGOS_AUDIT_RETENTION_DAYS", default_value_t = 365)]
-    pub audit_retention_days: u32,
+    pub(crate) audit_retention_days: u32,
     /// Audit rows kept at most, the newest (0: no limit). Applied at start and hourly.
     #[arg(long, env = "KLOIGOS_AUDIT_MAX_ROWS", default_value_t = 100_000)]
-    pub audit_max_rows: u64,
+    pub(crate) audit_max_rows: u64,
     /// Seconds of the window in which a source's first few refusals are recorded; the rest are
     /// summarized in one row.
     #[arg(long, env = "KLOIGOS_AUDIT_DENIAL_WINDOW", default_value_t = 60)]
-    pub audit_denial_window: u64,
+    pub(crate) audit_denial_window: u64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -12,7 +12,7 @@ const NODE_DIR: &str = "sys/devices/system/node";
 /// CPUs the host has online: `<root>/sys/devices/system/cpu/online`. None when the file is absent.
 ///
 /// Also None when the file cannot be read or parsed: no answer is safer than a wrong one.
-pub fn online_cpus(root: &Path) -> Option<CpuList> {
+pub(crate) fn online_cpus(root: &Path) -> Option<CpuList> {
     let text = std::fs::read_to_string(root.join("sys/devices/system/cpu/online")).ok()?;
     text.parse().ok()
 }
@@ -22,7 +22,7 @@ pub fn online_cpus(root: &Path) -> Option<CpuList> {
 ///
 /// Also None when no node holds any of `cpus`: an empty set would not be a useful
 /// `AllowedMemoryNodes=` value either.
-pub fn nodes_of(root: &Path, cpus: &CpuList) -> Option<BTreeSet<u32>> {
+pub(crate) fn nodes_of(root: &Path, cpus: &CpuList) -> Option<BTreeSet<u32>> {
     let nodes: BTreeSet<u32> = topology(root)
         .into_iter()
         .filter(|(_, node_cpus)| node_cpus.overlaps(cpus))
@@ -35,7 +35,7 @@ pub fn nodes_of(root: &Path, cpus: &CpuList) -> Option<BTreeSet<u32>> {
 ///
 /// Memory-only nodes (empty `cpulist`) and nodes whose `cpulist` is missing or unreadable are
 /// left out; entries not named `node<digits>` (`online`, `possible`, `power`, ...) are ignored.
-pub fn topology(root: &Path) -> Vec<(u32, CpuList)> {
+pub(crate) fn topology(root: &Path) -> Vec<(u32, CpuList)> {
     let Ok(entries) = std::fs::read_dir(root.join(NODE_DIR)) else {
         return Vec::new();
     };

@@ -11,7 +11,7 @@ pub use crate::model::status::{Limits, ServerStatus, UnitStatus};
 use crate::model::{CpuList, PortRanges};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-pub use sqlite::Store;
+pub(crate) use sqlite::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

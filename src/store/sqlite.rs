@@ -69,7 +69,7 @@ fn migrations() -> Migrations<'static> {
     ])
 }
 
-pub struct Store {
+pub(crate) struct Store {
     conn: Mutex<Connection>,
 }
 
@@ -156,7 +156,7 @@ fn event_from_row(row: &Row) -> rusqlite::Result<Event> {
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<Store> {
+    pub(crate) fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
@@ -168,7 +168,8 @@ impl Store {
         Self::init(conn)
     }
 
-    pub fn open_in_memory() -> Result<Store> {
+    #[cfg(test)]
+    pub(crate) fn open_in_memory() -> Result<Store> {
         Self::init(Connection::open_in_memory()?)
     }
 
