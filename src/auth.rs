@@ -111,7 +111,7 @@ pub(crate) fn credential<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Cred
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum TokenError {
+pub enum TokenError {
     #[error("token file {}", path.display())]
     Io {
         path: PathBuf,

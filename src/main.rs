@@ -22,8 +22,8 @@ fn main() -> ExitCode {
     match kloigos::cli::run(cli, listeners) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Each layer's message says only its own context; `{:#}` adds the causes once.
-            eprintln!("kloigos: {e:#}");
+            // Each layer's message says only its own context; the report adds the causes once.
+            eprintln!("kloigos: {}", e.report());
             ExitCode::FAILURE
         }
     }

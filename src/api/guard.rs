@@ -135,10 +135,10 @@ pub(super) async fn authenticate(
                             return unauthorized("invalid bearer token");
                         }
                         Ok(Err(e)) => {
-                            tracing::error!(error = %e, "cannot read the token file");
+                            tracing::error!(error = %crate::error::Chain(&e), "cannot read the token file");
                             return ApiError::detail(
                                 StatusCode::INTERNAL_SERVER_ERROR,
-                                format!("cannot check tokens: {e}"),
+                                format!("cannot check tokens: {}", crate::error::Chain(&e)),
                             )
                             .into_response();
                         }

@@ -371,7 +371,10 @@ pub(crate) async fn housekeeping(k: AppState, retention: crate::audit::Retention
                         max_rows = retention.max_rows,
                         "audit log pruned"
                     ),
-                    Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
+                    Err(e) => tracing::error!(
+                        error = %crate::error::Chain(&e),
+                        "cannot prune the audit log"
+                    ),
                 }
             }
         })

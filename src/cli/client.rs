@@ -2,8 +2,8 @@
 //! TCP (`--url`), with the reply printed as a table or `--json` and errors explained.
 
 use super::Command;
+use super::error::{CliError, Result};
 use super::output::{print_table, print_units, printable, text};
-use anyhow::{Context, Result, anyhow, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -28,21 +28,23 @@ async fn request(
             let (authority, host, port) = tcp_target(u)?;
             let stream = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
-                .with_context(|| format!("cannot connect to {authority}"))?;
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                .map_err(CliError::io(format!("cannot connect to {authority}")))?;
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(CliError::http)?;
             tokio::spawn(conn);
             (authority, send)
         }
         None => {
             let stream = tokio::net::UnixStream::connect(socket)
                 .await
-                .with_context(|| {
-                    format!(
-                        "cannot connect to {} (is kloigos.socket running? or use --url)",
-                        socket.display()
-                    )
-                })?;
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                .map_err(CliError::io(format!(
+                    "cannot connect to {} (is kloigos.socket running? or use --url)",
+                    socket.display()
+                )))?;
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(CliError::http)?;
             tokio::spawn(conn);
             ("localhost".to_string(), send)
         }
@@ -53,10 +55,16 @@ async fn request(
         .uri(path)
         .header(hyper::header::HOST, host)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(payload)))?;
-    let resp = send.send_request(req).await?;
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(CliError::http)?;
+    let resp = send.send_request(req).await.map_err(CliError::http)?;
     let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(CliError::http)?
+        .to_bytes();
     let body = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok(Reply { status, body })
@@ -87,17 +95,16 @@ fn encode(s: &str) -> String {
 
 /// The `Host` header, host and port to connect to for `--url http://HOST[:PORT][/...]`.
 fn tcp_target(url: &str) -> Result<(String, String, u16)> {
-    let uri: http::Uri = url
-        .parse()
-        .with_context(|| format!("--url {url:?} is not a URL"))?;
+    let usage = |why: String| CliError::Usage(format!("--url {url:?}: {why}"));
+    let uri: http::Uri = url.parse().map_err(|e| usage(format!("not a URL ({e})")))?;
     if uri.scheme_str() != Some("http") {
-        bail!("--url must start with http:// (got {url})");
+        return Err(usage("must start with http://".into()));
     }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| anyhow!("--url {url:?} has no host"))?;
+    let authority = uri.authority().ok_or_else(|| usage("no host".into()))?;
     if authority.as_str().contains('@') {
-        bail!("--url {url:?}: credentials in the URL are not supported (use a token)");
+        return Err(usage(
+            "credentials in the URL are not supported (use a token)".into(),
+        ));
     }
     let host = authority
         .host()
@@ -111,7 +118,7 @@ fn tcp_target(url: &str) -> Result<(String, String, u16)> {
 }
 
 /// Explains an error reply on stderr.
-fn explain(reply: &Reply) -> anyhow::Error {
+fn explain(reply: &Reply) -> CliError {
     match reply.body.get("detail") {
         Some(Value::Array(items)) => {
             let lines: Vec<String> = items
@@ -136,41 +143,48 @@ fn explain(reply: &Reply) -> anyhow::Error {
                     )
                 })
                 .collect();
-            anyhow!(
+            CliError::Refused(format!(
                 "invalid request (HTTP {}):\n{}",
                 reply.status,
                 lines.join("\n")
-            )
+            ))
         }
-        Some(Value::String(d)) => anyhow!("{} (HTTP {})", printable(d), reply.status),
-        _ => anyhow!("HTTP {}: {}", reply.status, reply.body),
+        Some(Value::String(d)) => {
+            CliError::Refused(format!("{} (HTTP {})", printable(d), reply.status))
+        }
+        _ => CliError::Refused(format!("HTTP {}: {}", reply.status, reply.body)),
     }
 }
 
 fn read_key(arg: &str) -> Result<String> {
     if arg == "-" {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(CliError::io("cannot read the key from stdin"))?;
         return Ok(s);
     }
     let looks_like_key = ["ssh-", "ecdsa-", "sk-"].iter().any(|p| arg.starts_with(p));
     if looks_like_key {
         return Ok(arg.to_string());
     }
-    std::fs::read_to_string(arg).with_context(|| format!("cannot read the key file {arg}"))
+    std::fs::read_to_string(arg).map_err(CliError::io(format!("cannot read the key file {arg}")))
 }
 
 fn parse_tags(tags: &[String]) -> Result<Value> {
     let mut out = serde_json::Map::new();
     for t in tags {
         if let Some((k, v)) = t.split_once(":=") {
-            let v: Value =
-                serde_json::from_str(v).with_context(|| format!("--tag {t}: not JSON"))?;
+            let v: Value = serde_json::from_str(v).map_err(|source| CliError::NotJson {
+                what: format!("--tag {t}"),
+                source,
+            })?;
             out.insert(k.to_string(), v);
         } else if let Some((k, v)) = t.split_once('=') {
             out.insert(k.to_string(), Value::String(v.to_string()));
         } else {
-            bail!("--tag {t}: expected KEY=VALUE or KEY:=JSON");
+            return Err(CliError::Usage(format!(
+                "--tag {t}: expected KEY=VALUE or KEY:=JSON"
+            )));
         }
     }
     Ok(Value::Object(out))
@@ -259,7 +273,10 @@ pub(super) fn client(
                 }
             }
             if let Some(l) = limits {
-                body["limits"] = serde_json::from_str(l).context("--limits: not JSON")?;
+                body["limits"] = serde_json::from_str(l).map_err(|source| CliError::NotJson {
+                    what: "--limits".into(),
+                    source,
+                })?;
             }
             ("POST", "/api/admin/init_server".to_string(), Some(body))
         }
@@ -302,7 +319,8 @@ pub(super) fn client(
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))?;
     let reply = rt.block_on(request(socket, url, method, &path, body))?;
     if !(200..300).contains(&reply.status) {
         return Err(explain(&reply));

@@ -1,10 +1,10 @@
 //! The local commands: `serve`, `reconcile`, `render`, `doctor` and `token`, which act on this
 //! host and its inventory directly instead of through the API.
 
+use super::error::{CliError, Result};
 use super::output::{print_table, printable};
 use super::{Guard, Local, TokenAction};
 use crate::service::Kloigos;
-use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::time::Duration;
 
@@ -33,7 +33,10 @@ pub(super) fn token(tokens: &Path, action: TokenAction, as_json: bool) -> Result
         }
         TokenAction::Revoke { name } => {
             if !t.revoke(&name)? {
-                bail!("no token named {name:?} in {}", tokens.display());
+                return Err(CliError::Usage(format!(
+                    "no token named {name:?} in {}",
+                    tokens.display()
+                )));
             }
             println!("token {name} revoked");
         }
@@ -63,10 +66,10 @@ pub(super) fn reconcile(local: &Local, as_json: bool) -> Result<()> {
         }
     }
     if !report.units_failed.is_empty() {
-        bail!(
+        return Err(CliError::Problems(format!(
             "{} unit(s) could not be repaired (marked with a problem; see above)",
             report.units_failed.len()
-        );
+        )));
     }
     Ok(())
 }
@@ -117,7 +120,11 @@ pub(super) fn doctor(root: &Path, as_json: bool) -> Result<()> {
     }
     let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
     if !failed.is_empty() {
-        bail!("{} problem(s): {}", failed.len(), failed.join(", "));
+        return Err(CliError::Problems(format!(
+            "{} problem(s): {}",
+            failed.len(),
+            failed.join(", ")
+        )));
     }
     Ok(())
 }
@@ -143,14 +150,19 @@ pub(super) fn serve(
     crate::server::raise_fd_limit();
     let mut listeners = systemd_listeners;
     for addr in &listen {
-        listeners
-            .push(crate::server::bind(addr).with_context(|| format!("cannot listen on {addr}"))?);
+        listeners.push(
+            crate::server::bind(addr).map_err(CliError::io(format!("cannot listen on {addr}")))?,
+        );
     }
     if listeners.is_empty() {
-        bail!("no socket to serve on: pass --listen ADDR, or start through kloigos.socket");
+        return Err(CliError::Usage(
+            "no socket to serve on: pass --listen ADDR, or start through kloigos.socket".into(),
+        ));
     }
-    let k = Kloigos::open(&local.config())
-        .with_context(|| format!("cannot open the inventory {}", local.db.display()))?;
+    let k = Kloigos::open(&local.config()).map_err(|source| CliError::Open {
+        path: local.db.clone(),
+        source,
+    })?;
     if !no_reconcile {
         // Whatever reconcile could not repair is reported (and units marked and audited);
         // the API stays up so an admin can see and fix it.
@@ -160,7 +172,10 @@ pub(super) fn serve(
             }
             Ok(report) if !report.is_clean() => tracing::info!(?report, "reconciled at start"),
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "reconcile at start failed; serving anyway"),
+            Err(e) => tracing::error!(
+                error = %crate::error::Chain(&e),
+                "reconcile at start failed; serving anyway"
+            ),
         }
     }
     let units = k.units(&Default::default())?;
@@ -195,7 +210,7 @@ pub(super) fn serve(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .map_err(CliError::io("cannot start the async runtime"))?;
     rt.spawn(crate::api::housekeeping(state.clone(), retention));
     rt.block_on(crate::server::serve(
         listeners,
@@ -210,6 +225,7 @@ pub(super) fn serve(
                 tcp: guard.max_tcp_connections.max(1),
             },
         },
-    ))?;
+    ))
+    .map_err(CliError::io("serving the API"))?;
     Ok(())
 }

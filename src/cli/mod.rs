@@ -6,12 +6,15 @@
 //! on this host, `client` talks to the API, `output` prints tables safely.
 
 mod client;
+mod error;
 mod local;
 mod output;
 
+pub use error::CliError;
+
 use crate::service::Config;
-use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use error::Result;
 use std::path::PathBuf;
 use std::time::Duration;
 
