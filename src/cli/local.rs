@@ -12,6 +12,14 @@ fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.001)).unwrap_or(Duration::from_secs(3600))
 }
 
+/// The service on this host's inventory.
+fn open(local: &Local) -> Result<Kloigos> {
+    Kloigos::open(&local.config()).map_err(|source| CliError::Open {
+        path: local.db.clone(),
+        source,
+    })
+}
+
 /// `kloigos token ...`: the token file, edited in place.
 pub(super) fn token(tokens: &Path, action: TokenAction, as_json: bool) -> Result<()> {
     let t = crate::auth::Tokens::new(tokens);
@@ -46,7 +54,7 @@ pub(super) fn token(tokens: &Path, action: TokenAction, as_json: bool) -> Result
 
 /// `kloigos reconcile`: repairs this host from the inventory and prints what it did.
 pub(super) fn reconcile(local: &Local, as_json: bool) -> Result<()> {
-    let k = Kloigos::open(&local.config())?;
+    let k = open(local)?;
     let report = k.reconcile(&actor())?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -76,7 +84,7 @@ pub(super) fn reconcile(local: &Local, as_json: bool) -> Result<()> {
 
 /// `kloigos render`: every rendered file, printed or written under `out`.
 pub(super) fn render(local: &Local, out: Option<&Path>) -> Result<()> {
-    let k = Kloigos::open(&local.config())?;
+    let k = open(local)?;
     let files = k.render_all()?;
     match out {
         Some(dir) => {
@@ -159,10 +167,7 @@ pub(super) fn serve(
             "no socket to serve on: pass --listen ADDR, or start through kloigos.socket".into(),
         ));
     }
-    let k = Kloigos::open(&local.config()).map_err(|source| CliError::Open {
-        path: local.db.clone(),
-        source,
-    })?;
+    let k = open(&local)?;
     if !no_reconcile {
         // Whatever reconcile could not repair is reported (and units marked and audited);
         // the API stays up so an admin can see and fix it.

@@ -21,6 +21,12 @@ pub enum StoreError {
     Migration(#[from] rusqlite_migration::Error),
     #[error("corrupt row in the database: {0}")]
     Corrupt(String),
+    #[error("cannot create the directory {}", path.display())]
+    Directory {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A bug: the service asked for a move the unit life cycle forbids.
     #[error("unit {compute_id}: {from} -> {to} is not a transition of the unit life cycle")]
     Transition {

@@ -158,8 +158,9 @@ impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub(crate) fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
+                path: dir.to_path_buf(),
+                source,
             })?;
         }
         let conn = Connection::open(path)?;
