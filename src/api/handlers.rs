@@ -2,7 +2,9 @@
 //! check and audit of refusals, and the background upkeep while serving.
 
 use super::errors::{ApiResult, blocking};
-use super::parse::{parse_allocate, parse_init_server, query_bool, query_int, query_map};
+use super::parse::{
+    Query, decommission_force, event_filter, parse_allocate, parse_init_server, unit_filter,
+};
 #[allow(unused_imports)] // named by the `#[utoipa::path]` annotations
 use super::schema::{ComputeUnitRequest, ErrorDetail, HTTPValidationError, InitServerRequest};
 use super::schema::{ComputeUnitResponse, NumaNode, ServerResponse, WhoAmI};
@@ -10,7 +12,7 @@ use super::{ApiError, App, AppState, MAX_BODY, Peer};
 use crate::auth::{Caller, Role};
 use crate::model::CpuList;
 use crate::service::OpError;
-use crate::store::{EventFilter, Server, UnitFilter};
+use crate::store::Server;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Extension, Path, RawQuery, State};
@@ -94,21 +96,7 @@ pub(super) async fn list_units(
     Extension(_caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Vec<ComputeUnitResponse>>> {
-    let q = query_map(raw.as_deref());
-    let mut errors = Vec::new();
-    let cpu_count = query_int(&q, "cpu_count", &mut errors);
-    if !errors.is_empty() {
-        return Err(ApiError::invalid(errors));
-    }
-    let f = UnitFilter {
-        compute_id: q.get("compute_id").cloned(),
-        hostname: q.get("hostname").cloned(),
-        region: q.get("region").cloned(),
-        zone: q.get("zone").cloned(),
-        cpu_count,
-        deployment_id: q.get("deployment_id").cloned(),
-        status: q.get("status").cloned(),
-    };
+    let f = unit_filter(&mut Query::new(raw.as_deref())).map_err(ApiError::invalid)?;
     let units = blocking(move || k.units(&f)).await?;
     Ok(Json(units.iter().map(ComputeUnitResponse::from).collect()))
 }
@@ -155,12 +143,7 @@ pub(super) async fn decommission_server(
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::Admin, "decommission_server", None).await?;
-    let q = query_map(raw.as_deref());
-    let mut errors = Vec::new();
-    let force = query_bool(&q, "force", &mut errors);
-    if !errors.is_empty() {
-        return Err(ApiError::invalid(errors));
-    }
+    let force = decommission_force(&mut Query::new(raw.as_deref())).map_err(ApiError::invalid)?;
     let actor = caller.actor.clone();
     blocking(move || k.decommission(&hostname, force, &actor)).await?;
     Ok(Json(json!({})))
@@ -227,23 +210,7 @@ pub(super) async fn list_events(
     Extension(_caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Vec<crate::store::Event>>> {
-    let q = query_map(raw.as_deref());
-    let mut errors = Vec::new();
-    let before_id = query_int(&q, "before", &mut errors);
-    let limit = query_int(&q, "limit", &mut errors).unwrap_or(100);
-    if !errors.is_empty() {
-        return Err(ApiError::invalid(errors));
-    }
-    let f = EventFilter {
-        compute_id: q.get("compute_id").cloned(),
-        hostname: q.get("hostname").cloned(),
-        operation: q.get("operation").cloned(),
-        actor: q.get("actor").cloned(),
-        since: q.get("since").cloned(),
-        until: q.get("until").cloned(),
-        before_id,
-        limit: limit.clamp(1, 1000) as u32,
-    };
+    let f = event_filter(&mut Query::new(raw.as_deref())).map_err(ApiError::invalid)?;
     Ok(Json(blocking(move || k.events(&f)).await?))
 }
 

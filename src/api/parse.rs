@@ -6,7 +6,7 @@
 use crate::model::{CpuList, PortPlan, ports, validate};
 use crate::render::validate_io_limit;
 use crate::service::{self, Allocate, InitServer, Invalid, LocPart};
-use crate::store::Limits;
+use crate::store::{EventFilter, Limits, UnitFilter};
 use axum::body::Bytes;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -500,43 +500,105 @@ pub(super) fn query_map(raw: Option<&str>) -> BTreeMap<String, String> {
         .collect()
 }
 
-pub(super) fn query_int(
-    q: &BTreeMap<String, String>,
-    name: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<i64> {
-    let v = q.get(name)?;
-    match v.trim().parse::<i64>() {
-        Ok(i) => Some(i),
-        Err(_) => {
-            errors.push(err(
-                "int_parsing",
-                vec![json!("query"), json!(name)],
-                "Input should be a valid integer, unable to parse string as an integer",
-                json!(v),
-            ));
-            None
+/// A query string being read, the problems found so far, and every parameter asked for with
+/// its OpenAPI type (the document must declare exactly those: see `api::tests`).
+pub(super) struct Query {
+    map: BTreeMap<String, String>,
+    errors: Vec<FieldError>,
+    pub(super) asked: Vec<(String, &'static str)>,
+}
+
+impl Query {
+    pub(super) fn new(raw: Option<&str>) -> Query {
+        Query {
+            map: query_map(raw),
+            errors: Vec::new(),
+            asked: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, name: &str, kind: &'static str) -> Option<&String> {
+        self.asked.push((name.to_string(), kind));
+        self.map.get(name)
+    }
+
+    fn string(&mut self, name: &str) -> Option<String> {
+        self.get(name, "string").cloned()
+    }
+
+    fn int(&mut self, name: &str) -> Option<i64> {
+        let v = self.get(name, "integer")?.clone();
+        match v.trim().parse::<i64>() {
+            Ok(i) => Some(i),
+            Err(_) => {
+                self.errors.push(err(
+                    "int_parsing",
+                    vec![json!("query"), json!(name)],
+                    "Input should be a valid integer, unable to parse string as an integer",
+                    json!(v),
+                ));
+                None
+            }
+        }
+    }
+
+    fn bool(&mut self, name: &str) -> bool {
+        match self.get(name, "boolean").map(|s| s.to_ascii_lowercase()) {
+            None => false,
+            Some(v) if ["true", "1", "yes", "on", "t", "y"].contains(&v.as_str()) => true,
+            Some(v) if ["false", "0", "no", "off", "f", "n"].contains(&v.as_str()) => false,
+            Some(v) => {
+                self.errors.push(err(
+                    "bool_parsing",
+                    vec![json!("query"), json!(name)],
+                    "Input should be a valid boolean, unable to interpret input",
+                    json!(v),
+                ));
+                false
+            }
+        }
+    }
+
+    fn finish<T>(&mut self, value: T) -> Result<T, Vec<FieldError>> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(std::mem::take(&mut self.errors))
         }
     }
 }
 
-pub(super) fn query_bool(
-    q: &BTreeMap<String, String>,
-    name: &str,
-    errors: &mut Vec<FieldError>,
-) -> bool {
-    match q.get(name).map(|s| s.to_ascii_lowercase()) {
-        None => false,
-        Some(v) if ["true", "1", "yes", "on", "t", "y"].contains(&v.as_str()) => true,
-        Some(v) if ["false", "0", "no", "off", "f", "n"].contains(&v.as_str()) => false,
-        Some(v) => {
-            errors.push(err(
-                "bool_parsing",
-                vec![json!("query"), json!(name)],
-                "Input should be a valid boolean, unable to interpret input",
-                json!(v),
-            ));
-            false
-        }
-    }
+/// The filter of `GET /api/compute_units/`.
+pub(super) fn unit_filter(q: &mut Query) -> Result<UnitFilter, Vec<FieldError>> {
+    let f = UnitFilter {
+        compute_id: q.string("compute_id"),
+        hostname: q.string("hostname"),
+        region: q.string("region"),
+        zone: q.string("zone"),
+        cpu_count: q.int("cpu_count"),
+        deployment_id: q.string("deployment_id"),
+        status: q.string("status"),
+    };
+    q.finish(f)
+}
+
+/// The filter of `GET /api/events`: newest first, at most 1000 (default 100).
+pub(super) fn event_filter(q: &mut Query) -> Result<EventFilter, Vec<FieldError>> {
+    let f = EventFilter {
+        compute_id: q.string("compute_id"),
+        hostname: q.string("hostname"),
+        operation: q.string("operation"),
+        actor: q.string("actor"),
+        since: q.string("since"),
+        until: q.string("until"),
+        before_id: q.int("before"),
+        limit: q.int("limit").unwrap_or(100).clamp(1, 1000) as u32,
+    };
+    q.finish(f)
+}
+
+/// `force` of `DELETE /api/admin/decommission_server/{hostname}`.
+pub(super) fn decommission_force(q: &mut Query) -> Result<bool, Vec<FieldError>> {
+    let force = q.bool("force");
+    q.finish(force)
 }

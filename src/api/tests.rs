@@ -252,3 +252,65 @@ fn request_schemas_agree_with_the_parser() {
         }
     }
 }
+
+/// Same for query strings: the parameters each handler reads are exactly the ones its
+/// operation declares, with the same type, and a bad integer or boolean is a 422 at that name.
+#[test]
+fn query_parameters_agree_with_the_parser() {
+    type Read = fn(&mut parse::Query) -> Result<(), Vec<FieldError>>;
+    let cases: [(&str, &str, Read); 3] = [
+        ("/api/compute_units/", "get", |q| {
+            parse::unit_filter(q).map(drop)
+        }),
+        ("/api/events", "get", |q| parse::event_filter(q).map(drop)),
+        ("/api/admin/decommission_server/{hostname}", "delete", |q| {
+            parse::decommission_force(q).map(drop)
+        }),
+    ];
+    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    for (path, method, read) in cases {
+        let op = &doc["paths"][path][method];
+        let mut declared: Vec<(String, String)> = op["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["in"] == "query")
+            .map(|p| {
+                assert_ne!(p["required"], json!(true), "{path}: {p}");
+                let kind = match &p["schema"]["type"] {
+                    Value::String(t) => t.clone(),
+                    Value::Array(ts) => ts
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .find(|t| *t != "null")
+                        .unwrap_or("?")
+                        .to_string(),
+                    other => panic!("{path}: {other}"),
+                };
+                (p["name"].as_str().unwrap().to_string(), kind)
+            })
+            .collect();
+        let mut q = parse::Query::new(None);
+        assert!(read(&mut q).is_ok(), "{path}: an empty query is refused");
+        let mut asked: Vec<(String, String)> = q
+            .asked
+            .iter()
+            .map(|(n, k)| (n.clone(), k.to_string()))
+            .collect();
+        declared.sort();
+        asked.sort();
+        assert_eq!(asked, declared, "{path}: parameters read vs declared");
+        for (name, kind) in &asked {
+            let mut q = parse::Query::new(Some(&format!("{name}=not-a-value")));
+            let errors = read(&mut q).err().unwrap_or_default();
+            let at_name = errors
+                .iter()
+                .any(|e| e.loc == vec![json!("query"), json!(name)]);
+            assert_eq!(
+                at_name,
+                kind != "string",
+                "{path} {name} ({kind}): {errors:?}"
+            );
+        }
+    }
+}
