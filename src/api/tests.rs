@@ -314,3 +314,32 @@ fn query_parameters_agree_with_the_parser() {
         }
     }
 }
+
+/// The service's typed problems become FastAPI's 422 items under `body`, and the service's own
+/// message names the same place.
+#[test]
+fn service_problems_become_body_field_errors() {
+    use crate::service::{Invalid, InvalidList, LocPart, OpError};
+    let problem = Invalid {
+        loc: vec![LocPart::Field("cpu_ranges"), LocPart::Index(1)],
+        input: "2-5".into(),
+        reason: "CPU range 2-5 overlaps cpu_ranges[0] (0-3)".into(),
+    };
+    let e = OpError::Invalid(InvalidList(vec![problem]));
+    assert_eq!(
+        e.to_string(),
+        "invalid request: cpu_ranges[1] (\"2-5\"): CPU range 2-5 overlaps cpu_ranges[0] (0-3)"
+    );
+    let ApiError(status, body) = ApiError::from(e);
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body,
+        json!({"detail": [{
+            "type": "value_error",
+            "loc": ["body", "cpu_ranges", 1],
+            "msg": "Value error, CPU range 2-5 overlaps cpu_ranges[0] (0-3)",
+            "input": "2-5",
+            "ctx": {"error": "CPU range 2-5 overlaps cpu_ranges[0] (0-3)"},
+        }]})
+    );
+}
