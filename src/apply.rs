@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     // `{:?}`: a path may hold a tenant's file name, with newlines or terminal escapes.
-    #[error("{path:?}: {source}")]
+    #[error("{path:?}")]
     Io {
         path: PathBuf,
         #[source]
@@ -563,7 +563,7 @@ impl Host {
                     r?;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "removing leftovers in place");
+                    tracing::warn!(error = %crate::error::Chain(&e), "removing leftovers in place");
                     d.remove_owned(plan.uid, true)?;
                 }
             }
@@ -674,7 +674,9 @@ impl Host {
             match r {
                 Ok(true) => removed += 1,
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "cannot remove a released unit's old files"),
+                Err(e) => {
+                    tracing::error!(error = %crate::error::Chain(&e), "cannot remove a released unit's old files")
+                }
             }
         }
         removed

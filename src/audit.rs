@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Longest free text (a refusal's detail, a path) an audit row or a log line keeps.
-pub const MAX_TEXT: usize = 512;
+pub(crate) const MAX_TEXT: usize = 512;
 /// Longest name (actor, operation, compute id, host name) an audit row keeps.
-pub const MAX_NAME: usize = 256;
+pub(crate) const MAX_NAME: usize = 256;
 
 /// `s` cut to at most `max` bytes (on a character boundary) with a marker saying how much was
 /// cut; `s` itself when it fits.
-pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return s.into();
     }
@@ -26,28 +26,28 @@ pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
 }
 
 /// Refusals one source may have recorded per window before they are only counted.
-pub const DENIALS_PER_WINDOW: u32 = 5;
+pub(crate) const DENIALS_PER_WINDOW: u32 = 5;
 /// Sources tracked at once; beyond that, new sources share one slot.
 const MAX_SOURCES: usize = 4096;
 const OTHER_SOURCES: &str = "other sources";
 
 /// What to do with one refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Record,
     Suppress,
 }
 
 /// Refusals of one source that were counted but not recorded, in a window now over.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Suppressed {
-    pub source: String,
-    pub count: u32,
-    pub window: Duration,
+pub(crate) struct Suppressed {
+    pub(crate) source: String,
+    pub(crate) count: u32,
+    pub(crate) window: Duration,
 }
 
 impl Suppressed {
-    pub fn detail(&self) -> String {
+    pub(crate) fn detail(&self) -> String {
         format!(
             "{} more refused requests from {} suppressed (at most {DENIALS_PER_WINDOW} recorded per {} s)",
             self.count,
@@ -66,14 +66,14 @@ struct Slot {
 /// Counts refusals per source (a uid on the unix socket or for a local TCP caller, a token, or
 /// an address over TCP) in fixed windows.
 #[derive(Debug)]
-pub struct DenialLimiter {
+pub(crate) struct DenialLimiter {
     window: Duration,
     burst: u32,
     slots: HashMap<String, Slot>,
 }
 
 impl DenialLimiter {
-    pub fn new(window: Duration, burst: u32) -> DenialLimiter {
+    pub(crate) fn new(window: Duration, burst: u32) -> DenialLimiter {
         DenialLimiter {
             window,
             burst,
@@ -81,13 +81,13 @@ impl DenialLimiter {
         }
     }
 
-    pub fn window(&self) -> Duration {
+    pub(crate) fn window(&self) -> Duration {
         self.window
     }
 
     /// Counts one refusal of `source` at `now`: whether to record it, and the summary of that
     /// source's previous window if it ended with refusals suppressed.
-    pub fn check(&mut self, source: &str, now: Instant) -> (Verdict, Option<Suppressed>) {
+    pub(crate) fn check(&mut self, source: &str, now: Instant) -> (Verdict, Option<Suppressed>) {
         let key = if self.slots.contains_key(source) || self.slots.len() < MAX_SOURCES {
             source
         } else {
@@ -115,7 +115,7 @@ impl DenialLimiter {
 
     /// Forgets every window that is over, returning the summaries of those that suppressed
     /// something.
-    pub fn expire(&mut self, now: Instant) -> Vec<Suppressed> {
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<Suppressed> {
         let mut out = Vec::new();
         let window = self.window;
         let burst = self.burst;
@@ -148,14 +148,14 @@ impl DenialLimiter {
 /// How long audit rows are kept (`KLOIGOS_AUDIT_RETENTION_DAYS`, `KLOIGOS_AUDIT_MAX_ROWS`;
 /// 0 turns either off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    pub days: u32,
-    pub max_rows: u64,
+pub(crate) struct Retention {
+    pub(crate) days: u32,
+    pub(crate) max_rows: u64,
 }
 
 impl Retention {
     /// Rows older than this (RFC 3339, UTC) go, if rows expire by age.
-    pub fn cutoff(&self, now: time::OffsetDateTime) -> Option<String> {
+    pub(crate) fn cutoff(&self, now: time::OffsetDateTime) -> Option<String> {
         if self.days == 0 {
             return None;
         }
@@ -164,7 +164,7 @@ impl Retention {
             .ok()
     }
 
-    pub fn max_rows(&self) -> Option<u64> {
+    pub(crate) fn max_rows(&self) -> Option<u64> {
         (self.max_rows > 0).then_some(self.max_rows)
     }
 }

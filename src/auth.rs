@@ -6,12 +6,11 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub const DEFAULT_TOKENS: &str = "/etc/kloigos/tokens";
+pub(crate) const DEFAULT_TOKENS: &str = "/etc/kloigos/tokens";
 const ADMIN_GROUP: &str = "kloigos";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -49,31 +48,31 @@ impl FromStr for Role {
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone, Serialize)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// Stable name of the principal, recorded in the audit log and as a unit's owner:
     /// `token:NAME` or `unix:USER(uid N)`.
-    pub actor: String,
-    pub role: Role,
+    pub(crate) actor: String,
+    pub(crate) role: Role,
     /// A TCP caller without a token (`KLOIGOS_TCP_ANONYMOUS_ROLE`). All of them look alike, so
     /// none of them owns anything.
     #[serde(skip)]
-    pub anonymous: bool,
+    pub(crate) anonymous: bool,
     /// Who is refused, for rate-limiting the audit of refusals: `uid N` on the unix socket,
     /// `token:NAME` with a valid token, the address (without port) for other TCP callers.
     #[serde(skip)]
-    pub source: String,
+    pub(crate) source: String,
 }
 
 impl Caller {
     /// Whether this caller allocated a unit recorded as allocated by `allocated_by`.
-    pub fn owns(&self, allocated_by: Option<&str>) -> bool {
+    pub(crate) fn owns(&self, allocated_by: Option<&str>) -> bool {
         !self.anonymous && allocated_by == Some(self.actor.as_str())
     }
 }
 
 /// What the `Authorization` header of a request says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credential {
+pub(crate) enum Credential {
     /// No header.
     None,
     /// `Bearer <token>`.
@@ -84,7 +83,7 @@ pub enum Credential {
 
 /// Parses the `Authorization` header values of a request (every one of them: two headers are
 /// malformed, not "the first one wins").
-pub fn credential<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential {
+pub(crate) fn credential<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential {
     let Some(v) = values.next() else {
         return Credential::None;
     };
@@ -113,7 +112,7 @@ pub fn credential<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential 
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("{}: {source}", path.display())]
+    #[error("token file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -121,15 +120,17 @@ pub enum TokenError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("no randomness for a new token")]
+    Random(#[source] getrandom::Error),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TokenEntry {
-    pub name: String,
-    pub role: Role,
+pub(crate) struct TokenEntry {
+    pub(crate) name: String,
+    pub(crate) role: Role,
     #[serde(skip)]
-    pub hash: String,
-    pub created: String,
+    pub(crate) hash: String,
+    pub(crate) created: String,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -148,16 +149,16 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TokenError + '_ {
 
 /// The token file. Read on every check, so a revocation takes effect at once.
 #[derive(Debug, Clone)]
-pub struct Tokens {
-    pub path: PathBuf,
+pub(crate) struct Tokens {
+    pub(crate) path: PathBuf,
 }
 
 impl Tokens {
-    pub fn new(path: impl Into<PathBuf>) -> Tokens {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Tokens {
         Tokens { path: path.into() }
     }
 
-    pub fn list(&self) -> Result<Vec<TokenEntry>, TokenError> {
+    pub(crate) fn list(&self) -> Result<Vec<TokenEntry>, TokenError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -210,7 +211,7 @@ impl Tokens {
     }
 
     /// Creates a token and returns its secret (shown once; only its hash is kept).
-    pub fn create(&self, name: &str, role: Role) -> Result<String, TokenError> {
+    pub(crate) fn create(&self, name: &str, role: Role) -> Result<String, TokenError> {
         let name_ok = !name.is_empty()
             && name.len() <= 64
             && name
@@ -228,9 +229,7 @@ impl Tokens {
             )));
         }
         let mut raw = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut raw))
-            .map_err(io_err(Path::new("/dev/urandom")))?;
+        getrandom::fill(&mut raw).map_err(TokenError::Random)?;
         let secret = format!(
             "klg_{}",
             raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
@@ -246,7 +245,7 @@ impl Tokens {
     }
 
     /// Returns whether a token of that name existed.
-    pub fn revoke(&self, name: &str) -> Result<bool, TokenError> {
+    pub(crate) fn revoke(&self, name: &str) -> Result<bool, TokenError> {
         let mut entries = self.list()?;
         let before = entries.len();
         entries.retain(|e| e.name != name);
@@ -258,7 +257,7 @@ impl Tokens {
     }
 
     /// The entry whose hash matches the presented secret.
-    pub fn verify(&self, secret: &str) -> Result<Option<TokenEntry>, TokenError> {
+    pub(crate) fn verify(&self, secret: &str) -> Result<Option<TokenEntry>, TokenError> {
         let h = sha256_hex(secret.trim());
         Ok(self.list()?.into_iter().find(|e| e.hash == h))
     }
@@ -291,7 +290,7 @@ fn is_port(p: &str) -> bool {
 /// Whether a TCP request's `Host` names this service: a loopback name (any port) or one of the
 /// names the admin allowed (`KLOIGOS_ALLOWED_HOSTS`, any port). Anything else may be a DNS-rebinding page
 /// in a browser.
-pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+pub(crate) fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
     let Some(name) = host.and_then(host_name) else {
         return false;
     };
@@ -303,7 +302,7 @@ pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
 
 /// Whether a browser's `Origin` may make changes: the page must come from this service itself
 /// (same scheme-less authority as `Host`) or from a name the admin allowed.
-pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool {
+pub(crate) fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool {
     let Some(authority) = origin
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"))
@@ -320,7 +319,7 @@ pub fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> b
 }
 
 /// The role a local user gets from its credentials: admin for root and group `kloigos`.
-pub fn unix_caller(uid: u32, gid: u32) -> Caller {
+pub(crate) fn unix_caller(uid: u32, gid: u32) -> Caller {
     let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
     let name = user
         .as_ref()

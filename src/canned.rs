@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The response to send instead of `out`, when `out` is exactly one canned error head.
-pub fn json_error_response(out: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn json_error_response(out: &[u8]) -> Option<Vec<u8>> {
     if !out.starts_with(b"HTTP/1.") {
         return None;
     }
@@ -61,7 +61,7 @@ pub fn json_error_response(out: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A connection whose canned error responses get JSON bodies (see the module doc).
-pub struct JsonErrors<I> {
+pub(crate) struct JsonErrors<I> {
     inner: I,
     /// A replacement response not yet fully written, and how much of it is.
     pending: Vec<u8>,
@@ -69,16 +69,12 @@ pub struct JsonErrors<I> {
 }
 
 impl<I> JsonErrors<I> {
-    pub fn new(inner: I) -> Self {
+    pub(crate) fn new(inner: I) -> Self {
         JsonErrors {
             inner,
             pending: Vec::new(),
             written: 0,
         }
-    }
-
-    pub fn get_ref(&self) -> &I {
-        &self.inner
     }
 }
 

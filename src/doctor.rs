@@ -15,10 +15,10 @@ use std::process::Command;
 
 /// One check: its name, whether it passed, and what was found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Check {
-    pub name: &'static str,
-    pub ok: bool,
-    pub detail: String,
+pub(crate) struct Check {
+    pub(crate) name: &'static str,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
 }
 
 impl Check {
@@ -39,7 +39,7 @@ impl Check {
 }
 
 /// Every check, in a fixed order. `sshd_t` is the output of `sshd -T` if it could be run.
-pub fn checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
+pub(crate) fn checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
     let mut all = ssh_checks(root, sshd_t);
     all.push(Check::new("cgroup-v2-cpuset", cgroup_cpuset(root)));
     all.push(Check::new(
@@ -69,7 +69,7 @@ pub fn checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
 
 /// The checks that decide whether SSH logins land in the user's slice (what `init_server`
 /// refuses on). An sshd that is not installed lets nobody in, so it passes with a note.
-pub fn ssh_checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
+pub(crate) fn ssh_checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
     let sshd_installed = find_file(root, &["usr/sbin/sshd", "sbin/sshd"]).is_some()
         || root.join("etc/ssh/sshd_config").is_file();
     if !sshd_installed {
@@ -105,7 +105,7 @@ pub fn ssh_checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
 }
 
 /// The SSH problems as one sentence each (empty: SSH logins land in the user's slice).
-pub fn ssh_problems(root: &Path, sshd_t: Option<&str>) -> Vec<String> {
+pub(crate) fn ssh_problems(root: &Path, sshd_t: Option<&str>) -> Vec<String> {
     ssh_checks(root, sshd_t)
         .into_iter()
         .filter(|c| !c.ok)
@@ -115,7 +115,7 @@ pub fn ssh_problems(root: &Path, sshd_t: Option<&str>) -> Vec<String> {
 
 /// `sshd -T` on the live host (None if sshd is missing or refuses, e.g. without host keys or
 /// /run/sshd; the checks then read sshd_config).
-pub fn sshd_effective_config() -> Option<String> {
+pub(crate) fn sshd_effective_config() -> Option<String> {
     ["/usr/sbin/sshd", "/sbin/sshd"]
         .iter()
         .find(|p| Path::new(p).is_file())
@@ -151,7 +151,7 @@ fn cgroup_cpuset(root: &Path) -> Result<String, String> {
 }
 
 /// `usepam yes|no` from `sshd -T` output.
-pub fn usepam_from_sshd_t(out: &str) -> Option<bool> {
+pub(crate) fn usepam_from_sshd_t(out: &str) -> Option<bool> {
     out.lines().find_map(|l| {
         let mut w = l.split_whitespace();
         match (w.next(), w.next()) {
@@ -168,7 +168,7 @@ fn yes(v: &str) -> bool {
 /// UsePAM from `<root>/etc/ssh/sshd_config` and its `Include`s, as sshd reads them: the first
 /// value obtained wins; `Match` blocks are skipped (UsePAM is not allowed there). sshd's
 /// built-in default is `no`. None if sshd_config cannot be read.
-pub fn usepam_from_config(root: &Path) -> Option<bool> {
+pub(crate) fn usepam_from_config(root: &Path) -> Option<bool> {
     let main = root.join("etc/ssh/sshd_config");
     let text = std::fs::read_to_string(&main).ok()?;
     Some(sshd_keyword(root, &text, "usepam", 0).is_some_and(|v| yes(&v)))

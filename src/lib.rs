@@ -4,22 +4,24 @@
 //! → `render` (Tera templates to file contents) → `plan` (the desired state of a host, one pure
 //! function) → `apply` (the one seam that changes a host, under a root directory; `converge`
 //! applies a plan) → `generator` (the systemd generator) → `service` (the operations, tying
-//! them together) → `api` (HTTP) → `server` (listeners, socket activation) → `cli`.
+//! them together) → `api` (HTTP) → `server` (listeners, socket activation) → `cli`. `store` is
+//! reached through its `Inventory` trait; `error` prints an error with its causes once.
 
 pub mod api;
 pub mod apply;
-pub mod audit;
-pub mod auth;
-pub mod canned;
+pub(crate) mod audit;
+pub(crate) mod auth;
+pub(crate) mod canned;
 pub mod cli;
-pub mod doctor;
+pub(crate) mod doctor;
+pub(crate) mod error;
 pub mod generator;
 pub mod logging;
 pub mod model;
-pub mod peeruid;
+pub(crate) mod peeruid;
 pub mod plan;
 pub mod render;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod time;
+pub(crate) mod time;

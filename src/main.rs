@@ -11,7 +11,7 @@ fn main() -> ExitCode {
         match kloigos::server::from_systemd() {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("kloigos: cannot take the sockets passed by systemd: {e}");
+                eprintln!("kloigos: cannot take the sockets passed by systemd: {e:#}");
                 return ExitCode::FAILURE;
             }
         }
@@ -22,16 +22,8 @@ fn main() -> ExitCode {
     match kloigos::cli::run(cli, listeners) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Our errors already quote their cause; add only the causes not said yet.
-            let mut msg = e.to_string();
-            for cause in e.chain().skip(1) {
-                let c = cause.to_string();
-                if !msg.contains(&c) {
-                    msg.push_str(": ");
-                    msg.push_str(&c);
-                }
-            }
-            eprintln!("kloigos: {msg}");
+            // Each layer's message says only its own context; the report adds the causes once.
+            eprintln!("kloigos: {}", e.report());
             ExitCode::FAILURE
         }
     }

@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
-pub enum PeerUidError {
+pub(crate) enum PeerUidError {
     #[error("sock_diag: {0}")]
     Io(#[from] std::io::Error),
     #[error("sock_diag: malformed reply ({0})")]
@@ -39,24 +39,24 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_ESTABLISHED: u8 = 1;
 
 /// Whether `ip` is a loopback address (`127.0.0.0/8`, `::1`, or `127.x` mapped into IPv6).
-pub fn is_loopback(ip: IpAddr) -> bool {
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 
 /// What the kernel says about one TCP socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SockInfo {
+pub(crate) struct SockInfo {
     /// The socket's own end.
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) remote: SocketAddr,
     /// TCP state, as in `include/net/tcp_states.h` (1: established).
-    pub state: u8,
-    pub uid: u32,
+    pub(crate) state: u8,
+    pub(crate) uid: u32,
 }
 
 /// The request for the one TCP socket with these ends (`None` when one is IPv4 and the other
 /// IPv6 even once mapped addresses are unmapped: no such socket exists).
-pub fn request(local: SocketAddr, remote: SocketAddr, seq: u32) -> Option<Vec<u8>> {
+pub(crate) fn request(local: SocketAddr, remote: SocketAddr, seq: u32) -> Option<Vec<u8>> {
     let (local_ip, remote_ip) = (local.ip().to_canonical(), remote.ip().to_canonical());
     let (family, src, dst) = match (local_ip, remote_ip) {
         (IpAddr::V4(l), IpAddr::V4(r)) => (AF_INET, v4_bytes(l), v4_bytes(r)),
@@ -99,7 +99,7 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Reads the kernel's answer: the socket, `None` if there is none (`ENOENT`), or an error.
-pub fn parse_reply(mut buf: &[u8]) -> Result<Option<SockInfo>, PeerUidError> {
+pub(crate) fn parse_reply(mut buf: &[u8]) -> Result<Option<SockInfo>, PeerUidError> {
     while !buf.is_empty() {
         let len = u32_at(buf, 0).ok_or(PeerUidError::Malformed("short header"))? as usize;
         let kind = u16_at(buf, 4).ok_or(PeerUidError::Malformed("short header"))?;
@@ -161,7 +161,7 @@ fn parse_msg(m: &[u8]) -> Result<SockInfo, PeerUidError> {
 /// a time-wait stub always, an orphaned socket on kernels whose `sock_i_uid` reads the (gone)
 /// file's owner. So 0 means root only for an established socket, and unknown otherwise; any
 /// other uid is the socket's creator.
-pub fn trusted_uid(s: &SockInfo) -> Option<u32> {
+pub(crate) fn trusted_uid(s: &SockInfo) -> Option<u32> {
     match (s.state, s.uid) {
         (TCP_ESTABLISHED, uid) => Some(uid),
         (_, 0) => None,
@@ -176,7 +176,7 @@ fn same(a: SocketAddr, b: SocketAddr) -> bool {
 /// The uid owning the client socket of a TCP connection we accepted from `peer` on our
 /// address `ours` (`None`: no such socket any more, or one whose owner is unknown). Only
 /// meaningful for a loopback peer, whose socket is in this network namespace.
-pub fn local_uid(peer: SocketAddr, ours: SocketAddr) -> Result<Option<u32>, PeerUidError> {
+pub(crate) fn local_uid(peer: SocketAddr, ours: SocketAddr) -> Result<Option<u32>, PeerUidError> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let Some(req) = request(peer, ours, 1) else {
         return Ok(None);

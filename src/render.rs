@@ -22,13 +22,13 @@ const BUILTIN: [(&str, &str); 4] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    #[error("template {name}: {source}")]
+    #[error("template {name}")]
     Template {
         name: String,
         #[source]
         source: tera::Error,
     },
-    #[error("cannot read template {}: {source}", path.display())]
+    #[error("cannot read template {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -109,15 +109,9 @@ impl UnitPlan {
         unit: &Unit,
         topology: &[(u32, CpuList)],
     ) -> Result<UnitPlan, RenderError> {
-        let cpus: CpuList = unit.cpu_range.parse()?;
-        let ports: PortRanges = unit.ports_range.parse()?;
-        let nodes: std::collections::BTreeSet<u32> = topology
-            .iter()
-            .filter(|(_, node_cpus)| node_cpus.overlaps(&cpus))
-            .map(|&(node, _)| node)
-            .collect();
-        let memory_nodes = Some(nodes)
-            .filter(|n| !n.is_empty())
+        let cpus: CpuList = unit.cpu_range.clone();
+        let ports: PortRanges = unit.ports_range.clone();
+        let memory_nodes = model::numa::nodes_of(topology, &cpus)
             .map(|nodes| {
                 CpuList::from_cpus(nodes)
                     .map(|l| l.to_ranges())

@@ -32,7 +32,7 @@ pub enum Listener {
 }
 
 impl Listener {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Listener::Tcp(l) => l
                 .local_addr()
@@ -67,7 +67,7 @@ pub fn from_systemd() -> io::Result<Vec<Listener>> {
 }
 
 /// Binds `ADDR`: a path (anything with a `/`) is a unix socket, otherwise `host:port`.
-pub fn bind(addr: &str) -> io::Result<Listener> {
+pub(crate) fn bind(addr: &str) -> io::Result<Listener> {
     if addr.contains('/') {
         let path = PathBuf::from(addr);
         if let Some(dir) = path.parent() {
@@ -97,27 +97,27 @@ pub fn bind(addr: &str) -> io::Result<Listener> {
     }
 }
 
-pub struct ServeOptions {
+pub(crate) struct ServeOptions {
     /// Exit after this long with no open connection (None: serve until a signal).
-    pub idle_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
     /// Sent as `STATUS=` once ready.
-    pub status: String,
+    pub(crate) status: String,
     /// Time a client has to send a request's headers, or to start the next request on a
     /// kept-alive connection.
-    pub header_timeout: Duration,
-    pub caps: Caps,
+    pub(crate) header_timeout: Duration,
+    pub(crate) caps: Caps,
 }
 
 /// Most connections open at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caps {
+pub(crate) struct Caps {
     /// Per local non-admin user on the unix socket, and per local user other than root over
     /// loopback TCP.
-    pub per_user: usize,
+    pub(crate) per_user: usize,
     /// All local non-admin users together on the unix socket.
-    pub users: usize,
+    pub(crate) users: usize,
     /// TCP, in all, root's loopback connections aside.
-    pub tcp: usize,
+    pub(crate) tcp: usize,
 }
 
 /// What an open connection counts against.
@@ -285,7 +285,7 @@ content-length: 44\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
 
 /// Raises the soft limit of open files to the hard limit (systemd sets both with
 /// `LimitNOFILE=`; this is for runs outside it).
-pub fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
@@ -321,7 +321,11 @@ async fn shutdown_signal() {
 }
 
 /// Serves `app` on every listener until a signal or the idle timeout.
-pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) -> io::Result<()> {
+pub(crate) async fn serve(
+    listeners: Vec<Listener>,
+    app: Router,
+    opts: ServeOptions,
+) -> io::Result<()> {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let counts = Arc::new(Mutex::new(Counts::default()));
     let admins = Arc::new(Admins::default());
@@ -398,7 +402,7 @@ pub async fn serve(listeners: Vec<Listener>, app: Router, opts: ServeOptions) ->
                                 Ok((s, _)) => {
                                     *lock(&last_active) = Instant::now();
                                     let peer = match s.peer_cred() {
-                                        Ok(c) => Peer::Unix { uid: c.uid(), gid: c.gid(), pid: c.pid() },
+                                        Ok(c) => Peer::Unix { uid: c.uid(), gid: c.gid() },
                                         Err(_) => Peer::Unknown,
                                     };
                                     if let Peer::Unix { uid: 0, .. } = peer {

@@ -10,8 +10,8 @@ use crate::model::{self, CpuList, PortPlan, names, validate::SshKey};
 use crate::plan::{self, Desired};
 use crate::render::{HostFacts, RenderError, RenderedFile, Renderer, UnitPlan};
 use crate::store::{
-    Event, EventFilter, Limits, NewEvent, NewUnit, Server, ServerStatus, Store, StoreError, Unit,
-    UnitFilter, UnitStatus,
+    Event, EventFilter, Inventory, Limits, NewEvent, NewUnit, Server, ServerStatus, Store,
+    StoreError, Unit, UnitFilter, UnitStatus,
 };
 use serde_json::{Value, json};
 use std::fs::File;
@@ -23,36 +23,54 @@ mod allocate;
 mod decommission;
 mod reconcile;
 
-/// One validation problem, in the shape FastAPI reports (`loc`, `msg`, `type`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct FieldError {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub loc: Vec<Value>,
-    pub msg: String,
-    pub input: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ctx: Option<Value>,
+/// One step of the path to an invalid part of a request: a field or a list index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocPart {
+    Field(&'static str),
+    Index(usize),
 }
 
-impl FieldError {
-    /// A semantic check that failed (pydantic's `value_error`).
-    pub fn value(loc: Vec<Value>, input: Value, reason: impl Into<String>) -> FieldError {
-        let reason = reason.into();
-        FieldError {
-            kind: "value_error".into(),
-            loc,
-            msg: format!("Value error, {reason}"),
-            input,
-            ctx: Some(json!({ "error": reason })),
+/// One semantic problem with a request: where (`cpu_ranges[2]`), the offending input as the
+/// caller gave it, and why. The API turns these into FastAPI's 422 `loc` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub loc: Vec<LocPart>,
+    pub input: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, part) in self.loc.iter().enumerate() {
+            match part {
+                LocPart::Field(name) if i == 0 => f.write_str(name)?,
+                LocPart::Field(name) => write!(f, ".{name}")?,
+                LocPart::Index(n) => write!(f, "[{n}]")?,
+            }
         }
+        write!(f, " ({:?}): {}", self.input, self.reason)
+    }
+}
+
+/// The problems of a request, all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidList(pub Vec<Invalid>);
+
+impl std::fmt::Display for InvalidList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("invalid request")?;
+        for (i, e) in self.0.iter().enumerate() {
+            f.write_str(if i == 0 { ": " } else { "; " })?;
+            e.fmt(f)?;
+        }
+        Ok(())
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
-    #[error("validation failed")]
-    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    Invalid(InvalidList),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -69,7 +87,7 @@ pub enum OpError {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Teardown(#[from] ErrorList),
-    #[error("lock {}: {source}", path.display())]
+    #[error("lock {}", path.display())]
     Lock {
         path: PathBuf,
         source: std::io::Error,
@@ -160,7 +178,7 @@ struct Op<'a> {
 }
 
 pub struct Kloigos {
-    pub store: Store,
+    pub store: Box<dyn Inventory>,
     host: Host,
     renderer: Renderer,
     local: String,
@@ -221,7 +239,7 @@ fn test_pause(point: &str) {
 
 impl Kloigos {
     pub fn open(cfg: &Config) -> Result<Kloigos> {
-        let store = Store::open(&cfg.db)?;
+        let store = Box::new(Store::open(&cfg.db)?);
         let host = Host::new(&cfg.root);
         let renderer = Renderer::load(&cfg.templates)?;
         let local = cfg
@@ -306,7 +324,7 @@ impl Kloigos {
             before,
             after,
         }) {
-            error!(operation, error = %e, "cannot write the audit log");
+            error!(operation, error = %crate::error::Chain(&e), "cannot write the audit log");
         }
     }
 
@@ -345,7 +363,7 @@ impl Kloigos {
                 Ok(value)
             }
             Err(e) => {
-                error!(compute_id, hostname, operation, error = %e, "failed on the host");
+                error!(compute_id, hostname, operation, error = %crate::error::Chain(&e), "failed on the host");
                 let (msg, after) = failed(&e)?;
                 self.record(
                     actor,
@@ -387,7 +405,11 @@ impl Kloigos {
     /// ports beyond the ephemeral range and user names that would be too long.
     fn plan_server(&self, req: &InitServer) -> Result<Vec<NewUnit>> {
         let mut errors = Vec::new();
-        let loc = |i: usize| vec![json!("body"), json!("cpu_ranges"), json!(i)];
+        let invalid = |i: usize, input: &str, reason: String| Invalid {
+            loc: vec![LocPart::Field("cpu_ranges"), LocPart::Index(i)],
+            input: input.to_string(),
+            reason,
+        };
         let local = self.is_local(&req.hostname);
         let online = if local {
             model::numa::online_cpus(self.host.root())
@@ -401,12 +423,12 @@ impl Kloigos {
         };
         let mut units = Vec::new();
         for (i, cpus) in req.cpu_ranges.iter().enumerate() {
-            let input = json!(cpus.to_string());
+            let input = cpus.to_string();
             for (j, other) in req.cpu_ranges.iter().enumerate().take(i) {
                 if cpus.overlaps(other) {
-                    errors.push(FieldError::value(
-                        loc(i),
-                        input.clone(),
+                    errors.push(invalid(
+                        i,
+                        &input,
                         format!("CPU range {cpus} overlaps cpu_ranges[{j}] ({other})"),
                     ));
                 }
@@ -414,9 +436,9 @@ impl Kloigos {
             if let Some(online) = &online {
                 let missing = cpus.difference(online);
                 if !missing.is_empty() {
-                    errors.push(FieldError::value(
-                        loc(i),
-                        input.clone(),
+                    errors.push(invalid(
+                        i,
+                        &input,
                         format!(
                             "host {} has no CPU {:?} (online CPUs: {online})",
                             req.hostname, missing
@@ -427,36 +449,36 @@ impl Kloigos {
             let user = match names::user_name(cpus) {
                 Ok(u) => u,
                 Err(e) => {
-                    errors.push(FieldError::value(loc(i), input.clone(), e.to_string()));
+                    errors.push(invalid(i, &input, e.to_string()));
                     continue;
                 }
             };
             let ports = match req.ports.ranges_for(cpus, ephemeral) {
                 Ok(p) => p,
                 Err(e) => {
-                    errors.push(FieldError::value(loc(i), input.clone(), e.to_string()));
+                    errors.push(invalid(i, &input, e.to_string()));
                     continue;
                 }
             };
             let uid = names::uid(req.uid_base, cpus);
             if u64::from(req.uid_base) + u64::from(cpus.first()) > 2_000_000_000 {
-                errors.push(FieldError::value(loc(i), input, "uid out of range"));
+                errors.push(invalid(i, &input, "uid out of range".into()));
                 continue;
             }
             units.push(NewUnit {
                 compute_id: names::compute_id(&req.hostname, cpus),
-                cpu_range: cpus.to_string(),
+                cpu_range: cpus.clone(),
                 cpu_count: cpus.len() as u32,
                 first_cpu: cpus.first(),
                 uid,
                 user,
-                ports_range: ports.to_string(),
+                ports_range: ports,
             });
         }
         if errors.is_empty() {
             Ok(units)
         } else {
-            Err(OpError::Invalid(errors))
+            Err(OpError::Invalid(InvalidList(errors)))
         }
     }
 
@@ -483,7 +505,7 @@ impl Kloigos {
             region: req.region.clone(),
             zone: req.zone.clone(),
             status: ServerStatus::Initializing,
-            cpu_ranges: req.cpu_ranges.iter().map(|c| c.to_string()).collect(),
+            cpu_ranges: req.cpu_ranges.clone(),
             port_base: req.ports.base,
             ports_per_cpu: req.ports.per_cpu,
             uid_base: req.uid_base,
@@ -503,6 +525,7 @@ impl Kloigos {
         if self.is_local(&req.hostname) {
             info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "applying");
             if let Err(e) = self.apply_local(None).and_then(all_ok) {
+                let e = crate::error::Chain(&e);
                 error!(hostname = %req.hostname, operation = "init_server", error = %e, "init failed, rolling back");
                 let detail = format!("init_server failed on the host: {e}");
                 let rolled_back = self.rollback_init(&server);

@@ -4,7 +4,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 /// Now, as `2026-11-23T09:33:10.123456Z`.
-pub fn now() -> String {
+pub(crate) fn now() -> String {
     let now = OffsetDateTime::now_utc();
     // Microsecond precision, like FastAPI's datetimes.
     let now = now

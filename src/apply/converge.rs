@@ -2,6 +2,7 @@
 //! teardown of units, which keeps going after an error and returns them all.
 
 use super::{ApplyError, Host, Result};
+use crate::error::Chain;
 use crate::plan::{self, Desired};
 use crate::render::{RenderedFile, UnitPlan};
 use std::fmt;
@@ -42,18 +43,18 @@ pub struct UnitError {
 }
 
 /// Every error of a teardown, in the style of netavark's `NetavarkErrorList`: Display lists
-/// them all.
+/// them all, each with its causes.
 #[derive(Debug)]
 pub struct ErrorList(pub Vec<UnitError>);
 
 impl fmt::Display for ErrorList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0.as_slice() {
-            [one] => write!(f, "{}: {}", one.compute_id, one.error),
+            [one] => write!(f, "{}: {}", one.compute_id, Chain(&one.error)),
             many => {
                 write!(f, "{} errors:", many.len())?;
                 for e in many {
-                    write!(f, " [{}: {}]", e.compute_id, e.error)?;
+                    write!(f, " [{}: {}]", e.compute_id, Chain(&e.error))?;
                 }
                 Ok(())
             }
@@ -61,13 +62,8 @@ impl fmt::Display for ErrorList {
     }
 }
 
-impl std::error::Error for ErrorList {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0
-            .first()
-            .map(|e| &e.error as &(dyn std::error::Error + 'static))
-    }
-}
+/// Each error's causes are in the list's own message, so it has no single `source()`.
+impl std::error::Error for ErrorList {}
 
 fn rel(p: impl AsRef<Path>) -> String {
     p.as_ref().display().to_string()
@@ -82,7 +78,9 @@ pub fn converge(host: &Host, desired: &Desired, scope: Scope) -> Result<ApplyRep
             match host.ensure_user(p) {
                 Ok(true) => report.users_created.push(p.user.clone()),
                 Ok(false) => {}
-                Err(e) => report.failed.push((p.compute_id.clone(), e.to_string())),
+                Err(e) => report
+                    .failed
+                    .push((p.compute_id.clone(), crate::error::Chain(&e).to_string())),
             }
         }
     }
@@ -131,7 +129,9 @@ pub fn converge(host: &Host, desired: &Desired, scope: Scope) -> Result<ApplyRep
             }
             match host.create_dirs(p) {
                 Ok(()) => report.dirs_made.push(p.compute_id.clone()),
-                Err(e) => report.failed.push((p.compute_id.clone(), e.to_string())),
+                Err(e) => report
+                    .failed
+                    .push((p.compute_id.clone(), crate::error::Chain(&e).to_string())),
             }
         }
     }
@@ -280,12 +280,14 @@ mod tests {
                 ip: "10.0.0.1".into(),
                 region: "r".into(),
                 zone: "z".into(),
-                cpu_range: i.to_string(),
+                cpu_range: i.to_string().parse().unwrap(),
                 cpu_count: 1,
                 first_cpu: i,
                 uid: 20000 + i,
                 user: format!("u{i}"),
-                ports_range: format!("{}-{}", 2000 + i * 100, 2099 + i * 100),
+                ports_range: format!("{}-{}", 2000 + i * 100, 2099 + i * 100)
+                    .parse()
+                    .unwrap(),
                 status: UnitStatus::Free,
                 started_at: None,
                 tags: None,
@@ -401,7 +403,9 @@ mod tests {
         let shown = err.to_string();
         assert!(shown.starts_with("2 errors:"), "{shown}");
         assert!(shown.contains("h1_0") && shown.contains("h1_2"), "{shown}");
-        assert!(std::error::Error::source(&err).is_some());
+        // Each error is shown with its cause, once (the list has no single source).
+        assert!(std::error::Error::source(&err).is_none());
+        assert_eq!(shown.matches("h1_0").count(), 1, "{shown}");
         assert!(!dir.path().join("etc/tmpfiles.d/kloigos-c1.conf").exists());
         host.purge_trash();
         assert!(!dir.path().join("home/u1").exists());

@@ -590,7 +590,7 @@ impl DirFd {
                     match renameat(&self.fd, name, &a.fd, name) {
                         Ok(()) => true,
                         Err(e) => {
-                            tracing::warn!(path = ?self.child(name), error = %e, "cannot move aside; removing in place");
+                            tracing::warn!(path = ?self.child(name), error = %crate::error::Chain(&e), "cannot move aside; removing in place");
                             false
                         }
                     }

@@ -1,10 +1,11 @@
 //! Pure domain logic: CPU lists, names, port ranges, NUMA topology and input validation.
 //! Nothing here changes the host; readers take a `root` so tests can use a fake tree.
 
-pub mod cpulist;
-pub mod names;
-pub mod numa;
-pub mod ports;
+pub(crate) mod cpulist;
+pub(crate) mod names;
+pub(crate) mod numa;
+pub(crate) mod ports;
+pub(crate) mod status;
 pub mod validate;
 
 pub use cpulist::CpuList;

@@ -9,13 +9,15 @@
 //! canonical form. Why a valid user name: `u` followed by `[0-9s_-]` matches both Debian's
 //! `^[a-z][-a-z0-9_]*$` and shadow-utils' `^[a-z_][a-z0-9_-]*$`.
 
-use super::{CpuList, ModelError, validate};
+#[cfg(test)]
+use super::validate;
+use super::{CpuList, ModelError};
 
 /// Longest user name we create (systemd and utmp-safe).
-pub const MAX_USER_LEN: usize = 31;
+pub(crate) const MAX_USER_LEN: usize = 31;
 
 /// `<hostname>_<canonical cpu list>`.
-pub fn compute_id(hostname: &str, cpus: &CpuList) -> String {
+pub(crate) fn compute_id(hostname: &str, cpus: &CpuList) -> String {
     format!("{hostname}_{cpus}")
 }
 
@@ -23,8 +25,10 @@ pub fn compute_id(hostname: &str, cpus: &CpuList) -> String {
 /// Returns None when it is not `<valid hostname>_<cpulist>`.
 ///
 /// The CPU part must also be in canonical form (`host_0-15`, not `host_0,1-15`), so that each
-/// unit has exactly one id.
-pub fn parse_compute_id(id: &str) -> Option<(String, CpuList)> {
+/// unit has exactly one id. Only the tests need it: they prove with it that `compute_id` is
+/// unambiguous.
+#[cfg(test)]
+fn parse_compute_id(id: &str) -> Option<(String, CpuList)> {
     let (host, cpu_text) = id.split_once('_')?;
     validate::hostname(host).ok()?;
     let cpus: CpuList = cpu_text.parse().ok()?;
@@ -33,7 +37,7 @@ pub fn parse_compute_id(id: &str) -> Option<(String, CpuList)> {
 }
 
 /// The canonical list with `,` → `_` and `:` → `s`.
-pub fn token(cpus: &CpuList) -> String {
+pub(crate) fn token(cpus: &CpuList) -> String {
     cpus.to_string()
         .chars()
         .map(|c| match c {
@@ -45,7 +49,7 @@ pub fn token(cpus: &CpuList) -> String {
 }
 
 /// `u<token>`; errors when longer than MAX_USER_LEN.
-pub fn user_name(cpus: &CpuList) -> Result<String, ModelError> {
+pub(crate) fn user_name(cpus: &CpuList) -> Result<String, ModelError> {
     let name = format!("u{}", token(cpus));
     if name.len() > MAX_USER_LEN {
         return Err(ModelError::Invalid(format!(
@@ -58,14 +62,14 @@ pub fn user_name(cpus: &CpuList) -> Result<String, ModelError> {
 }
 
 /// `c<token>`: the unit's directory name under /opt and /mnt.
-pub fn dir_name(cpus: &CpuList) -> String {
+pub(crate) fn dir_name(cpus: &CpuList) -> String {
     format!("c{}", token(cpus))
 }
 
 /// Stable UID: `uid_base + first CPU` (units of a host never share a CPU, so never a UID).
 ///
 /// Saturates instead of wrapping; callers keep `uid_base` far below `u32::MAX - MAX_CPU`.
-pub fn uid(uid_base: u32, cpus: &CpuList) -> u32 {
+pub(crate) fn uid(uid_base: u32, cpus: &CpuList) -> u32 {
     uid_base.saturating_add(cpus.first())
 }
 

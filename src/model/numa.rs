@@ -12,21 +12,21 @@ const NODE_DIR: &str = "sys/devices/system/node";
 /// CPUs the host has online: `<root>/sys/devices/system/cpu/online`. None when the file is absent.
 ///
 /// Also None when the file cannot be read or parsed: no answer is safer than a wrong one.
-pub fn online_cpus(root: &Path) -> Option<CpuList> {
+pub(crate) fn online_cpus(root: &Path) -> Option<CpuList> {
     let text = std::fs::read_to_string(root.join("sys/devices/system/cpu/online")).ok()?;
     text.parse().ok()
 }
 
-/// NUMA nodes holding any CPU of `cpus`, from `<root>/sys/devices/system/node/node<N>/cpulist`.
+/// NUMA nodes holding any CPU of `cpus`, from a [`topology`].
 /// None when the host exposes no node directory (no NUMA info: the caller omits AllowedMemoryNodes=).
 ///
 /// Also None when no node holds any of `cpus`: an empty set would not be a useful
 /// `AllowedMemoryNodes=` value either.
-pub fn nodes_of(root: &Path, cpus: &CpuList) -> Option<BTreeSet<u32>> {
-    let nodes: BTreeSet<u32> = topology(root)
-        .into_iter()
+pub(crate) fn nodes_of(topology: &[(u32, CpuList)], cpus: &CpuList) -> Option<BTreeSet<u32>> {
+    let nodes: BTreeSet<u32> = topology
+        .iter()
         .filter(|(_, node_cpus)| node_cpus.overlaps(cpus))
-        .map(|(node, _)| node)
+        .map(|&(node, _)| node)
         .collect();
     (!nodes.is_empty()).then_some(nodes)
 }
@@ -35,7 +35,7 @@ pub fn nodes_of(root: &Path, cpus: &CpuList) -> Option<BTreeSet<u32>> {
 ///
 /// Memory-only nodes (empty `cpulist`) and nodes whose `cpulist` is missing or unreadable are
 /// left out; entries not named `node<digits>` (`online`, `possible`, `power`, ...) are ignored.
-pub fn topology(root: &Path) -> Vec<(u32, CpuList)> {
+pub(crate) fn topology(root: &Path) -> Vec<(u32, CpuList)> {
     let Ok(entries) = std::fs::read_dir(root.join(NODE_DIR)) else {
         return Vec::new();
     };
@@ -148,7 +148,7 @@ mod tests {
         ];
         for (list, expected) in cases {
             assert_eq!(
-                nodes_of(dir.path(), &cpus(list)),
+                nodes_of(&topology(dir.path()), &cpus(list)),
                 expected.map(set),
                 "nodes of {list}"
             );
@@ -158,13 +158,13 @@ mod tests {
     #[test]
     fn no_node_directory_means_no_numa_info() {
         let dir = TempDir::new().unwrap();
-        assert_eq!(nodes_of(dir.path(), &cpus("0-3")), None);
+        assert_eq!(nodes_of(&topology(dir.path()), &cpus("0-3")), None);
         assert!(topology(dir.path()).is_empty());
         // A node directory with only stray entries gives no information either.
         let node = dir.path().join(NODE_DIR);
         fs::create_dir_all(&node).unwrap();
         fs::write(node.join("online"), "0\n").unwrap();
-        assert_eq!(nodes_of(dir.path(), &cpus("0-3")), None);
+        assert_eq!(nodes_of(&topology(dir.path()), &cpus("0-3")), None);
         assert!(topology(dir.path()).is_empty());
     }
 

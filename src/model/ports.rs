@@ -6,8 +6,8 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-pub const DEFAULT_BASE: u16 = 2000;
-pub const DEFAULT_PER_CPU: u16 = 100;
+pub(crate) const DEFAULT_BASE: u16 = 2000;
+pub(crate) const DEFAULT_PER_CPU: u16 = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortPlan {
@@ -34,7 +34,7 @@ impl Default for PortPlan {
 
 impl PortPlan {
     /// Errors when base is 0 or per_cpu is 0.
-    pub fn new(base: u16, per_cpu: u16) -> Result<Self, ModelError> {
+    pub(crate) fn new(base: u16, per_cpu: u16) -> Result<Self, ModelError> {
         if base == 0 {
             return Err(ModelError::Ports("base port must be at least 1".into()));
         }
@@ -46,7 +46,7 @@ impl PortPlan {
     /// CPU c owns [base + c*per_cpu, base + (c+1)*per_cpu - 1]; adjacent blocks are merged.
     /// Errors (ModelError::Ports) when any port would exceed 65535 or reach `ephemeral_low`
     /// (the kernel's ip_local_port_range start) when given.
-    pub fn ranges_for(
+    pub(crate) fn ranges_for(
         &self,
         cpus: &CpuList,
         ephemeral_low: Option<u16>,
@@ -92,11 +92,13 @@ impl PortPlan {
     }
 }
 
+/// Test oracles: the properties below prove with them that units' port ranges never overlap.
+#[cfg(test)]
 impl PortRanges {
-    pub fn contains(&self, port: u16) -> bool {
+    pub(crate) fn contains(&self, port: u16) -> bool {
         self.0.iter().any(|&(lo, hi)| lo <= port && port <= hi)
     }
-    pub fn overlaps(&self, other: &PortRanges) -> bool {
+    pub(crate) fn overlaps(&self, other: &PortRanges) -> bool {
         // Pairwise, so it stays right even for a hand-built value that is not sorted.
         self.0.iter().any(|&(a_lo, a_hi)| {
             other
@@ -105,7 +107,7 @@ impl PortRanges {
                 .any(|&(b_lo, b_hi)| a_lo <= b_hi && b_lo <= a_hi)
         })
     }
-    pub fn count(&self) -> u32 {
+    pub(crate) fn count(&self) -> u32 {
         self.0
             .iter()
             .map(|&(lo, hi)| u32::from(hi).saturating_sub(u32::from(lo)) + 1)
@@ -191,7 +193,7 @@ impl From<PortRanges> for String {
 }
 
 /// Reads `<root>/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999"); None when absent or unreadable.
-pub fn ephemeral_range(root: &Path) -> Option<(u16, u16)> {
+pub(crate) fn ephemeral_range(root: &Path) -> Option<(u16, u16)> {
     let text = std::fs::read_to_string(root.join("proc/sys/net/ipv4/ip_local_port_range")).ok()?;
     let mut fields = text.split_whitespace();
     let lo = fields.next()?.parse::<u16>().ok()?;
@@ -296,20 +298,6 @@ mod tests {
             zero.ranges_for(&cpus("0"), None),
             Err(ModelError::Ports(_))
         ));
-    }
-
-    #[test]
-    fn contains_count_overlaps() {
-        let r = PortRanges(vec![(2000, 2099), (2200, 2299)]);
-        assert!(r.contains(2000) && r.contains(2099) && r.contains(2250));
-        assert!(!r.contains(1999) && !r.contains(2100) && !r.contains(2300));
-        assert_eq!(r.count(), 200);
-        assert_eq!(PortRanges(vec![(1, 65535)]).count(), 65535);
-        assert_eq!(PortRanges(vec![]).count(), 0);
-        assert!(r.overlaps(&PortRanges(vec![(2099, 2099)])));
-        assert!(r.overlaps(&PortRanges(vec![(2150, 2200)])));
-        assert!(!r.overlaps(&PortRanges(vec![(2100, 2199)])));
-        assert!(!r.overlaps(&PortRanges(vec![])));
     }
 
     #[test]
@@ -433,6 +421,20 @@ mod tests {
             }
             PortRanges(ranges)
         })
+    }
+
+    #[test]
+    fn contains_count_overlaps() {
+        let r = PortRanges(vec![(2000, 2099), (2200, 2299)]);
+        assert!(r.contains(2000) && r.contains(2099) && r.contains(2250));
+        assert!(!r.contains(1999) && !r.contains(2100) && !r.contains(2300));
+        assert_eq!(r.count(), 200);
+        assert_eq!(PortRanges(vec![(1, 65535)]).count(), 65535);
+        assert_eq!(PortRanges(vec![]).count(), 0);
+        assert!(r.overlaps(&PortRanges(vec![(2099, 2099)])));
+        assert!(r.overlaps(&PortRanges(vec![(2150, 2200)])));
+        assert!(!r.overlaps(&PortRanges(vec![(2100, 2199)])));
+        assert!(!r.overlaps(&PortRanges(vec![])));
     }
 
     proptest! {

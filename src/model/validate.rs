@@ -19,7 +19,7 @@ fn shown(s: &str) -> String {
 
 /// RFC 1123 host name: 1..=253 chars, dot-separated labels of 1..=63 chars of `[a-z0-9-]`,
 /// not starting or ending with `-`. Lowercase only (compute ids are case-sensitive). No `_`.
-pub fn hostname(s: &str) -> Result<(), String> {
+pub(crate) fn hostname(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("hostname: must not be empty".into());
     }
@@ -63,7 +63,7 @@ pub fn hostname(s: &str) -> Result<(), String> {
 }
 
 /// Region or zone: 1..=64 chars of `[A-Za-z0-9._-]`, starting with a letter or digit.
-pub fn label(s: &str) -> Result<(), String> {
+pub(crate) fn label(s: &str) -> Result<(), String> {
     let Some(first) = s.chars().next() else {
         return Err("label: must not be empty".into());
     };
@@ -94,14 +94,14 @@ pub fn label(s: &str) -> Result<(), String> {
 /// An OpenSSH public key line as `authorized_keys` takes it, with no options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshKey {
-    pub kind: String,
-    pub blob: String,
-    pub comment: Option<String>,
+    pub(crate) kind: String,
+    pub(crate) blob: String,
+    pub(crate) comment: Option<String>,
 }
 
 impl SshKey {
     /// `kind blob[ comment]`, one line without trailing newline.
-    pub fn to_line(&self) -> String {
+    pub(crate) fn to_line(&self) -> String {
         match &self.comment {
             Some(comment) => format!("{} {} {}", self.kind, self.blob, comment),
             None => format!("{} {}", self.kind, self.blob),
@@ -298,7 +298,7 @@ pub fn ssh_public_key(s: &str) -> Result<SshKey, String> {
 }
 
 /// Tag key: 1..=64 chars of `[A-Za-z0-9._:/-]`.
-pub fn tag_key(s: &str) -> Result<(), String> {
+pub(crate) fn tag_key(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("tag_key: must not be empty".into());
     }
@@ -324,7 +324,7 @@ pub fn tag_key(s: &str) -> Result<(), String> {
 /// no control characters (no newline, tab, NUL, DEL, C1).
 ///
 /// `max` counts characters (Unicode scalar values), not bytes.
-pub fn free_text(s: &str, max: usize) -> Result<(), String> {
+pub(crate) fn free_text(s: &str, max: usize) -> Result<(), String> {
     let count = s.chars().count();
     if count > max {
         return Err(format!(

@@ -77,6 +77,7 @@ impl Kloigos {
                 Ok((*done, Some(after)))
             },
             |e| {
+                let e = crate::error::Chain(e);
                 let detail = format!("allocation of {id} failed on the host: {e}");
                 let server = self.store.server(&unit.hostname)?;
                 let rollback = match &server {
@@ -227,6 +228,7 @@ impl Kloigos {
                 _ => Err(OpError::Failed(format!("{id} changed state under us"))),
             },
             |e| {
+                let e = crate::error::Chain(e);
                 let msg = format!(
                     "deallocation of {id} failed on the host: {e} (unit is DEALLOCATION_FAIL; retry deallocate)"
                 );

@@ -59,6 +59,7 @@ impl Kloigos {
             self.finish_decommission(&server, &units),
             || Ok(((), Some(json!({"status": "DECOMMISSIONED"})))),
             |e| {
+                let e = crate::error::Chain(e);
                 let msg = format!(
                     "decommission of {hostname} failed on the host: {e} (server is DECOMMISSION_FAIL; retry)"
                 );

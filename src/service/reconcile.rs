@@ -39,7 +39,7 @@ impl Kloigos {
         // What a run stopped before removing it: for `purge_trash`, after the lock.
         let desired = self.desired(None, None)?;
         if let Err(e) = self.host.find_trash(&desired.plans) {
-            error!(error = %e, "cannot look for old files to remove");
+            error!(error = %crate::error::Chain(&e), "cannot look for old files to remove");
         }
         // Every file, user, directory and the table as the inventory says...
         let applied = converge(&self.host, &desired, Scope::Full)?;
@@ -107,6 +107,7 @@ impl Kloigos {
                 }
             }
             Err(e) => {
+                let e = crate::error::Chain(&e);
                 let msg = format!("reconcile could not repair {id}: {e}");
                 error!(compute_id = %id, operation = "reconcile", error = %e, "unit left broken");
                 report.units_failed.push(format!("{id}: {e}"));

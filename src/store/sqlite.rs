@@ -1,204 +1,15 @@
-//! The inventory in SQLite: servers, compute units and the audit log of events.
+//! The SQLite inventory, the default [`Inventory`].
 //!
 //! One connection behind a mutex per process; every change is one `BEGIN IMMEDIATE`
 //! transaction, so concurrent writers (threads or processes) are serialized by SQLite and a
 //! unit is claimed by exactly one allocation. WAL mode keeps readers off the writer's back.
 
+use super::*;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("database migration: {0}")]
-    Migration(#[from] rusqlite_migration::Error),
-    #[error("corrupt row in the database: {0}")]
-    Corrupt(String),
-}
-
-pub type Result<T> = std::result::Result<T, StoreError>;
-
-macro_rules! status_enum {
-    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text),+ } }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
-        }
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> std::result::Result<Self, String> {
-                match s { $($text => Ok($name::$variant),)+ _ => Err(format!("unknown status {s:?}")) }
-            }
-        }
-    };
-}
-
-status_enum!(
-    /// Status of a compute unit (upstream's names).
-    UnitStatus {
-        Free => "FREE",
-        Allocating => "ALLOCATING",
-        Allocated => "ALLOCATED",
-        Deallocating => "DEALLOCATING",
-        AllocationFail => "ALLOCATION_FAIL",
-        DeallocationFail => "DEALLOCATION_FAIL",
-        Unavailable => "UNAVAILABLE",
-    }
-);
-
-status_enum!(
-    /// Status of a server. `READY` is ours: upstream has no name for an initialized server.
-    ServerStatus {
-        Initializing => "INITIALIZING",
-        Ready => "READY",
-        InitFail => "INIT_FAIL",
-        Decommissioning => "DECOMMISSIONING",
-        Decommissioned => "DECOMMISSIONED",
-        DecommissionFail => "DECOMMISSION_FAIL",
-    }
-);
-
-/// Optional resource limits applied to every unit of a server (systemd slice properties).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// `MemoryMax=` per CPU of the unit, in bytes (a unit of 4 CPUs gets 4×).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_max_per_cpu: Option<u64>,
-    /// `MemoryHigh=` per CPU of the unit, in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_high_per_cpu: Option<u64>,
-    /// `TasksMax=` for the whole unit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tasks_max: Option<u64>,
-    /// `IOWeight=` (1..=10000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_weight: Option<u64>,
-    /// `IOReadBandwidthMax=`: `DEVICE BYTES` entries, e.g. `/dev/vda 50M`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub io_read_bandwidth_max: Vec<String>,
-    /// `IOWriteBandwidthMax=`: `DEVICE BYTES` entries.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub io_write_bandwidth_max: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Server {
-    pub hostname: String,
-    pub ip: String,
-    pub region: String,
-    pub zone: String,
-    pub status: ServerStatus,
-    pub cpu_ranges: Vec<String>,
-    pub port_base: u16,
-    pub ports_per_cpu: u16,
-    pub uid_base: u32,
-    pub limits: Limits,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
-/// A compute unit joined with its server's location.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Unit {
-    pub compute_id: String,
-    pub hostname: String,
-    pub ip: String,
-    pub region: String,
-    pub zone: String,
-    pub cpu_range: String,
-    pub cpu_count: u32,
-    pub first_cpu: u32,
-    pub uid: u32,
-    pub user: String,
-    pub ports_range: String,
-    pub status: UnitStatus,
-    pub started_at: Option<String>,
-    pub tags: Option<Value>,
-    pub ssh_public_key: Option<String>,
-    /// Who allocated it (the actor of the allocation), for `deallocate your own` rules.
-    pub allocated_by: Option<String>,
-    pub updated_at: String,
-    /// Why the last reconcile could not repair the unit on its host; `None` when it could.
-    pub problem: Option<String>,
-}
-
-/// A unit row as inserted by init_server.
-#[derive(Debug, Clone)]
-pub struct NewUnit {
-    pub compute_id: String,
-    pub cpu_range: String,
-    pub cpu_count: u32,
-    pub first_cpu: u32,
-    pub uid: u32,
-    pub user: String,
-    pub ports_range: String,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct UnitFilter {
-    pub compute_id: Option<String>,
-    pub hostname: Option<String>,
-    pub region: Option<String>,
-    pub zone: Option<String>,
-    pub cpu_count: Option<i64>,
-    pub deployment_id: Option<String>,
-    pub status: Option<String>,
-}
-
-/// One line of the audit log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Event {
-    pub id: i64,
-    pub time: String,
-    pub actor: String,
-    pub operation: String,
-    pub compute_id: Option<String>,
-    pub hostname: Option<String>,
-    /// `ok` or `error`.
-    pub result: String,
-    pub detail: Option<String>,
-    pub before: Option<Value>,
-    pub after: Option<Value>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct EventFilter {
-    pub compute_id: Option<String>,
-    pub hostname: Option<String>,
-    pub operation: Option<String>,
-    pub actor: Option<String>,
-    pub since: Option<String>,
-    pub until: Option<String>,
-    /// Return events with id < before (paging backwards from the newest).
-    pub before_id: Option<i64>,
-    pub limit: u32,
-}
-
-/// What an audit record says; `Store::record` adds id and time.
-#[derive(Debug, Clone)]
-pub struct NewEvent<'a> {
-    pub actor: &'a str,
-    pub operation: &'a str,
-    pub compute_id: Option<&'a str>,
-    pub hostname: Option<&'a str>,
-    pub result: std::result::Result<(), &'a str>,
-    pub before: Option<Value>,
-    pub after: Option<Value>,
-}
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
@@ -258,7 +69,7 @@ fn migrations() -> Migrations<'static> {
     ])
 }
 
-pub struct Store {
+pub(crate) struct Store {
     conn: Mutex<Connection>,
 }
 
@@ -292,12 +103,12 @@ fn unit_from_row(row: &Row) -> rusqlite::Result<Unit> {
         ip: row.get(2)?,
         region: row.get(3)?,
         zone: row.get(4)?,
-        cpu_range: row.get(5)?,
+        cpu_range: row.get::<_, String>(5)?.parse().map_err(corrupt)?,
         cpu_count: row.get(6)?,
         first_cpu: row.get(7)?,
         uid: row.get(8)?,
         user: row.get(9)?,
-        ports_range: row.get(10)?,
+        ports_range: row.get::<_, String>(10)?.parse().map_err(corrupt)?,
         status: status.parse().map_err(corrupt)?,
         started_at: row.get(12)?,
         tags: json_col(row, 13)?,
@@ -343,44 +154,13 @@ fn event_from_row(row: &Row) -> rusqlite::Result<Event> {
     })
 }
 
-/// The outcome of a compare-and-set on a unit's status.
-#[derive(Debug)]
-pub enum Transition {
-    Done(Box<Unit>),
-    NotFound,
-    WrongState(UnitStatus),
-}
-
-/// Field changes applied together with a status transition.
-#[derive(Debug, Clone, Default)]
-pub struct UnitChange {
-    /// `Some(None)` clears the field.
-    pub started_at: Option<Option<String>>,
-    pub tags: Option<Option<Value>>,
-    pub ssh_public_key: Option<Option<String>>,
-    pub allocated_by: Option<Option<String>>,
-    pub problem: Option<Option<String>>,
-}
-
-impl UnitChange {
-    /// Everything an owner left on the unit, cleared: what a FREE unit looks like.
-    pub fn cleared() -> Self {
-        UnitChange {
-            started_at: Some(None),
-            tags: Some(None),
-            ssh_public_key: Some(None),
-            allocated_by: Some(None),
-            problem: Some(None),
-        }
-    }
-}
-
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<Store> {
+    pub(crate) fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
+                path: dir.to_path_buf(),
+                source,
             })?;
         }
         let conn = Connection::open(path)?;
@@ -389,7 +169,8 @@ impl Store {
         Self::init(conn)
     }
 
-    pub fn open_in_memory() -> Result<Store> {
+    #[cfg(test)]
+    pub(crate) fn open_in_memory() -> Result<Store> {
         Self::init(Connection::open_in_memory()?)
     }
 
@@ -407,8 +188,10 @@ impl Store {
         // back on drop), so a poisoned mutex is safe to keep using.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    pub fn server(&self, hostname: &str) -> Result<Option<Server>> {
+impl Inventory for Store {
+    fn server(&self, hostname: &str) -> Result<Option<Server>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
@@ -419,7 +202,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn servers(&self) -> Result<Vec<Server>> {
+    fn servers(&self) -> Result<Vec<Server>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("{SERVER_SELECT} ORDER BY hostname"))?;
         let rows = stmt.query_map([], server_from_row)?;
@@ -429,7 +212,7 @@ impl Store {
     /// Registers a server as INITIALIZING with its units UNAVAILABLE, replacing a previous
     /// record only when that one is DECOMMISSIONED or INIT_FAIL. Returns the status of a
     /// blocking previous record instead when there is one.
-    pub fn begin_init(
+    fn begin_init(
         &self,
         server: &Server,
         units: &[NewUnit],
@@ -484,12 +267,12 @@ impl Store {
                 params![
                     u.compute_id,
                     server.hostname,
-                    u.cpu_range,
+                    u.cpu_range.to_string(),
                     u.cpu_count,
                     u.first_cpu,
                     u.uid,
                     u.user,
-                    u.ports_range,
+                    u.ports_range.to_string(),
                     UnitStatus::Unavailable.as_str(),
                     server.created_at,
                 ],
@@ -500,7 +283,7 @@ impl Store {
     }
 
     /// Sets a server's status; with `units`, also sets every unit of it in one transaction.
-    pub fn set_server_status(
+    fn set_server_status(
         &self,
         hostname: &str,
         status: ServerStatus,
@@ -524,7 +307,7 @@ impl Store {
     }
 
     /// Deletes a server's units (its record stays, with the status given).
-    pub fn retire_server(&self, hostname: &str, status: ServerStatus) -> Result<()> {
+    fn retire_server(&self, hostname: &str, status: ServerStatus) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM compute_units WHERE hostname = ?1", [hostname])?;
@@ -537,13 +320,13 @@ impl Store {
     }
 
     /// Removes a server and its units entirely (a failed init that was rolled back).
-    pub fn delete_server(&self, hostname: &str) -> Result<()> {
+    fn delete_server(&self, hostname: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM servers WHERE hostname = ?1", [hostname])?;
         Ok(())
     }
 
-    pub fn unit(&self, compute_id: &str) -> Result<Option<Unit>> {
+    fn unit(&self, compute_id: &str) -> Result<Option<Unit>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
@@ -554,7 +337,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn units(&self, f: &UnitFilter) -> Result<Vec<Unit>> {
+    fn units(&self, f: &UnitFilter) -> Result<Vec<Unit>> {
         let mut sql = format!("{UNIT_SELECT} WHERE 1=1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         let mut add = |cond: &str, v: rusqlite::types::Value| {
@@ -595,16 +378,9 @@ impl Store {
     }
 
     /// Every unit of one server.
-    pub fn units_of(&self, hostname: &str) -> Result<Vec<Unit>> {
-        self.units(&UnitFilter {
-            hostname: Some(hostname.to_string()),
-            ..Default::default()
-        })
-    }
-
     /// Atomically picks a FREE unit of a READY server matching the request and marks it
     /// ALLOCATING with the owner's tags and key. Lowest hostname and CPU first.
-    pub fn claim_free(
+    fn claim_free(
         &self,
         cpu_count: u32,
         region: Option<&str>,
@@ -643,9 +419,8 @@ impl Store {
         Ok(Some(unit))
     }
 
-    /// Compare-and-set: moves a unit to `to` only if its status is one of `from`.
     /// Records (or with `None` clears) what reconcile could not repair on a unit.
-    pub fn set_problem(&self, compute_id: &str, problem: Option<&str>) -> Result<()> {
+    fn set_problem(&self, compute_id: &str, problem: Option<&str>) -> Result<()> {
         self.conn().execute(
             "UPDATE compute_units SET problem = ?2 WHERE compute_id = ?1",
             params![compute_id, problem],
@@ -653,7 +428,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn transition(
+    fn transition(
         &self,
         compute_id: &str,
         from: &[UnitStatus],
@@ -675,6 +450,13 @@ impl Store {
         let current: UnitStatus = current.parse().map_err(StoreError::Corrupt)?;
         if !from.contains(&current) {
             return Ok(Transition::WrongState(current));
+        }
+        if !current.can_become(to) {
+            return Err(StoreError::Transition {
+                compute_id: compute_id.to_string(),
+                from: current,
+                to,
+            });
         }
         tx.execute(
             "UPDATE compute_units SET status = ?2, updated_at = ?3 WHERE compute_id = ?1",
@@ -722,7 +504,7 @@ impl Store {
         Ok(Transition::Done(Box::new(unit)))
     }
 
-    pub fn record(&self, e: NewEvent<'_>) -> Result<i64> {
+    fn record(&self, e: NewEvent<'_>) -> Result<i64> {
         let conn = self.conn();
         let (result, detail) = match e.result {
             Ok(()) => ("ok", None),
@@ -753,7 +535,7 @@ impl Store {
 
     /// Deletes audit rows older than `before` (RFC 3339) and all but the newest `keep` rows.
     /// Returns how many went.
-    pub fn prune_events(&self, before: Option<&str>, keep: Option<u64>) -> Result<usize> {
+    fn prune_events(&self, before: Option<&str>, keep: Option<u64>) -> Result<usize> {
         let conn = self.conn();
         let mut n = 0;
         if let Some(t) = before {
@@ -770,7 +552,7 @@ impl Store {
     }
 
     /// Newest first.
-    pub fn events(&self, f: &EventFilter) -> Result<Vec<Event>> {
+    fn events(&self, f: &EventFilter) -> Result<Vec<Event>> {
         let mut sql = String::from(
             "SELECT id, time, actor, operation, compute_id, hostname, result, detail, before, after \
              FROM events WHERE 1=1",
@@ -818,7 +600,7 @@ mod tests {
             region: "eu".into(),
             zone: "a".into(),
             status: ServerStatus::Initializing,
-            cpu_ranges: vec!["0-1".into(), "2-3".into()],
+            cpu_ranges: vec!["0-1".parse().unwrap(), "2-3".parse().unwrap()],
             port_base: 2000,
             ports_per_cpu: 100,
             uid_base: 20000,
@@ -832,12 +614,12 @@ mod tests {
         (0..2)
             .map(|i| NewUnit {
                 compute_id: format!("{h}_{}-{}", 2 * i, 2 * i + 1),
-                cpu_range: format!("{}-{}", 2 * i, 2 * i + 1),
+                cpu_range: CpuList::from_cpus([2 * i, 2 * i + 1]).unwrap(),
                 cpu_count: 2,
                 first_cpu: 2 * i,
                 uid: 20000 + 2 * i,
                 user: format!("u{}-{}", 2 * i, 2 * i + 1),
-                ports_range: String::new(),
+                ports_range: PortRanges(vec![(2000 + 200 * i as u16, 2199 + 200 * i as u16)]),
             })
             .collect()
     }

@@ -1,0 +1,292 @@
+//! The `kloigos` command line: the service itself (`serve`, `reconcile`, `render`) and a client
+//! for every API operation, over the unix socket by default or TCP with `--url`, printing
+//! tables or `--json`.
+//!
+//! This module owns the clap definitions and the dispatch; `local` runs the commands that act
+//! on this host, `client` talks to the API, `output` prints tables safely.
+
+mod client;
+mod error;
+mod local;
+mod output;
+
+pub use error::CliError;
+
+use crate::service::Config;
+use clap::{Args, Parser, Subcommand};
+use error::Result;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub(crate) const DEFAULT_SOCKET: &str = "/run/kloigos/kloigos.sock";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kloigos",
+    version,
+    about = "VM-like compute units cut from one Linux host with systemd and nftables"
+)]
+pub struct Cli {
+    /// Unix socket of the API (client commands).
+    #[arg(long, global = true, env = "KLOIGOS_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Talk to the API over TCP instead, e.g. http://127.0.0.1:8000.
+    #[arg(long, global = true, env = "KLOIGOS_URL")]
+    pub url: Option<String>,
+    /// Print raw JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Local {
+    /// SQLite database of the inventory.
+    #[arg(
+        long,
+        env = "KLOIGOS_DB",
+        default_value = "/var/lib/kloigos/kloigos.db"
+    )]
+    pub(crate) db: PathBuf,
+    /// Root of the host to manage; anything but / renders files there and runs no system tool.
+    #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
+    pub(crate) root: PathBuf,
+    /// Template directories, later ones override earlier ones file by file.
+    #[arg(long = "templates", env = "KLOIGOS_TEMPLATES", value_delimiter = ':',
+          default_values = ["/usr/lib/kloigos/templates", "/etc/kloigos/templates"])]
+    pub(crate) templates: Vec<PathBuf>,
+    /// Name of this host (default: the system's hostname, or <root>/etc/hostname for a demo root).
+    #[arg(long = "hostname", env = "KLOIGOS_HOSTNAME")]
+    pub(crate) hostname: Option<String>,
+    /// Seconds a deallocated unit's processes get between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) kill_grace: f64,
+}
+
+impl Local {
+    pub(crate) fn config(&self) -> Config {
+        Config {
+            db: self.db.clone(),
+            root: self.root.clone(),
+            templates: self.templates.clone(),
+            hostname: self.hostname.clone(),
+            kill_grace: Duration::from_secs_f64(self.kill_grace.max(0.0)),
+        }
+    }
+}
+
+/// What keeps callers from exhausting the service or driving it from a web page.
+#[derive(Args, Debug, Clone)]
+pub struct Guard {
+    /// Role of a TCP caller without a token (admin, user or readonly). Unset: 401. Only for
+    /// clients that cannot send a header, on hosts where every local user is trusted. Such
+    /// callers all look alike: none of them may deallocate a unit unless the role is admin.
+    #[arg(long, env = "KLOIGOS_TCP_ANONYMOUS_ROLE")]
+    pub(crate) tcp_anonymous_role: Option<crate::auth::Role>,
+    /// Host names (besides localhost, 127.0.0.1 and [::1]) TCP requests may be addressed to,
+    /// comma separated; also the web origins allowed to make changes.
+    #[arg(long, env = "KLOIGOS_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub(crate) allowed_hosts: Vec<String>,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    #[arg(long, env = "KLOIGOS_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub(crate) header_timeout: f64,
+    /// Seconds a client has to send a request's body.
+    #[arg(long, env = "KLOIGOS_BODY_TIMEOUT", default_value_t = 30.0)]
+    pub(crate) body_timeout: f64,
+    /// Open connections one local non-admin user may have on the unix socket, and one local
+    /// user other than root over loopback TCP.
+    #[arg(long, env = "KLOIGOS_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub(crate) max_connections_per_user: usize,
+    /// Open connections all local non-admin users together may have on the unix socket (root
+    /// and group kloigos are never capped).
+    #[arg(long, env = "KLOIGOS_MAX_USER_CONNECTIONS", default_value_t = 512)]
+    pub(crate) max_user_connections: usize,
+    /// Open TCP connections in all (root's from loopback are not counted).
+    #[arg(long, env = "KLOIGOS_MAX_TCP_CONNECTIONS", default_value_t = 256)]
+    pub(crate) max_tcp_connections: usize,
+    /// Days audit rows are kept (0: forever). Applied at start and hourly.
+    #[arg(long, env = "KLOIGOS_AUDIT_RETENTION_DAYS", default_value_t = 365)]
+    pub(crate) audit_retention_days: u32,
+    /// Audit rows kept at most, the newest (0: no limit). Applied at start and hourly.
+    #[arg(long, env = "KLOIGOS_AUDIT_MAX_ROWS", default_value_t = 100_000)]
+    pub(crate) audit_max_rows: u64,
+    /// Seconds of the window in which a source's first few refusals are recorded; the rest are
+    /// summarized in one row.
+    #[arg(long, env = "KLOIGOS_AUDIT_DENIAL_WINDOW", default_value_t = 60)]
+    pub(crate) audit_denial_window: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the API (sockets from systemd, or --listen).
+    Serve {
+        #[command(flatten)]
+        local: Local,
+        /// Listen on ADDR (host:port or a unix socket path); repeatable. Without it, the
+        /// sockets come from systemd.
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Exit after this many seconds without a connection (0: never).
+        #[arg(long, env = "KLOIGOS_IDLE_TIMEOUT", default_value_t = 0)]
+        idle_timeout: u64,
+        /// Skip the reconcile pass at start.
+        #[arg(long)]
+        no_reconcile: bool,
+        /// Bearer tokens for TCP callers (managed with `kloigos token`).
+        #[arg(long, env = "KLOIGOS_TOKENS", default_value = crate::auth::DEFAULT_TOKENS)]
+        tokens: PathBuf,
+        #[command(flatten)]
+        guard: Guard,
+    },
+    /// Manage the bearer tokens of TCP clients (run as root on the host).
+    Token {
+        #[arg(long, env = "KLOIGOS_TOKENS", default_value = crate::auth::DEFAULT_TOKENS)]
+        tokens: PathBuf,
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Re-render everything from the database, repair drift, finish half-done operations.
+    Reconcile {
+        #[command(flatten)]
+        local: Local,
+    },
+    /// Print (or write under --out) every file Kloigos renders for this host, changing nothing.
+    Render {
+        #[command(flatten)]
+        local: Local,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check that this host gives the isolation what it needs: SSH logins land in the unit's
+    /// slice (sshd UsePAM, pam_systemd in sshd's session stack), cgroup v2 with cpuset, nft,
+    /// logind. Exits non-zero with the list of problems.
+    Doctor {
+        /// Root of the host to check.
+        #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
+        root: PathBuf,
+    },
+    /// List compute units.
+    Units {
+        #[arg(long)]
+        compute_id: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        zone: Option<String>,
+        #[arg(long)]
+        cpu_count: Option<String>,
+        #[arg(long)]
+        deployment_id: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one compute unit.
+    Unit { compute_id: String },
+    /// Allocate a FREE compute unit.
+    Allocate {
+        #[arg(long, default_value_t = 4)]
+        cpu_count: i64,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        zone: Option<String>,
+        /// KEY=VALUE (a string), or KEY:=JSON (an integer or a list of strings); repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The owner's public key: a file, `-` for stdin, or the key itself.
+        #[arg(long)]
+        ssh_key: String,
+    },
+    /// Deallocate a compute unit.
+    Deallocate { compute_id: String },
+    /// List servers.
+    Servers,
+    /// Register a server and cut it into compute units.
+    InitServer {
+        #[arg(long)]
+        hostname: String,
+        #[arg(long)]
+        ip: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        zone: String,
+        /// CPU lists, one per unit (`0-3 4-7`, `0-15:2`).
+        #[arg(required = true)]
+        cpu_ranges: Vec<String>,
+        #[arg(long)]
+        port_base: Option<u16>,
+        #[arg(long)]
+        ports_per_cpu: Option<u16>,
+        #[arg(long)]
+        uid_base: Option<u32>,
+        /// Limits as JSON, e.g. '{"tasks_max": 512, "memory_max_per_cpu": 1073741824}'.
+        #[arg(long)]
+        limits: Option<String>,
+    },
+    /// Remove a server and everything Kloigos made on it.
+    Decommission {
+        hostname: String,
+        /// Also when units are still allocated (their owners lose them).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The audit log, newest first.
+    Events {
+        #[arg(long)]
+        compute_id: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        #[arg(long)]
+        operation: Option<String>,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// Create a token and print its secret (shown only once).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        role: crate::auth::Role,
+    },
+    /// List tokens (names, roles, creation times; never secrets).
+    List,
+    /// Revoke a token by name.
+    Revoke { name: String },
+}
+
+/// Runs a command; the listeners of `serve` must already be taken (see main).
+pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<()> {
+    match cli.command {
+        Command::Serve {
+            local,
+            listen,
+            idle_timeout,
+            no_reconcile,
+            tokens,
+            guard,
+        } => local::serve(
+            local,
+            listen,
+            idle_timeout,
+            no_reconcile,
+            crate::auth::Tokens::new(tokens),
+            guard,
+            systemd_listeners,
+        ),
+        Command::Token { tokens, action } => local::token(&tokens, action, cli.json),
+        Command::Reconcile { local } => local::reconcile(&local, cli.json),
+        Command::Render { local, out } => local::render(&local, out.as_deref()),
+        Command::Doctor { root } => local::doctor(&root, cli.json),
+        other => client::client(&cli.socket, cli.url.as_deref(), cli.json, other),
+    }
+}
