@@ -31,7 +31,7 @@
 mod converge;
 mod dirfd;
 
-pub use converge::{ApplyReport, ErrorList, Scope, UnitError, converge};
+pub use converge::{ApplyReport, ErrorList, Scope, converge};
 
 use crate::render::{RenderedFile, UnitPlan};
 pub use dirfd::DirFd;

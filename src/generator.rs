@@ -18,11 +18,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The environment variable naming the root the generator reads (tests); default `/`.
-pub const ROOT_ENV: &str = "KLOIGOS_GENERATOR_ROOT";
+pub(crate) const ROOT_ENV: &str = "KLOIGOS_GENERATOR_ROOT";
 
 /// Where messages go: `/dev/kmsg` (as `<3>kloigos-generator: ...`) when run by systemd,
 /// stderr otherwise.
-pub enum Log {
+pub(crate) enum Log {
     Kmsg(std::fs::File),
     Stderr,
 }
@@ -30,7 +30,7 @@ pub enum Log {
 impl Log {
     /// systemd (v251 and later) sets `$SYSTEMD_SCOPE` for generators; at boot their stderr
     /// may go nowhere, so messages go to the kernel log, which the journal picks up.
-    pub fn detect() -> Log {
+    pub(crate) fn detect() -> Log {
         if std::env::var_os("SYSTEMD_SCOPE").is_some()
             && let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg")
         {
@@ -40,7 +40,7 @@ impl Log {
     }
 
     /// One message, error level (`<3>`). Losing a log line never stops the generator.
-    pub fn error(&mut self, msg: &str) {
+    pub(crate) fn error(&mut self, msg: &str) {
         // One line per message: a value from the state file must not forge a second one.
         let msg = msg.replace(['\n', '\r'], " ");
         match self {
@@ -54,14 +54,14 @@ impl Log {
 
 /// A state file read: the host facts and each unit, or why it is skipped.
 #[derive(Debug)]
-pub struct ParsedState {
+pub(crate) struct ParsedState {
     pub host: HostFacts,
     pub units: Vec<Result<UnitPlan, String>>,
 }
 
 /// Parses the state file. A wrong version or shape of the whole file is an error (nothing is
 /// generated); a bad unit is only that unit's error.
-pub fn parse_state(text: &str) -> Result<ParsedState, String> {
+pub(crate) fn parse_state(text: &str) -> Result<ParsedState, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     match v.get("version").and_then(serde_json::Value::as_u64) {
         Some(n) if n == u64::from(STATE_VERSION) => {}
@@ -98,7 +98,7 @@ pub fn parse_state(text: &str) -> Result<ParsedState, String> {
 
 /// Renders every unit's drop-ins; a unit that fails (or reuses a uid) is skipped and its
 /// message returned.
-pub fn render(renderer: &Renderer, state: ParsedState) -> (Vec<RenderedFile>, Vec<String>) {
+pub(crate) fn render(renderer: &Renderer, state: ParsedState) -> (Vec<RenderedFile>, Vec<String>) {
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     let mut uids = std::collections::BTreeSet::new();
@@ -127,7 +127,7 @@ pub fn render(renderer: &Renderer, state: ParsedState) -> (Vec<RenderedFile>, Ve
 
 /// What a run changed in its output directory (relative paths).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Output {
+pub(crate) struct Output {
     pub written: Vec<PathBuf>,
     pub removed: Vec<PathBuf>,
 }
@@ -135,7 +135,7 @@ pub struct Output {
 /// Brings `out_dir` to exactly `files` as far as Kloigos' drop-ins go: writes what differs
 /// (atomically), removes `*/50-kloigos.conf` of a drop-in directory that is not in `files`,
 /// and the directory if that left it empty. Nothing outside `out_dir` is touched.
-pub fn write_output(out_dir: &Path, files: &[RenderedFile]) -> Result<Output, ApplyError> {
+pub(crate) fn write_output(out_dir: &Path, files: &[RenderedFile]) -> Result<Output, ApplyError> {
     let host = Host::new(out_dir);
     let mut out = Output::default();
     let keep: std::collections::BTreeSet<&Path> = files.iter().map(|f| f.path.as_path()).collect();
@@ -163,13 +163,13 @@ pub fn write_output(out_dir: &Path, files: &[RenderedFile]) -> Result<Output, Ap
 }
 
 /// The template layers under `root`: `usr/lib/kloigos/templates`, then `etc/kloigos/templates`.
-pub fn template_dirs(root: &Path) -> Vec<PathBuf> {
+pub(crate) fn template_dirs(root: &Path) -> Vec<PathBuf> {
     plan::TEMPLATE_DIRS.iter().map(|d| root.join(d)).collect()
 }
 
 /// One generator run: `root`'s state file into `normal_dir`. Every problem is logged; none
 /// stops the others.
-pub fn run(root: &Path, normal_dir: &Path, log: &mut Log) -> Output {
+pub(crate) fn run(root: &Path, normal_dir: &Path, log: &mut Log) -> Output {
     let state_path = root.join(plan::STATE_PATH);
     let text = match std::fs::read(&state_path) {
         Ok(b) => match String::from_utf8(b) {

@@ -8,7 +8,7 @@
 //! reached through its `Inventory` trait; `error` prints an error with its causes once.
 
 pub mod api;
-pub mod apply;
+pub(crate) mod apply;
 pub(crate) mod audit;
 pub(crate) mod auth;
 pub(crate) mod canned;
@@ -19,8 +19,8 @@ pub mod generator;
 pub mod logging;
 pub mod model;
 pub(crate) mod peeruid;
-pub mod plan;
-pub mod render;
+pub(crate) mod plan;
+pub(crate) mod render;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -10,7 +10,7 @@ use crate::model::CpuList;
 use crate::render::{HostFacts, RenderError, RenderedFile, Renderer, UnitPlan};
 use crate::store::{Server, ServerStatus, Unit};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 /// The state file: this host's units as the generator needs them, readable at early boot.
@@ -72,12 +72,6 @@ impl UnitPlan {
     pub fn linger_file(&self) -> PathBuf {
         PathBuf::from(format!("var/lib/systemd/linger/{}", self.user))
     }
-    pub fn authorized_keys(&self) -> PathBuf {
-        PathBuf::from(format!(
-            "{}/.ssh/authorized_keys",
-            self.dirs.home.trim_start_matches('/')
-        ))
-    }
 }
 
 /// The content of the state file. Pretty JSON, no secrets; `units` holds, per local unit, the
@@ -107,18 +101,12 @@ fn unreachable_json() -> String {
     "{}".to_string()
 }
 
-/// A unit's user as it must exist.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserSpec {
-    pub name: String,
-    pub uid: u32,
-    pub home: String,
-}
-
-/// The complete desired state of a host.
+/// The complete desired state of a host. Each unit's plan names its user (name, uid, home),
+/// its directories and whether its owner's manager lingers (`allocated`); the files are
+/// rendered here. Authorized keys are not part of it: they belong to the owner, and the
+/// allocation and reconcile steps write or remove them with the unit's status.
 #[derive(Debug, Clone)]
 pub struct Desired {
-    pub state: HostState,
     /// `etc/kloigos/host.json`; None when no unit is local (the file is removed: a host
     /// Kloigos does not use keeps nothing of it).
     pub state_file: Option<RenderedFile>,
@@ -127,14 +115,7 @@ pub struct Desired {
     pub tmpfiles: Vec<RenderedFile>,
     /// None: no unit, no table (it is removed).
     pub nft: Option<RenderedFile>,
-    pub users: Vec<UserSpec>,
-    /// The unit directories (`/opt/c…`, `/mnt/c…`, `/home/u…`), made from the tmpfiles.d files.
-    pub dirs: Vec<String>,
-    /// Users whose manager lingers (allocated units).
-    pub linger: BTreeSet<String>,
-    /// Root-relative `authorized_keys` path → the key line, per allocated unit with a key.
-    pub authorized_keys: BTreeMap<PathBuf, String>,
-    /// Every local unit's plan, in inventory order, for the per-unit steps.
+    /// Every local unit's plan, in inventory order: users, directories, linger.
     pub plans: Vec<UnitPlan>,
 }
 
@@ -164,19 +145,12 @@ pub fn desired(
     rows: &[(Server, Vec<Unit>)],
 ) -> Result<Desired, RenderError> {
     let mut plans = Vec::new();
-    let mut authorized_keys = BTreeMap::new();
     for (server, units) in rows {
         if !is_planned(server, &facts.hostname) {
             continue;
         }
         for unit in units {
-            let plan = UnitPlan::new(server, unit, topology)?;
-            if plan.allocated
-                && let Some(key) = &unit.ssh_public_key
-            {
-                authorized_keys.insert(plan.authorized_keys(), key.clone());
-            }
-            plans.push(plan);
+            plans.push(UnitPlan::new(server, unit, topology)?);
         }
     }
     let state = HostState {
@@ -197,28 +171,9 @@ pub fn desired(
     };
     Ok(Desired {
         state_file: (!plans.is_empty()).then(|| state.to_file()),
-        state,
         dropins,
         tmpfiles,
         nft,
-        users: plans
-            .iter()
-            .map(|p| UserSpec {
-                name: p.user.clone(),
-                uid: p.uid,
-                home: p.dirs.home.clone(),
-            })
-            .collect(),
-        dirs: plans
-            .iter()
-            .flat_map(|p| [p.dirs.opt.clone(), p.dirs.mnt.clone(), p.dirs.home.clone()])
-            .collect(),
-        linger: plans
-            .iter()
-            .filter(|p| p.allocated)
-            .map(|p| p.user.clone())
-            .collect(),
-        authorized_keys,
         plans,
     })
 }
@@ -340,49 +295,42 @@ mod tests {
         assert!(!is_tmpfiles_name("other-c0.conf"));
     }
 
+    fn state_of(d: &Desired) -> HostState {
+        serde_json::from_str(&d.state_file.as_ref().unwrap().content).unwrap()
+    }
+
     #[test]
     fn only_the_local_servers_units_are_planned() {
         let d = desired(&renderer(), &facts("h1"), &[], &rows()).unwrap();
         let ids: Vec<&str> = d.plans.iter().map(|p| p.compute_id.as_str()).collect();
         assert_eq!(ids, ["h1_0-3", "h1_4-7"]);
-        assert_eq!(d.state.units, d.plans);
-        assert_eq!(d.state.version, STATE_VERSION);
-        assert_eq!(d.state.host, facts("h1"));
+        let state = state_of(&d);
+        assert_eq!(state.units, d.plans);
+        assert_eq!(state.version, STATE_VERSION);
+        assert_eq!(state.host, facts("h1"));
+        let users: Vec<(&str, u32, &str, &str, &str)> = d
+            .plans
+            .iter()
+            .map(|p| {
+                (
+                    p.user.as_str(),
+                    p.uid,
+                    p.dirs.home.as_str(),
+                    p.dirs.opt.as_str(),
+                    p.dirs.mnt.as_str(),
+                )
+            })
+            .collect();
         assert_eq!(
-            d.users,
+            users,
             [
-                UserSpec {
-                    name: "u0-3".into(),
-                    uid: 20000,
-                    home: "/home/u0-3".into()
-                },
-                UserSpec {
-                    name: "u4-7".into(),
-                    uid: 20004,
-                    home: "/home/u4-7".into()
-                }
+                ("u0-3", 20000, "/home/u0-3", "/opt/c0-3", "/mnt/c0-3"),
+                ("u4-7", 20004, "/home/u4-7", "/opt/c4-7", "/mnt/c4-7")
             ]
         );
-        assert_eq!(
-            d.dirs,
-            [
-                "/opt/c0-3",
-                "/mnt/c0-3",
-                "/home/u0-3",
-                "/opt/c4-7",
-                "/mnt/c4-7",
-                "/home/u4-7"
-            ]
-        );
-        // Only the allocated unit lingers and has a key; the other host's key is not here.
-        assert_eq!(d.linger, BTreeSet::from(["u0-3".to_string()]));
-        assert_eq!(
-            d.authorized_keys,
-            BTreeMap::from([(
-                PathBuf::from("home/u0-3/.ssh/authorized_keys"),
-                "ssh-ed25519 AAAA a".to_string()
-            )])
-        );
+        // Only the allocated unit lingers; no key of any host is in the desired state.
+        let lingering: Vec<bool> = d.plans.iter().map(|p| p.allocated).collect();
+        assert_eq!(lingering, [true, false]);
         let paths: Vec<PathBuf> = d.dropins.iter().map(|f| f.path.clone()).collect();
         assert_eq!(
             paths,
@@ -427,7 +375,8 @@ mod tests {
         );
         assert!(!f.content.contains("AAAA"), "no secret in the state file");
         let back: HostState = serde_json::from_str(&f.content).unwrap();
-        assert_eq!(back, d.state);
+        assert_eq!(back.units, d.plans);
+        assert_eq!(back.host, facts("h1"));
     }
 
     #[test]
@@ -465,9 +414,7 @@ mod tests {
             let d = desired(&renderer(), &facts("h1"), &[], &r).unwrap();
             assert!(d.plans.is_empty() && d.dropins.is_empty() && d.tmpfiles.is_empty());
             assert!(d.nft.is_none());
-            assert!(d.linger.is_empty() && d.authorized_keys.is_empty());
             assert!(d.state_file.is_none(), "no unit, no state file");
-            assert!(d.state.units.is_empty());
         }
         let d = desired(&renderer(), &facts("elsewhere"), &[], &rows()).unwrap();
         assert!(d.plans.is_empty());
@@ -489,8 +436,15 @@ mod tests {
                 vec![unit("h1", "0-3", status, Some("ssh-ed25519 AAAA a"))],
             )];
             let d = desired(&renderer(), &facts("h1"), &[], &r).unwrap();
-            assert_eq!(d.linger.len() == 1, owned, "{status:?}");
-            assert_eq!(d.authorized_keys.len() == 1, owned, "{status:?}");
+            assert_eq!(d.plans[0].allocated, owned, "{status:?}");
+            assert!(
+                d.tmpfiles[0]
+                    .content
+                    .contains("/var/lib/systemd/linger/u0-3")
+                    == owned,
+                "{status:?}"
+            );
+            assert!(!d.state_file.as_ref().unwrap().content.contains("AAAA"));
         }
     }
 

@@ -199,7 +199,7 @@ fn local_hostname(root: &Path, live: bool) -> String {
 }
 
 /// The JSON an audit record keeps of a unit.
-pub fn unit_json(u: &Unit) -> Value {
+pub(crate) fn unit_json(u: &Unit) -> Value {
     json!({
         "compute_id": u.compute_id,
         "status": u.status,
@@ -263,7 +263,7 @@ impl Kloigos {
         })
     }
 
-    pub fn local_hostname(&self) -> &str {
+    pub(crate) fn local_hostname(&self) -> &str {
         &self.local
     }
 
@@ -273,7 +273,7 @@ impl Kloigos {
         self.facts.socket_bind = on;
     }
 
-    pub fn host(&self) -> &Host {
+    pub(crate) fn host(&self) -> &Host {
         &self.host
     }
 
@@ -391,11 +391,11 @@ impl Kloigos {
             .ok_or_else(|| OpError::NotFound(format!("compute unit {id:?} not found")))
     }
 
-    pub fn servers(&self) -> Result<Vec<Server>> {
+    pub(crate) fn servers(&self) -> Result<Vec<Server>> {
         Ok(self.store.servers()?)
     }
 
-    pub fn events(&self, f: &EventFilter) -> Result<Vec<Event>> {
+    pub(crate) fn events(&self, f: &EventFilter) -> Result<Vec<Event>> {
         Ok(self.store.events(f)?)
     }
 
@@ -625,7 +625,7 @@ impl Kloigos {
     /// Every file Kloigos would write for the local units, for `kloigos render`: the state
     /// file, the drop-ins the generator makes of it (under `run/systemd/generator`), the
     /// tmpfiles.d files and the nftables table.
-    pub fn render_all(&self) -> Result<Vec<RenderedFile>> {
+    pub(crate) fn render_all(&self) -> Result<Vec<RenderedFile>> {
         let d = self.desired(None, None)?;
         let mut files: Vec<RenderedFile> = d.state_file.into_iter().collect();
         files.extend(d.dropins.into_iter().map(|mut f| {
@@ -637,7 +637,7 @@ impl Kloigos {
         Ok(files)
     }
 
-    pub fn template_sources(&self) -> &[(String, String)] {
+    pub(crate) fn template_sources(&self) -> &[(String, String)] {
         &self.renderer.sources
     }
 }
