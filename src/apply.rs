@@ -28,7 +28,10 @@
 //! A unit whose files cannot be repaired this way fails alone: `reconcile` reports it and
 //! serves the others.
 
+mod converge;
 mod dirfd;
+
+pub use converge::{ApplyReport, ErrorList, Scope, UnitError, converge};
 
 use crate::render::{RenderedFile, UnitPlan};
 pub use dirfd::DirFd;

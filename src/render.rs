@@ -7,9 +7,8 @@
 
 use crate::model::{self, CpuList, PortRanges, names, validate};
 use crate::store::{Limits, Server, Unit, UnitStatus};
-use serde::Serialize;
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 const BUILTIN: [(&str, &str); 4] = [
     ("slice.conf", include_str!("../templates/slice.conf")),
@@ -20,9 +19,6 @@ const BUILTIN: [(&str, &str); 4] = [
     ("tmpfiles.conf", include_str!("../templates/tmpfiles.conf")),
     ("nftables.nft", include_str!("../templates/nftables.nft")),
 ];
-
-/// Where the host-wide nftables table is kept (loaded at boot by kloigos-nftables.service).
-pub const NFT_PATH: &str = "var/lib/kloigos/kloigos.nft";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -45,20 +41,20 @@ pub enum RenderError {
 }
 
 /// Host-wide facts the templates may use.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFacts {
     pub hostname: String,
     /// systemd enforces `SocketBindAllow=` (built with `+BPF_FRAMEWORK`).
     pub socket_bind: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Span {
     pub first: u16,
     pub last: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dirs {
     pub opt: String,
     pub mnt: String,
@@ -66,7 +62,7 @@ pub struct Dirs {
 }
 
 /// Limits resolved for one unit (per-CPU amounts multiplied out).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitLimits {
     pub memory_max: Option<u64>,
     pub memory_high: Option<u64>,
@@ -77,7 +73,7 @@ pub struct UnitLimits {
 }
 
 /// Everything known about one unit on its host, ready for the templates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitPlan {
     pub compute_id: String,
     pub hostname: String,
@@ -106,11 +102,21 @@ pub struct RenderedFile {
 }
 
 impl UnitPlan {
-    /// Plans a unit from its row. `root` is read for NUMA topology only.
-    pub fn new(server: &Server, unit: &Unit, root: &Path) -> Result<UnitPlan, RenderError> {
+    /// Plans a unit from its row and the host's NUMA topology (`model::numa::topology`, read
+    /// once by the caller: this function touches nothing).
+    pub fn new(
+        server: &Server,
+        unit: &Unit,
+        topology: &[(u32, CpuList)],
+    ) -> Result<UnitPlan, RenderError> {
         let cpus: CpuList = unit.cpu_range.parse()?;
         let ports: PortRanges = unit.ports_range.parse()?;
-        let memory_nodes = model::numa::nodes_of(root, &cpus)
+        let nodes: std::collections::BTreeSet<u32> = topology
+            .iter()
+            .filter(|(_, node_cpus)| node_cpus.overlaps(&cpus))
+            .map(|&(node, _)| node)
+            .collect();
+        let memory_nodes = Some(nodes)
             .filter(|n| !n.is_empty())
             .map(|nodes| {
                 CpuList::from_cpus(nodes)
@@ -151,7 +157,7 @@ impl UnitPlan {
 
     /// Defence in depth: every value was validated on the way in, but nothing that could break
     /// out of a line or a token of a unit file, tmpfiles.d line or nft statement is rendered.
-    fn check(&self) -> Result<(), RenderError> {
+    pub fn check(&self) -> Result<(), RenderError> {
         fn safe(field: &'static str, v: &str) -> Result<(), RenderError> {
             let ok = !v.is_empty()
                 && v.chars()
@@ -198,34 +204,6 @@ impl UnitPlan {
             })?;
         }
         Ok(())
-    }
-
-    pub fn slice_dropin(&self) -> PathBuf {
-        PathBuf::from(format!(
-            "etc/systemd/system/user-{}.slice.d/50-kloigos.conf",
-            self.uid
-        ))
-    }
-    pub fn user_service_dropin(&self) -> PathBuf {
-        PathBuf::from(format!(
-            "etc/systemd/system/user@{}.service.d/50-kloigos.conf",
-            self.uid
-        ))
-    }
-    pub fn tmpfiles_conf(&self) -> PathBuf {
-        PathBuf::from(format!(
-            "etc/tmpfiles.d/kloigos-{}.conf",
-            self.dirs.opt.trim_start_matches("/opt/")
-        ))
-    }
-    pub fn linger_file(&self) -> PathBuf {
-        PathBuf::from(format!("var/lib/systemd/linger/{}", self.user))
-    }
-    pub fn authorized_keys(&self) -> PathBuf {
-        PathBuf::from(format!(
-            "{}/.ssh/authorized_keys",
-            self.dirs.home.trim_start_matches('/')
-        ))
     }
 }
 
@@ -315,23 +293,38 @@ impl Renderer {
         Ok(out)
     }
 
-    /// The three per-unit files: slice drop-in, user@ drop-in, tmpfiles.d.
-    pub fn unit_files(
+    /// The generator's two drop-ins of a unit (slice, user@), paths relative to the
+    /// generator's output directory.
+    pub fn dropins(
         &self,
         host: &HostFacts,
         plan: &UnitPlan,
     ) -> Result<Vec<RenderedFile>, RenderError> {
         [
-            ("slice.conf", plan.slice_dropin()),
-            ("user-service.conf", plan.user_service_dropin()),
-            ("tmpfiles.conf", plan.tmpfiles_conf()),
+            ("slice.conf", crate::plan::slice_dropin(plan.uid)),
+            (
+                "user-service.conf",
+                crate::plan::user_service_dropin(plan.uid),
+            ),
         ]
         .into_iter()
-        .map(|(template, path)| self.unit_file(host, plan, template, path))
+        .map(|(template, path)| {
+            let mut f = self.unit_file(host, plan, template, path)?;
+            // Every generated file names its maker, even from an admin's template.
+            if !f.content.starts_with(crate::plan::HEADER_PREFIX) {
+                f.content = format!(
+                    "{} (kloigos-generator, from /{}): do not edit.\n{}",
+                    crate::plan::HEADER_PREFIX,
+                    crate::plan::STATE_PATH,
+                    f.content
+                );
+            }
+            Ok(f)
+        })
         .collect()
     }
 
-    /// Only the tmpfiles.d file: what changes when a unit is allocated or released.
+    /// The unit's tmpfiles.d file (service-written).
     pub fn tmpfiles(&self, host: &HostFacts, plan: &UnitPlan) -> Result<RenderedFile, RenderError> {
         self.unit_file(host, plan, "tmpfiles.conf", plan.tmpfiles_conf())
     }
@@ -363,19 +356,11 @@ impl Renderer {
         ctx.insert("units", units);
         ctx.insert("host", host);
         Ok(RenderedFile {
-            path: PathBuf::from(NFT_PATH),
+            path: PathBuf::from(crate::plan::NFT_PATH),
             content: self.render("nftables.nft", &ctx)?,
             mode: 0o644,
         })
     }
-}
-
-/// Files every unit of the set claims, for telling Kloigos' own stale files from live ones.
-pub fn owned_paths(plans: &[UnitPlan]) -> BTreeSet<PathBuf> {
-    plans
-        .iter()
-        .flat_map(|p| [p.slice_dropin(), p.user_service_dropin(), p.tmpfiles_conf()])
-        .collect()
 }
 
 #[cfg(test)]

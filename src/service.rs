@@ -1,22 +1,27 @@
-//! The operations of Kloigos: init_server, allocate, deallocate, decommission and reconcile.
+//! The operations of Kloigos: init_server (here), allocate and deallocate (`allocate`),
+//! decommission (`decommission`) and reconcile (`reconcile`).
 //! Each one validates, records its intent in the store, applies it to the host through
 //! `apply::Host`, then records the outcome, so a crash at any point leaves a state that
 //! `reconcile` finishes or rolls back. Host-changing operations hold an exclusive file lock, so
 //! the service and a `kloigos reconcile` run by hand never interleave.
 
-use crate::apply::{ApplyError, Host};
+use crate::apply::{ApplyError, ApplyReport, ErrorList, Host, Scope, converge};
 use crate::model::{self, CpuList, PortPlan, names, validate::SshKey};
-use crate::render::{self, HostFacts, RenderError, Renderer, UnitPlan};
+use crate::plan::{self, Desired};
+use crate::render::{HostFacts, RenderError, RenderedFile, Renderer, UnitPlan};
 use crate::store::{
-    Event, EventFilter, Limits, NewEvent, NewUnit, Server, ServerStatus, Store, StoreError,
-    Transition, Unit, UnitChange, UnitFilter, UnitStatus,
+    Event, EventFilter, Limits, NewEvent, NewUnit, Server, ServerStatus, Store, StoreError, Unit,
+    UnitFilter, UnitStatus,
 };
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::{error, info, warn};
+
+mod allocate;
+mod decommission;
+mod reconcile;
 
 /// One validation problem, in the shape FastAPI reports (`loc`, `msg`, `type`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -62,6 +67,8 @@ pub enum OpError {
     Render(#[from] RenderError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Teardown(#[from] ErrorList),
     #[error("lock {}: {source}", path.display())]
     Lock {
         path: PathBuf,
@@ -129,28 +136,27 @@ impl ReconcileReport {
     }
 }
 
-/// What `apply_local` did.
-struct Applied {
-    written: Vec<String>,
-    removed: Vec<String>,
-    /// Units it could not set up: (compute_id, why).
-    failed: Vec<(String, String)>,
+/// All or nothing, for operations that must set up every unit (init_server, decommission).
+fn all_ok(report: ApplyReport) -> Result<()> {
+    if report.failed.is_empty() {
+        Ok(())
+    } else {
+        let msgs: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(id, e)| format!("{id}: {e}"))
+            .collect();
+        Err(OpError::Failed(msgs.join("; ")))
+    }
 }
 
-impl Applied {
-    /// All or nothing, for operations that must set up every unit (init_server, decommission).
-    fn all_ok(self) -> Result<()> {
-        if self.failed.is_empty() {
-            Ok(())
-        } else {
-            let msgs: Vec<String> = self
-                .failed
-                .iter()
-                .map(|(id, e)| format!("{id}: {e}"))
-                .collect();
-            Err(OpError::Failed(msgs.join("; ")))
-        }
-    }
+/// Who does what to which unit or server, for [`Kloigos::conclude`].
+struct Op<'a> {
+    actor: &'a str,
+    operation: &'static str,
+    compute_id: Option<&'a str>,
+    hostname: &'a str,
+    before: Option<Value>,
 }
 
 pub struct Kloigos {
@@ -243,6 +249,12 @@ impl Kloigos {
         &self.local
     }
 
+    /// Overrides the detected `socket_bind` host fact (whether systemd enforces
+    /// `SocketBindAllow=`), e.g. for a fake root standing in for a host with BPF.
+    pub fn set_socket_bind(&mut self, on: bool) {
+        self.facts.socket_bind = on;
+    }
+
     pub fn host(&self) -> &Host {
         &self.host
     }
@@ -270,7 +282,8 @@ impl Kloigos {
     }
 
     fn plan(&self, server: &Server, unit: &Unit) -> Result<UnitPlan> {
-        Ok(UnitPlan::new(server, unit, self.host.root())?)
+        let topology = model::numa::topology(self.host.root());
+        Ok(UnitPlan::new(server, unit, &topology)?)
     }
 
     #[allow(clippy::too_many_arguments)] // mirrors NewEvent, with the error logged here
@@ -294,6 +307,57 @@ impl Kloigos {
             after,
         }) {
             error!(operation, error = %e, "cannot write the audit log");
+        }
+    }
+
+    /// The end of the skeleton allocate, deallocate and decommission share. They take the
+    /// host lock and record their intent in the store (`ALLOCATING`, `DEALLOCATING`,
+    /// `DECOMMISSIONING`), apply it to the host, then come here with the result: `done`
+    /// records the outcome of a success, `failed` rolls back or marks the failure and says
+    /// why; either way the operation is logged and audited once.
+    fn conclude<T>(
+        &self,
+        op: Op<'_>,
+        applied: Result<()>,
+        done: impl FnOnce() -> Result<(T, Option<Value>)>,
+        failed: impl FnOnce(&OpError) -> Result<(String, Option<Value>)>,
+    ) -> Result<T> {
+        let Op {
+            actor,
+            operation,
+            compute_id,
+            hostname,
+            before,
+        } = op;
+        match applied {
+            Ok(()) => {
+                let (value, after) = done()?;
+                info!(compute_id, hostname, operation, actor, "done");
+                self.record(
+                    actor,
+                    operation,
+                    compute_id,
+                    Some(hostname),
+                    Ok(()),
+                    before,
+                    after,
+                );
+                Ok(value)
+            }
+            Err(e) => {
+                error!(compute_id, hostname, operation, error = %e, "failed on the host");
+                let (msg, after) = failed(&e)?;
+                self.record(
+                    actor,
+                    operation,
+                    compute_id,
+                    Some(hostname),
+                    Err(&msg),
+                    before,
+                    after,
+                );
+                Err(OpError::Failed(msg))
+            }
         }
     }
 
@@ -438,7 +502,7 @@ impl Kloigos {
         let after = json!({"hostname": server.hostname, "cpu_ranges": server.cpu_ranges});
         if self.is_local(&req.hostname) {
             info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "applying");
-            if let Err(e) = self.apply_local(None).and_then(Applied::all_ok) {
+            if let Err(e) = self.apply_local(None).and_then(all_ok) {
                 error!(hostname = %req.hostname, operation = "init_server", error = %e, "init failed, rolling back");
                 let detail = format!("init_server failed on the host: {e}");
                 let rolled_back = self.rollback_init(&server);
@@ -484,761 +548,69 @@ impl Kloigos {
             .iter()
             .map(|u| self.plan(server, u))
             .collect::<Result<Vec<_>>>()?;
-        self.remove_units_from_host(&plans)?;
+        self.host.teardown(&plans, self.kill_grace)?;
         self.host.purge_trash();
-        self.apply_local(Some(&server.hostname))?.all_ok()
+        all_ok(self.apply_local(Some(&server.hostname))?)
     }
 
-    /// Every local unit's plan, optionally leaving out one server's.
-    fn local_plans(&self, except: Option<&str>) -> Result<Vec<(Server, Unit, UnitPlan)>> {
-        let mut out = Vec::new();
+    /// The inventory rows of this host's servers, optionally leaving out one server, and with
+    /// the unit `released` seen as FREE (its release is under way).
+    fn rows(
+        &self,
+        except: Option<&str>,
+        released: Option<&str>,
+    ) -> Result<Vec<(Server, Vec<Unit>)>> {
+        let mut rows = Vec::new();
         for server in self.store.servers()? {
-            if !self.is_local(&server.hostname) || Some(server.hostname.as_str()) == except {
+            if !plan::is_planned(&server, &self.local) || Some(server.hostname.as_str()) == except {
                 continue;
             }
-            if matches!(
-                server.status,
-                ServerStatus::Decommissioned | ServerStatus::InitFail
-            ) {
-                continue;
-            }
-            for unit in self.store.units_of(&server.hostname)? {
-                let plan = self.plan(&server, &unit)?;
-                out.push((server.clone(), unit, plan));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Brings the host in line with the inventory's local units: users, unit files
-    /// (daemon-reload only when one changed), directories, the nftables table; removes Kloigos
-    /// files no unit claims. Returns the paths written and removed, and the units whose user
-    /// or directories could not be made (`compute_id`, why): one broken unit does not stop
-    /// the others.
-    fn apply_local(&self, except: Option<&str>) -> Result<Applied> {
-        let plans = self.local_plans(except)?;
-        let mut written = Vec::new();
-        let mut failed: Vec<(String, String)> = Vec::new();
-        for (_, _, p) in &plans {
-            if let Err(e) = self.host.ensure_user(p) {
-                failed.push((p.compute_id.clone(), e.to_string()));
-            }
-        }
-        for (_, _, p) in &plans {
-            for f in self.renderer.unit_files(&self.facts, p)? {
-                if self.host.write(&f, None)? {
-                    written.push(f.path.display().to_string());
+            let mut units = self.store.units_of(&server.hostname)?;
+            for u in &mut units {
+                if Some(u.compute_id.as_str()) == released {
+                    u.status = UnitStatus::Free;
                 }
             }
+            rows.push((server, units));
         }
-        let owned =
-            render::owned_paths(&plans.iter().map(|(_, _, p)| p.clone()).collect::<Vec<_>>());
-        let removed = self.remove_stale_files(&owned)?;
-        if written.iter().any(|p| p.starts_with("etc/systemd"))
-            || removed.iter().any(|p| p.starts_with("etc/systemd"))
-        {
-            self.host.daemon_reload()?;
-        }
-        for (_, _, p) in &plans {
-            if failed.iter().any(|(id, _)| *id == p.compute_id) {
-                continue;
-            }
-            // Its owner's process answers (or never answers) every access below a FUSE mount:
-            // the unit is left alone and reported, the host lock is not held up.
-            if let Some(m) = self.host.fuse_mount_in(p) {
-                failed.push((
-                    p.compute_id.clone(),
-                    format!("{m:?} is a FUSE mount: an admin must unmount it"),
-                ));
-                continue;
-            }
-            if let Err(e) = self.host.create_dirs(p) {
-                failed.push((p.compute_id.clone(), e.to_string()));
-            }
-        }
-        let all: Vec<UnitPlan> = plans.into_iter().map(|(_, _, p)| p).collect();
-        if all.is_empty() {
-            if self.host.path(render::NFT_PATH).exists() || self.host.nft_loaded() == Some(true) {
-                self.host.remove_nft(Path::new(render::NFT_PATH))?;
-                written.push(format!("{} (removed)", render::NFT_PATH));
-            }
-        } else {
-            let nft = self.renderer.nftables(&self.facts, &all)?;
-            let changed = self.host.write(&nft, None)?;
-            if changed || self.host.nft_loaded() == Some(false) {
-                self.host.load_nft(&nft)?;
-            }
-            if changed {
-                written.push(nft.path.display().to_string());
-            }
-        }
-        Ok(Applied {
-            written,
-            removed,
-            failed,
-        })
+        Ok(rows)
     }
 
-    /// Removes drop-ins and tmpfiles.d files that Kloigos wrote for units no longer in `owned`.
-    fn remove_stale_files(&self, owned: &BTreeSet<PathBuf>) -> Result<Vec<String>> {
-        let mut removed = Vec::new();
-        let mut candidates = Vec::new();
-        let sysd = self.host.path("etc/systemd/system");
-        if let Ok(entries) = std::fs::read_dir(&sysd) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let is_ours = (name.starts_with("user-") && name.ends_with(".slice.d"))
-                    || (name.starts_with("user@") && name.ends_with(".service.d"));
-                if is_ours {
-                    candidates.push(PathBuf::from(format!(
-                        "etc/systemd/system/{name}/50-kloigos.conf"
-                    )));
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(self.host.path("etc/tmpfiles.d")) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("kloigos-") && name.ends_with(".conf") {
-                    candidates.push(PathBuf::from(format!("etc/tmpfiles.d/{name}")));
-                }
-            }
-        }
-        for c in candidates {
-            if !owned.contains(&c) && self.host.remove(&c)? {
-                if let Some(parent) = c.parent().filter(|p| p.starts_with("etc/systemd/system/")) {
-                    self.host.remove_empty_dir(parent);
-                }
-                removed.push(c.display().to_string());
-            }
-        }
-        Ok(removed)
+    /// The desired state of this host (see `plan::desired`).
+    fn desired(&self, except: Option<&str>, released: Option<&str>) -> Result<Desired> {
+        let topology = model::numa::topology(self.host.root());
+        let rows = self.rows(except, released)?;
+        Ok(plan::desired(
+            &self.renderer,
+            &self.facts,
+            &topology,
+            &rows,
+        )?)
     }
 
-    /// Takes units off the host entirely: processes, files, directories, users.
-    fn remove_units_from_host(&self, plans: &[UnitPlan]) -> Result<()> {
-        let mut errors = Vec::new();
-        for p in plans {
-            // Keep going after an error: a half-removed unit is reported, not hidden.
-            let r = (|| -> Result<()> {
-                self.host.remove(p.tmpfiles_conf())?;
-                self.end_ownership(p)?;
-                for f in [p.slice_dropin(), p.user_service_dropin()] {
-                    self.host.remove(&f)?;
-                    if let Some(parent) =
-                        f.parent().filter(|d| d.starts_with("etc/systemd/system/"))
-                    {
-                        self.host.remove_empty_dir(parent);
-                    }
-                }
-                self.host.remove_dirs(p)?;
-                self.host.remove_user(&p.user)?;
-                Ok(())
-            })();
-            if let Err(e) = r {
-                errors.push(format!("{}: {e}", p.compute_id));
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(OpError::Failed(errors.join("; ")))
-        }
+    /// Brings the host in line with the inventory's local units (optionally leaving out one
+    /// server's): users, state file and generator drop-ins, tmpfiles.d, directories, the
+    /// nftables table. One broken unit does not stop the others: it is in `failed`.
+    fn apply_local(&self, except: Option<&str>) -> Result<ApplyReport> {
+        Ok(converge(
+            &self.host,
+            &self.desired(except, None)?,
+            Scope::Full,
+        )?)
     }
 
-    // ---- allocate ----------------------------------------------------------------------
-
-    /// Allocates a FREE unit; what a failed allocation's release moved aside is removed after
-    /// the host lock is released.
-    pub fn allocate(&self, req: Allocate, actor: &str) -> Result<Unit> {
-        let r = self.allocate_locked(req, actor);
-        self.host.purge_trash();
-        r
-    }
-
-    fn allocate_locked(&self, req: Allocate, actor: &str) -> Result<Unit> {
-        let _lock = self.lock()?;
-        let key = req.ssh_key.to_line();
-        let Some(unit) = self.store.claim_free(
-            req.cpu_count,
-            req.region.as_deref(),
-            req.zone.as_deref(),
-            req.tags.as_ref(),
-            &key,
-            actor,
-        )?
-        else {
-            let mut what = format!("cpu_count={}", req.cpu_count);
-            if let Some(r) = &req.region {
-                what.push_str(&format!(", region={r}"));
-            }
-            if let Some(z) = &req.zone {
-                what.push_str(&format!(", zone={z}"));
-            }
-            return Err(OpError::Conflict(format!(
-                "no FREE compute unit matches {what}"
-            )));
-        };
-        let id = unit.compute_id.clone();
-        info!(compute_id = %id, operation = "allocate", actor, "allocating");
-        let applied = if self.is_local(&unit.hostname) {
-            self.apply_allocate(&unit, &key)
-        } else {
-            Ok(())
-        };
-        match applied {
-            Ok(()) => {
-                let Transition::Done(done) = self.store.transition(
-                    &id,
-                    &[UnitStatus::Allocating],
-                    UnitStatus::Allocated,
-                    UnitChange {
-                        started_at: Some(Some(crate::time::now())),
-                        ..Default::default()
-                    },
-                )?
-                else {
-                    return Err(OpError::Failed(format!("{id} changed state under us")));
-                };
-                info!(compute_id = %id, operation = "allocate", actor, "allocated");
-                let done = *done;
-                self.record(
-                    actor,
-                    "allocate",
-                    Some(&id),
-                    Some(&done.hostname),
-                    Ok(()),
-                    Some(json!({"status": "FREE"})),
-                    Some(unit_json(&done)),
-                );
-                Ok(done)
-            }
-            Err(e) => {
-                error!(compute_id = %id, operation = "allocate", error = %e, "allocation failed, rolling back");
-                let detail = format!("allocation of {id} failed on the host: {e}");
-                let server = self.store.server(&unit.hostname)?;
-                let rollback = match &server {
-                    Some(s) => self.plan(s, &unit).and_then(|p| self.release(&p)),
-                    None => Err(OpError::NotFound(unit.hostname.clone())),
-                };
-                let (to, change, msg) = match &rollback {
-                    Ok(()) => (
-                        UnitStatus::Free,
-                        UnitChange::cleared(),
-                        format!("{detail} (rolled back)"),
-                    ),
-                    Err(re) => (
-                        UnitStatus::AllocationFail,
-                        UnitChange::default(),
-                        format!(
-                            "{detail}; rollback failed: {re} (unit is ALLOCATION_FAIL; deallocate or reconcile cleans it)"
-                        ),
-                    ),
-                };
-                let after =
-                    match self
-                        .store
-                        .transition(&id, &[UnitStatus::Allocating], to, change)?
-                    {
-                        Transition::Done(u) => Some(unit_json(&u)),
-                        _ => None,
-                    };
-                self.record(
-                    actor,
-                    "allocate",
-                    Some(&id),
-                    Some(&unit.hostname),
-                    Err(&msg),
-                    Some(json!({"status": "FREE"})),
-                    after,
-                );
-                Err(OpError::Failed(msg))
-            }
-        }
-    }
-
-    fn apply_allocate(&self, unit: &Unit, key: &str) -> Result<()> {
-        let server = self
-            .store
-            .server(&unit.hostname)?
-            .ok_or_else(|| OpError::NotFound(unit.hostname.clone()))?;
-        let plan = self.plan(&server, unit)?;
-        self.host.write_authorized_key(&plan, key)?;
-        test_pause("allocate");
-        // tmpfiles.d now carries the linger flag; no daemon-reload is needed for that.
-        self.host
-            .write(&self.renderer.tmpfiles(&self.facts, &plan)?, None)?;
-        self.host.set_linger(&plan, true)?;
-        Ok(())
-    }
-
-    /// Host side of "nobody owns this unit": linger off, every process gone, key removed,
-    /// leftovers removed, directories back to the skeleton (filled from /etc/skel only now,
-    /// after the kill), tmpfiles.d without linger.
-    fn release(&self, plan: &UnitPlan) -> Result<()> {
-        let mut plan = plan.clone();
-        plan.allocated = false;
-        // tmpfiles.d without the linger flag first: recreating the skeleton below runs
-        // systemd-tmpfiles on that file, which would otherwise bring the flag back.
-        self.host
-            .write(&self.renderer.tmpfiles(&self.facts, &plan)?, None)?;
-        self.end_ownership(&plan)?;
-        self.host.wipe_dirs(&plan)?;
-        // A login that raced the key removal is gone with this second pass.
-        self.host.kill_user(&plan, Duration::ZERO)?;
-        Ok(())
-    }
-
-    /// No lingering, then no processes, and only then (nobody left to race the removal) the
-    /// key and what the owner left outside its directories. A login that slipped in before
-    /// the key went is ended by `release`'s second kill.
-    fn end_ownership(&self, plan: &UnitPlan) -> Result<()> {
-        self.host.set_linger(plan, false)?;
-        self.host.kill_user(plan, self.kill_grace)?;
-        self.host.remove_authorized_key(plan)?;
-        self.host.remove_user_leftovers(plan)?;
-        Ok(())
-    }
-
-    // ---- deallocate --------------------------------------------------------------------
-
-    /// `check` may refuse (e.g. a user deallocating someone else's unit) after the unit is found.
-    /// The files the owner left are removed after the host lock is released: however many
-    /// there are, they hold up no one else's operation.
-    pub fn deallocate(
-        &self,
-        id: &str,
-        actor: &str,
-        check: &dyn Fn(&Unit) -> Result<()>,
-    ) -> Result<()> {
-        let r = self.deallocate_locked(id, actor, check);
-        self.host.purge_trash();
-        r
-    }
-
-    fn deallocate_locked(
-        &self,
-        id: &str,
-        actor: &str,
-        check: &dyn Fn(&Unit) -> Result<()>,
-    ) -> Result<()> {
-        let _lock = self.lock()?;
-        let before = self.unit(id)?;
-        check(&before)?;
-        let from = [
-            UnitStatus::Allocated,
-            UnitStatus::AllocationFail,
-            UnitStatus::DeallocationFail,
-        ];
-        let unit = match self.store.transition(
-            id,
-            &from,
-            UnitStatus::Deallocating,
-            UnitChange::default(),
-        )? {
-            Transition::Done(u) => *u,
-            Transition::NotFound => {
-                return Err(OpError::NotFound(format!("compute unit {id:?} not found")));
-            }
-            Transition::WrongState(s) => {
-                return Err(OpError::Conflict(format!(
-                    "compute unit {id} is {s}; only ALLOCATED, ALLOCATION_FAIL or DEALLOCATION_FAIL units can be deallocated"
-                )));
-            }
-        };
-        info!(compute_id = %id, operation = "deallocate", actor, "deallocating");
-        let applied = if self.is_local(&unit.hostname) {
-            self.store
-                .server(&unit.hostname)?
-                .ok_or_else(|| OpError::NotFound(unit.hostname.clone()))
-                .and_then(|s| self.plan(&s, &unit))
-                .and_then(|p| self.release(&p))
-        } else {
-            Ok(())
-        };
-        match applied {
-            Ok(()) => {
-                let after = match self.store.transition(
-                    id,
-                    &[UnitStatus::Deallocating],
-                    UnitStatus::Free,
-                    UnitChange::cleared(),
-                )? {
-                    Transition::Done(u) => *u,
-                    _ => return Err(OpError::Failed(format!("{id} changed state under us"))),
-                };
-                info!(compute_id = %id, operation = "deallocate", actor, "deallocated");
-                self.record(
-                    actor,
-                    "deallocate",
-                    Some(id),
-                    Some(&unit.hostname),
-                    Ok(()),
-                    Some(unit_json(&before)),
-                    Some(unit_json(&after)),
-                );
-                Ok(())
-            }
-            Err(e) => {
-                error!(compute_id = %id, operation = "deallocate", error = %e, "deallocation failed");
-                let msg = format!(
-                    "deallocation of {id} failed on the host: {e} (unit is DEALLOCATION_FAIL; retry deallocate)"
-                );
-                let after = match self.store.transition(
-                    id,
-                    &[UnitStatus::Deallocating],
-                    UnitStatus::DeallocationFail,
-                    UnitChange::default(),
-                )? {
-                    Transition::Done(u) => Some(unit_json(&u)),
-                    _ => None,
-                };
-                self.record(
-                    actor,
-                    "deallocate",
-                    Some(id),
-                    Some(&unit.hostname),
-                    Err(&msg),
-                    Some(unit_json(&before)),
-                    after,
-                );
-                Err(OpError::Failed(msg))
-            }
-        }
-    }
-
-    // ---- decommission ------------------------------------------------------------------
-
-    /// Retires a server; its units' files are removed after the host lock is released.
-    pub fn decommission(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
-        let r = self.decommission_locked(hostname, force, actor);
-        self.host.purge_trash();
-        r
-    }
-
-    fn decommission_locked(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
-        let _lock = self.lock()?;
-        let server = self
-            .store
-            .server(hostname)?
-            .ok_or_else(|| OpError::NotFound(format!("server {hostname:?} not found")))?;
-        if server.status == ServerStatus::Decommissioned {
-            return Err(OpError::Conflict(format!(
-                "server {hostname} is already DECOMMISSIONED"
-            )));
-        }
-        let units = self.store.units_of(hostname)?;
-        let busy: Vec<&str> = units
-            .iter()
-            .filter(|u| !matches!(u.status, UnitStatus::Free | UnitStatus::Unavailable))
-            .map(|u| u.compute_id.as_str())
-            .collect();
-        if !busy.is_empty() && !force {
-            return Err(OpError::Conflict(format!(
-                "server {hostname} still has units in use: {}; deallocate them or pass force=true",
-                busy.join(", ")
-            )));
-        }
-        self.store
-            .set_server_status(hostname, ServerStatus::Decommissioning, None)?;
-        info!(
-            hostname,
-            operation = "decommission_server",
-            actor,
-            force,
-            "decommissioning"
-        );
-        match self.finish_decommission(&server, &units) {
-            Ok(()) => {
-                self.record(
-                    actor,
-                    "decommission_server",
-                    None,
-                    Some(hostname),
-                    Ok(()),
-                    Some(json!({"status": server.status, "units_in_use": busy})),
-                    Some(json!({"status": "DECOMMISSIONED"})),
-                );
-                Ok(())
-            }
-            Err(e) => {
-                let msg = format!(
-                    "decommission of {hostname} failed on the host: {e} (server is DECOMMISSION_FAIL; retry)"
-                );
-                error!(hostname, operation = "decommission_server", error = %e, "failed");
-                self.store
-                    .set_server_status(hostname, ServerStatus::DecommissionFail, None)?;
-                self.record(
-                    actor,
-                    "decommission_server",
-                    None,
-                    Some(hostname),
-                    Err(&msg),
-                    Some(json!({"status": server.status})),
-                    Some(json!({"status": "DECOMMISSION_FAIL"})),
-                );
-                Err(OpError::Failed(msg))
-            }
-        }
-    }
-
-    fn finish_decommission(&self, server: &Server, units: &[Unit]) -> Result<()> {
-        if self.is_local(&server.hostname) {
-            let plans = units
-                .iter()
-                .map(|u| self.plan(server, u))
-                .collect::<Result<Vec<_>>>()?;
-            self.remove_units_from_host(&plans)?;
-            self.apply_local(Some(&server.hostname))?.all_ok()?;
-        }
-        self.store
-            .retire_server(&server.hostname, ServerStatus::Decommissioned)?;
-        Ok(())
-    }
-
-    // ---- reconcile ---------------------------------------------------------------------
-
-    /// Re-renders everything from the inventory, finishes or rolls back what a crash left
-    /// half-done, and repairs drift. Running it twice in a row changes nothing the second time.
-    /// What it moves aside is removed after the host lock is released.
-    pub fn reconcile(&self, actor: &str) -> Result<ReconcileReport> {
-        let r = self.reconcile_locked(actor);
-        self.host.purge_trash();
-        r
-    }
-
-    fn reconcile_locked(&self, actor: &str) -> Result<ReconcileReport> {
-        let _lock = self.lock()?;
-        let mut report = ReconcileReport::default();
-        // Servers half decommissioned: finish the job first, so their units are not re-rendered.
-        for server in self.store.servers()? {
-            if server.status == ServerStatus::Decommissioning {
-                let units = self.store.units_of(&server.hostname)?;
-                self.finish_decommission(&server, &units)?;
-                self.server_fixed(
-                    actor,
-                    &mut report,
-                    &server.hostname,
-                    ServerStatus::Decommissioning,
-                    ServerStatus::Decommissioned,
-                );
-            }
-        }
-        // What a run stopped before removing it: for `purge_trash`, after the lock.
-        let plans = self.local_plans(None)?;
-        if let Err(e) = self.host.find_trash(plans.iter().map(|(_, _, p)| p)) {
-            error!(error = %e, "cannot look for old files to remove");
-        }
-        // Every file, user, directory and the table as the inventory says...
-        let applied = self.apply_local(None)?;
-        report.files_changed.extend(applied.written);
-        report.files_removed.extend(applied.removed);
-        let setup_failed: std::collections::BTreeMap<String, String> =
-            applied.failed.into_iter().collect();
-        // ...then each unit's ownership: keys, lingering, operations a crash cut short.
-        for server in self.store.servers()? {
-            if !matches!(
-                server.status,
-                ServerStatus::Initializing | ServerStatus::Ready
-            ) {
-                continue;
-            }
-            let units = self.store.units_of(&server.hostname)?;
-            for unit in &units {
-                // One unit that cannot be repaired (a wrecked home, say) is marked, reported
-                // and audited; the others are still reconciled and the service still serves.
-                let r = match setup_failed.get(&unit.compute_id) {
-                    Some(e) => Err(OpError::Failed(e.clone())),
-                    None => self.reconcile_unit(&server, unit, actor, &mut report),
-                };
-                self.unit_outcome(&server, unit, r, actor, &mut report)?;
-            }
-        }
-        for server in self.store.servers()? {
-            if server.status == ServerStatus::Initializing {
-                self.store.set_server_status(
-                    &server.hostname,
-                    ServerStatus::Ready,
-                    Some(UnitStatus::Free),
-                )?;
-                self.server_fixed(
-                    actor,
-                    &mut report,
-                    &server.hostname,
-                    ServerStatus::Initializing,
-                    ServerStatus::Ready,
-                );
-            }
-        }
-        if !report.is_clean() {
-            info!(operation = "reconcile", ?report, "reconciled");
-        }
-        Ok(report)
-    }
-
-    /// Marks (or clears the mark of) a unit after reconcile tried to repair it; a failure is
-    /// reported every time, marked and audited once per distinct problem.
-    fn unit_outcome(
-        &self,
-        server: &Server,
-        unit: &Unit,
-        outcome: Result<()>,
-        actor: &str,
-        report: &mut ReconcileReport,
-    ) -> Result<()> {
-        let id = unit.compute_id.as_str();
-        match outcome {
-            Ok(()) => {
-                if unit.problem.is_some() {
-                    self.store.set_problem(id, None)?;
-                    report.units_fixed.push(format!("{id}: problem cleared"));
-                }
-            }
-            Err(e) => {
-                let msg = format!("reconcile could not repair {id}: {e}");
-                error!(compute_id = %id, operation = "reconcile", error = %e, "unit left broken");
-                report.units_failed.push(format!("{id}: {e}"));
-                if unit.problem.as_deref() == Some(msg.as_str()) {
-                    // Already marked and audited (a tenant restarting the service must not
-                    // flood the audit log).
-                    return Ok(());
-                }
-                self.store.set_problem(id, Some(&msg))?;
-                self.record(
-                    actor,
-                    "reconcile",
-                    Some(id),
-                    Some(&server.hostname),
-                    Err(&msg),
-                    Some(unit_json(unit)),
-                    None,
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Reports and audits a server that reconcile moved from `from` to `to`.
-    fn server_fixed(
-        &self,
-        actor: &str,
-        report: &mut ReconcileReport,
-        hostname: &str,
-        from: ServerStatus,
-        to: ServerStatus,
-    ) {
-        report
-            .servers_fixed
-            .push(format!("{hostname}: {from} -> {to}"));
-        self.record(
-            actor,
-            "reconcile",
-            None,
-            Some(hostname),
-            Ok(()),
-            Some(json!({ "status": from })),
-            Some(json!({ "status": to })),
-        );
-    }
-
-    fn reconcile_unit(
-        &self,
-        server: &Server,
-        unit: &Unit,
-        actor: &str,
-        report: &mut ReconcileReport,
-    ) -> Result<()> {
-        let local = self.is_local(&server.hostname);
-        let plan = if local {
-            Some(self.plan(server, unit)?)
-        } else {
-            None
-        };
-        let id = unit.compute_id.as_str();
-        match unit.status {
-            UnitStatus::Allocating
-            | UnitStatus::AllocationFail
-            | UnitStatus::Deallocating
-            | UnitStatus::DeallocationFail => {
-                if let Some(p) = &plan {
-                    // Make sure the user and its files exist before cleaning up after it.
-                    self.host.ensure_user(p)?;
-                    self.release(p)?;
-                }
-                if let Transition::Done(after) = self.store.transition(
-                    id,
-                    &[unit.status],
-                    UnitStatus::Free,
-                    UnitChange::cleared(),
-                )? {
-                    report
-                        .units_fixed
-                        .push(format!("{id}: {} -> FREE", unit.status));
-                    self.record(
-                        actor,
-                        "reconcile",
-                        Some(id),
-                        Some(&server.hostname),
-                        Ok(()),
-                        Some(unit_json(unit)),
-                        Some(unit_json(&after)),
-                    );
-                }
-            }
-            UnitStatus::Allocated => {
-                if let (Some(p), Some(key)) = (&plan, &unit.ssh_public_key)
-                    && self.host.authorized_key(p).as_deref() != Some(key.as_str())
-                {
-                    self.host.ensure_user(p)?;
-                    self.host.create_dirs(p)?;
-                    self.host.write_authorized_key(p, key)?;
-                    self.host.set_linger(p, true)?;
-                    report
-                        .units_fixed
-                        .push(format!("{id}: authorized key restored"));
-                }
-                if let Some(p) = &plan {
-                    if !self.host.path(p.linger_file()).exists() {
-                        self.host.set_linger(p, true)?;
-                        report.units_fixed.push(format!("{id}: linger restored"));
-                    } else if self.host.is_live() {
-                        // tmpfiles.d may have put the flag back without logind knowing:
-                        // make sure the owner's user manager runs now, not at the next boot.
-                        self.host.set_linger(p, true)?;
-                    }
-                }
-            }
-            UnitStatus::Free | UnitStatus::Unavailable => {
-                if let Some(p) = &plan {
-                    if self.host.authorized_key(p).is_some() {
-                        self.host.remove_authorized_key(p)?;
-                        report
-                            .units_fixed
-                            .push(format!("{id}: stray authorized key removed"));
-                    }
-                    if self.host.path(p.linger_file()).exists() {
-                        self.host.set_linger(p, false)?;
-                        report
-                            .units_fixed
-                            .push(format!("{id}: stray linger removed"));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Every file Kloigos would write for the local units, for `kloigos render`.
-    pub fn render_all(&self) -> Result<Vec<render::RenderedFile>> {
-        let plans = self.local_plans(None)?;
-        let mut files = Vec::new();
-        for (_, _, p) in &plans {
-            files.extend(self.renderer.unit_files(&self.facts, p)?);
-        }
-        let all: Vec<UnitPlan> = plans.into_iter().map(|(_, _, p)| p).collect();
-        if !all.is_empty() {
-            files.push(self.renderer.nftables(&self.facts, &all)?);
-        }
+    /// Every file Kloigos would write for the local units, for `kloigos render`: the state
+    /// file, the drop-ins the generator makes of it (under `run/systemd/generator`), the
+    /// tmpfiles.d files and the nftables table.
+    pub fn render_all(&self) -> Result<Vec<RenderedFile>> {
+        let d = self.desired(None, None)?;
+        let mut files: Vec<RenderedFile> = d.state_file.into_iter().collect();
+        files.extend(d.dropins.into_iter().map(|mut f| {
+            f.path = std::path::Path::new(plan::GENERATOR_DIR).join(&f.path);
+            f
+        }));
+        files.extend(d.tmpfiles);
+        files.extend(d.nft);
         Ok(files)
     }
 

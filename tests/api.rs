@@ -82,7 +82,7 @@ fn full_lifecycle_over_the_api() {
     // Every unit's files exist under the root; NUMA nodes follow the CPUs.
     let slice = std::fs::read_to_string(
         s.root()
-            .join("etc/systemd/system/user-20008.slice.d/50-kloigos.conf"),
+            .join("run/systemd/generator/user-20008.slice.d/50-kloigos.conf"),
     )
     .unwrap();
     assert!(slice.contains("AllowedCPUs=8-11\n"), "{slice}");
@@ -1197,7 +1197,7 @@ fn reconcile_repairs_drift() {
     assert_eq!(code, 200);
     s.kill9();
     let r = s.root();
-    let slice = r.join("etc/systemd/system/user-20008.slice.d/50-kloigos.conf");
+    let slice = r.join("run/systemd/generator/user-20008.slice.d/50-kloigos.conf");
     let good_slice = std::fs::read_to_string(&slice).unwrap();
     let nft = r.join("var/lib/kloigos/kloigos.nft");
     let good_nft = std::fs::read_to_string(&nft).unwrap();
@@ -1212,7 +1212,7 @@ fn reconcile_repairs_drift() {
     );
     std::fs::write(&nft, "").unwrap();
     common::write(
-        &r.join("etc/systemd/system/user-29999.slice.d/50-kloigos.conf"),
+        &r.join("run/systemd/generator/user-29999.slice.d/50-kloigos.conf"),
         "[Slice]\n",
     );
     let reconcile = || {
@@ -1229,12 +1229,12 @@ fn reconcile_repairs_drift() {
         format!("{key}\n")
     );
     assert!(!r.join("home/u8-15/.ssh/authorized_keys").exists());
-    assert!(!r.join("etc/systemd/system/user-29999.slice.d").exists());
+    assert!(!r.join("run/systemd/generator/user-29999.slice.d").exists());
     let removed = report["files_removed"].as_array().unwrap();
     assert_eq!(
         removed,
         &vec![json!(
-            "etc/systemd/system/user-29999.slice.d/50-kloigos.conf"
+            "run/systemd/generator/user-29999.slice.d/50-kloigos.conf"
         )],
         "{report}"
     );
@@ -1290,7 +1290,7 @@ fn crash_mid_init_server_is_finished_at_restart() {
     let (_, units) = s.get("/api/compute_units/?status=FREE");
     assert_eq!(units.as_array().unwrap().len(), 2, "{units}");
     for f in [
-        "etc/systemd/system/user-20008.slice.d/50-kloigos.conf",
+        "run/systemd/generator/user-20008.slice.d/50-kloigos.conf",
         "etc/tmpfiles.d/kloigos-c0-7.conf",
         "var/lib/kloigos/kloigos.nft",
     ] {

@@ -1,8 +1,14 @@
 //! Golden-directory tests of everything Kloigos renders. Each `tests/golden/NN-case/` holds:
-//! - `case.json`: `{"init": <init_server body>, "allocate": [<allocate bodies>], "deallocate": [ids]}`
+//! - `case.json`: `{"init": <init_server body>, "allocate": [<allocate bodies>], "deallocate": [ids]}`,
+//!   optionally `"socket_bind": true` (a host whose systemd has BPF) and `"decommission":
+//!   {"hostname": ..., "force": bool}` (run last: `expected/` is what remains after).
 //! - `root/`: the host before (sysfs topology, /etc/hostname, /etc/skel, ...)
 //! - `templates/` (optional): an admin's overrides, as in /etc/kloigos/templates
-//! - `expected/`: every file Kloigos wrote, compared as text.
+//! - `removed` (optional): the files of `root/` Kloigos removed, one a line (none otherwise);
+//! - `expected/`: every file Kloigos wrote, compared as text: the state file
+//!   `etc/kloigos/host.json`, the drop-ins the generator made of it under
+//!   `run/systemd/generator/` (a fake root's daemon-reload runs the generator in-process),
+//!   tmpfiles.d, the nftables table, keys, lingering. A difference is shown as a unified diff.
 //!
 //! The case runs through the same request parsing and service code as the API, against a copy
 //! of `root/`. `UPDATE_GOLDEN=1 cargo test --test golden` rewrites `expected/` for review.
@@ -30,7 +36,7 @@ fn run_case(case: &Path) -> Result<(), String> {
     std::fs::create_dir_all(&root).unwrap();
     copy(&case.join("root"), &root);
     let before = tree(&root);
-    let k = Kloigos::open(&Config {
+    let mut k = Kloigos::open(&Config {
         db: tmp.path().join("k.db"),
         root: root.clone(),
         templates: vec![case.join("templates")],
@@ -38,6 +44,9 @@ fn run_case(case: &Path) -> Result<(), String> {
         kill_grace: std::time::Duration::ZERO,
     })
     .map_err(|e| e.to_string())?;
+    if spec["socket_bind"] == serde_json::json!(true) {
+        k.set_socket_bind(true);
+    }
     let body = axum::body::Bytes::from(spec["init"].to_string());
     let init = kloigos::api::parse_init_server(&body).map_err(|e| format!("{e:?}"))?;
     k.init_server(init, "golden").map_err(|e| e.to_string())?;
@@ -49,6 +58,25 @@ fn run_case(case: &Path) -> Result<(), String> {
     for d in spec["deallocate"].as_array().into_iter().flatten() {
         k.deallocate(d.as_str().unwrap(), "golden", &|_| Ok(()))
             .map_err(|e| e.to_string())?;
+    }
+    if let Some(d) = spec.get("decommission") {
+        k.decommission(
+            d["hostname"].as_str().unwrap(),
+            d["force"].as_bool().unwrap_or(false),
+            "golden",
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    // What Kloigos removed of the host before: only what `removed` lists (one path a line).
+    let now = tree(&root);
+    let removed: Vec<&String> = before.keys().filter(|p| !now.contains_key(*p)).collect();
+    let want_removed = std::fs::read_to_string(case.join("removed")).unwrap_or_default();
+    let want_removed: Vec<&str> = want_removed.lines().filter(|l| !l.is_empty()).collect();
+    let mut problems = Vec::new();
+    if removed != want_removed {
+        problems.push(format!(
+            "removed from the host: {removed:?}, expected {want_removed:?}"
+        ));
     }
     // What Kloigos wrote: every file that is new or changed.
     let after: BTreeMap<String, String> = tree(&root)
@@ -66,12 +94,14 @@ fn run_case(case: &Path) -> Result<(), String> {
         return Ok(());
     }
     let expected = tree(&expected_dir);
-    let mut problems = Vec::new();
     for (p, want) in &expected {
         match after.get(p) {
             None => problems.push(format!("missing {p}")),
             Some(got) if got != want => problems.push(format!(
-                "{p} differs:\n--- expected\n{want}\n--- got\n{got}"
+                "{p} differs:\n{}",
+                similar::TextDiff::from_lines(want, got)
+                    .unified_diff()
+                    .header(&format!("expected/{p}"), &format!("got/{p}"))
             )),
             _ => {}
         }
@@ -103,7 +133,7 @@ fn golden_cases() {
         .collect();
     cases.sort();
     assert!(
-        cases.len() >= 4,
+        cases.len() >= 7,
         "golden cases missing in {}",
         dir.display()
     );

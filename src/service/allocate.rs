@@ -1,0 +1,246 @@
+//! Allocation and deallocation of a unit: the owner's key, lingering, and the release that
+//! leaves the unit as nobody's (processes ended, directories back to the skeleton).
+
+use super::{Allocate, Kloigos, Op, OpError, Result, test_pause, unit_json};
+use crate::apply::{Scope, converge};
+use crate::render::UnitPlan;
+use crate::store::{Transition, Unit, UnitChange, UnitStatus};
+use serde_json::json;
+use std::time::Duration;
+use tracing::info;
+
+impl Kloigos {
+    // ---- allocate ----------------------------------------------------------------------
+
+    /// Allocates a FREE unit; what a failed allocation's release moved aside is removed after
+    /// the host lock is released.
+    pub fn allocate(&self, req: Allocate, actor: &str) -> Result<Unit> {
+        let r = self.allocate_locked(req, actor);
+        self.host.purge_trash();
+        r
+    }
+
+    fn allocate_locked(&self, req: Allocate, actor: &str) -> Result<Unit> {
+        let _lock = self.lock()?;
+        let key = req.ssh_key.to_line();
+        let Some(unit) = self.store.claim_free(
+            req.cpu_count,
+            req.region.as_deref(),
+            req.zone.as_deref(),
+            req.tags.as_ref(),
+            &key,
+            actor,
+        )?
+        else {
+            let mut what = format!("cpu_count={}", req.cpu_count);
+            if let Some(r) = &req.region {
+                what.push_str(&format!(", region={r}"));
+            }
+            if let Some(z) = &req.zone {
+                what.push_str(&format!(", zone={z}"));
+            }
+            return Err(OpError::Conflict(format!(
+                "no FREE compute unit matches {what}"
+            )));
+        };
+        let id = unit.compute_id.clone();
+        info!(compute_id = %id, operation = "allocate", actor, "allocating");
+        let applied = if self.is_local(&unit.hostname) {
+            self.apply_allocate(&unit, &key)
+        } else {
+            Ok(())
+        };
+        let op = Op {
+            actor,
+            operation: "allocate",
+            compute_id: Some(&id),
+            hostname: &unit.hostname,
+            before: Some(json!({"status": "FREE"})),
+        };
+        self.conclude(
+            op,
+            applied,
+            || {
+                let Transition::Done(done) = self.store.transition(
+                    &id,
+                    &[UnitStatus::Allocating],
+                    UnitStatus::Allocated,
+                    UnitChange {
+                        started_at: Some(Some(crate::time::now())),
+                        ..Default::default()
+                    },
+                )?
+                else {
+                    return Err(OpError::Failed(format!("{id} changed state under us")));
+                };
+                let after = unit_json(&done);
+                Ok((*done, Some(after)))
+            },
+            |e| {
+                let detail = format!("allocation of {id} failed on the host: {e}");
+                let server = self.store.server(&unit.hostname)?;
+                let rollback = match &server {
+                    Some(s) => self.plan(s, &unit).and_then(|p| self.release(&p)),
+                    None => Err(OpError::NotFound(unit.hostname.clone())),
+                };
+                let (to, change, msg) = match &rollback {
+                    Ok(()) => (
+                        UnitStatus::Free,
+                        UnitChange::cleared(),
+                        format!("{detail} (rolled back)"),
+                    ),
+                    Err(re) => (
+                        UnitStatus::AllocationFail,
+                        UnitChange::default(),
+                        format!(
+                            "{detail}; rollback failed: {re} (unit is ALLOCATION_FAIL; deallocate or reconcile cleans it)"
+                        ),
+                    ),
+                };
+                let after =
+                    match self
+                        .store
+                        .transition(&id, &[UnitStatus::Allocating], to, change)?
+                    {
+                        Transition::Done(u) => Some(unit_json(&u)),
+                        _ => None,
+                    };
+                Ok((msg, after))
+            },
+        )
+    }
+
+    fn apply_allocate(&self, unit: &Unit, key: &str) -> Result<()> {
+        let server = self
+            .store
+            .server(&unit.hostname)?
+            .ok_or_else(|| OpError::NotFound(unit.hostname.clone()))?;
+        let plan = self.plan(&server, unit)?;
+        self.host.write_authorized_key(&plan, key)?;
+        test_pause("allocate");
+        // tmpfiles.d now carries the linger flag; the drop-ins do not change (no reload).
+        converge(&self.host, &self.desired(None, None)?, Scope::Files)?;
+        self.host.set_linger(&plan, true)?;
+        Ok(())
+    }
+
+    /// Host side of "nobody owns this unit": linger off, every process gone, key removed,
+    /// leftovers removed, directories back to the skeleton (filled from /etc/skel only now,
+    /// after the kill), tmpfiles.d without linger.
+    pub(super) fn release(&self, plan: &UnitPlan) -> Result<()> {
+        let mut plan = plan.clone();
+        plan.allocated = false;
+        // tmpfiles.d without the linger flag first: recreating the skeleton below runs
+        // systemd-tmpfiles on that file, which would otherwise bring the flag back.
+        converge(
+            &self.host,
+            &self.desired(None, Some(&plan.compute_id))?,
+            Scope::Files,
+        )?;
+        self.end_ownership(&plan)?;
+        self.host.wipe_dirs(&plan)?;
+        // A login that raced the key removal is gone with this second pass.
+        self.host.kill_user(&plan, Duration::ZERO)?;
+        Ok(())
+    }
+
+    /// No lingering, then no processes, and only then (nobody left to race the removal) the
+    /// key and what the owner left outside its directories. A login that slipped in before
+    /// the key went is ended by `release`'s second kill.
+    fn end_ownership(&self, plan: &UnitPlan) -> Result<()> {
+        Ok(self.host.end_ownership(plan, self.kill_grace)?)
+    }
+
+    // ---- deallocate --------------------------------------------------------------------
+
+    /// `check` may refuse (e.g. a user deallocating someone else's unit) after the unit is found.
+    /// The files the owner left are removed after the host lock is released: however many
+    /// there are, they hold up no one else's operation.
+    pub fn deallocate(
+        &self,
+        id: &str,
+        actor: &str,
+        check: &dyn Fn(&Unit) -> Result<()>,
+    ) -> Result<()> {
+        let r = self.deallocate_locked(id, actor, check);
+        self.host.purge_trash();
+        r
+    }
+
+    fn deallocate_locked(
+        &self,
+        id: &str,
+        actor: &str,
+        check: &dyn Fn(&Unit) -> Result<()>,
+    ) -> Result<()> {
+        let _lock = self.lock()?;
+        let before = self.unit(id)?;
+        check(&before)?;
+        let from = [
+            UnitStatus::Allocated,
+            UnitStatus::AllocationFail,
+            UnitStatus::DeallocationFail,
+        ];
+        let unit = match self.store.transition(
+            id,
+            &from,
+            UnitStatus::Deallocating,
+            UnitChange::default(),
+        )? {
+            Transition::Done(u) => *u,
+            Transition::NotFound => {
+                return Err(OpError::NotFound(format!("compute unit {id:?} not found")));
+            }
+            Transition::WrongState(s) => {
+                return Err(OpError::Conflict(format!(
+                    "compute unit {id} is {s}; only ALLOCATED, ALLOCATION_FAIL or DEALLOCATION_FAIL units can be deallocated"
+                )));
+            }
+        };
+        info!(compute_id = %id, operation = "deallocate", actor, "deallocating");
+        let applied = if self.is_local(&unit.hostname) {
+            self.store
+                .server(&unit.hostname)?
+                .ok_or_else(|| OpError::NotFound(unit.hostname.clone()))
+                .and_then(|s| self.plan(&s, &unit))
+                .and_then(|p| self.release(&p))
+        } else {
+            Ok(())
+        };
+        let op = Op {
+            actor,
+            operation: "deallocate",
+            compute_id: Some(id),
+            hostname: &unit.hostname,
+            before: Some(unit_json(&before)),
+        };
+        self.conclude(
+            op,
+            applied,
+            || match self.store.transition(
+                id,
+                &[UnitStatus::Deallocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+            )? {
+                Transition::Done(u) => Ok(((), Some(unit_json(&u)))),
+                _ => Err(OpError::Failed(format!("{id} changed state under us"))),
+            },
+            |e| {
+                let msg = format!(
+                    "deallocation of {id} failed on the host: {e} (unit is DEALLOCATION_FAIL; retry deallocate)"
+                );
+                let after = match self.store.transition(
+                    id,
+                    &[UnitStatus::Deallocating],
+                    UnitStatus::DeallocationFail,
+                    UnitChange::default(),
+                )? {
+                    Transition::Done(u) => Some(unit_json(&u)),
+                    _ => None,
+                };
+                Ok((msg, after))
+            },
+        )
+    }
+}

@@ -1,0 +1,85 @@
+//! Retiring a server: its units taken off the host, the server kept as DECOMMISSIONED.
+
+use super::{Kloigos, Op, OpError, Result, all_ok};
+use crate::store::{Server, ServerStatus, Unit, UnitStatus};
+use serde_json::json;
+use tracing::info;
+
+impl Kloigos {
+    // ---- decommission ------------------------------------------------------------------
+
+    /// Retires a server; its units' files are removed after the host lock is released.
+    pub fn decommission(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
+        let r = self.decommission_locked(hostname, force, actor);
+        self.host.purge_trash();
+        r
+    }
+
+    fn decommission_locked(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
+        let _lock = self.lock()?;
+        let server = self
+            .store
+            .server(hostname)?
+            .ok_or_else(|| OpError::NotFound(format!("server {hostname:?} not found")))?;
+        if server.status == ServerStatus::Decommissioned {
+            return Err(OpError::Conflict(format!(
+                "server {hostname} is already DECOMMISSIONED"
+            )));
+        }
+        let units = self.store.units_of(hostname)?;
+        let busy: Vec<&str> = units
+            .iter()
+            .filter(|u| !matches!(u.status, UnitStatus::Free | UnitStatus::Unavailable))
+            .map(|u| u.compute_id.as_str())
+            .collect();
+        if !busy.is_empty() && !force {
+            return Err(OpError::Conflict(format!(
+                "server {hostname} still has units in use: {}; deallocate them or pass force=true",
+                busy.join(", ")
+            )));
+        }
+        self.store
+            .set_server_status(hostname, ServerStatus::Decommissioning, None)?;
+        info!(
+            hostname,
+            operation = "decommission_server",
+            actor,
+            force,
+            "decommissioning"
+        );
+        let op = Op {
+            actor,
+            operation: "decommission_server",
+            compute_id: None,
+            hostname,
+            before: Some(json!({"status": server.status, "units_in_use": busy})),
+        };
+        self.conclude(
+            op,
+            self.finish_decommission(&server, &units),
+            || Ok(((), Some(json!({"status": "DECOMMISSIONED"})))),
+            |e| {
+                let msg = format!(
+                    "decommission of {hostname} failed on the host: {e} (server is DECOMMISSION_FAIL; retry)"
+                );
+                self.store
+                    .set_server_status(hostname, ServerStatus::DecommissionFail, None)?;
+                Ok((msg, Some(json!({"status": "DECOMMISSION_FAIL"}))))
+            },
+        )
+    }
+
+    pub(super) fn finish_decommission(&self, server: &Server, units: &[Unit]) -> Result<()> {
+        if self.is_local(&server.hostname) {
+            let plans = units
+                .iter()
+                .map(|u| self.plan(server, u))
+                .collect::<Result<Vec<_>>>()?;
+            self.host.teardown(&plans, self.kill_grace)?;
+            all_ok(self.apply_local(Some(&server.hostname))?)?;
+        }
+        self.store
+            .retire_server(&server.hostname, ServerStatus::Decommissioned)?;
+        Ok(())
+    }
+}
