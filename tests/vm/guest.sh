@@ -385,8 +385,8 @@ PY
   expect "state file: pretty (one field a line)" "$(awk 'END { print (NR > 10) ? "yes" : "no (" NR " lines)" }' $STATE)" yes
   expect "state file: no SSH key" "$(grep -c 'ssh-ed25519' $STATE)" 0
   for uid in $UIDS; do
-    expect "systemctl cat user-$uid.slice" "$(systemctl cat user-$uid.slice 2>&1 | grep '^# /.*kloigos')" "# $GENDIR/user-$uid.slice.d/50-kloigos.conf"
-    expect "systemctl cat user@$uid.service" "$(systemctl cat user@$uid.service 2>&1 | grep '^# /.*kloigos')" "# $GENDIR/user@$uid.service.d/50-kloigos.conf"
+    expect "systemctl cat user-$uid.slice" "$(systemctl cat user-$uid.slice 2>&1 | grep '^# /.*/50-kloigos\.conf$')" "# $GENDIR/user-$uid.slice.d/50-kloigos.conf"
+    expect "systemctl cat user@$uid.service" "$(systemctl cat user@$uid.service 2>&1 | grep '^# /.*/50-kloigos\.conf$')" "# $GENDIR/user@$uid.service.d/50-kloigos.conf"
     expect "AllowedCPUs of user-$uid.slice" "$(systemctl show -p AllowedCPUs --value user-$uid.slice)" "$((uid - 20000))"
   done
   expect "user@$UID1.service delegates cpuset" "$(systemctl show -p DelegateControllers --value user@$UID1.service | grep -o cpuset)" cpuset
@@ -422,7 +422,7 @@ PY
     "$GENDIR/user-$UID1.slice.d/50-kloigos.conf $A/60-admin.conf"
   systemctl restart kloigos.service   # its start-up reconcile
   expect "service reconciled" "$(systemctl is-active kloigos.service)" active
-  expect "admin's drop-in kept by reconcile" "$(cat $A/60-admin.conf 2>&1 | grep AllowedCPUs)" AllowedCPUs=2-3
+  expect "admin's drop-in kept by reconcile" "$(grep -x AllowedCPUs=2-3 $A/60-admin.conf 2>&1)" AllowedCPUs=2-3
   expect "still the admin's CPUs after reconcile" "$(systemctl show -p AllowedCPUs --value user-$UID1.slice)" 2-3
   rm $A/60-admin.conf; rmdir $A
   systemctl daemon-reload
