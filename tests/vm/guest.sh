@@ -522,6 +522,7 @@ upgrade)
   done
   # Throughout: one value per active slice in every sample, the one it had before.
   expect_match "limits sampled during the upgrade" "$(wc -l <$samples)" '^[0-9]{2,}$'
+  echo "j-upgrade: $(wc -l <$samples) samples of the active slices' cgroup limits during the upgrade"
   for uid in "${active[@]}"; do
     seen=$(grep "^$uid " $samples | sort | uniq -c | awk '{ $1 = $1 " x"; print }' | paste -sd,)
     want=$(grep -c "^$uid " $samples)
