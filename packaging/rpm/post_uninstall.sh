@@ -1,4 +1,6 @@
-# Kloigos %postun: %systemd_postun_with_restart written out.
+# Kloigos %postun: %systemd_postun_with_restart written out. On erase, the reload drops the
+# units' drop-ins: the generator left with the package (/etc/kloigos/host.json, like the
+# inventory, stays for a reinstall).
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload >/dev/null 2>&1 || :
 fi

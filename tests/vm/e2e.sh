@@ -42,14 +42,15 @@ deps_need rpm:rpm >>"$LOG/package.log" 2>&1 || fatal "cannot install rpm"
 rpmf=$(ls target/packages/kloigos-*.rpm | grep -v '\.up1' | head -1)
 list=$(rpm -qlp "$rpmf" 2>/dev/null); scripts=$(rpm -qp --scripts "$rpmf" 2>/dev/null)
 missing=()
-for f in /usr/bin/kloigos /usr/lib/systemd/system/kloigos.socket /usr/lib/systemd/system/kloigos.service \
+for f in /usr/bin/kloigos /usr/lib/systemd/system-generators/kloigos-generator /usr/lib/systemd/system/kloigos.socket /usr/lib/systemd/system/kloigos.service \
          /usr/lib/systemd/system/kloigos-nftables.service /usr/lib/kloigos/templates/nftables.nft \
          /usr/lib/sysusers.d/kloigos.conf /usr/lib/tmpfiles.d/kloigos.conf /etc/default/kloigos \
          /usr/lib/systemd/system-preset/50-kloigos.preset; do
   grep -qx "$f" <<<"$list" || missing+=("$f")
 done
 for s in 'postinstall scriptlet' 'systemctl --no-reload preset kloigos.socket' 'preuninstall scriptlet' \
-         'disable --now kloigos.socket' 'postuninstall scriptlet' 'try-restart kloigos.service' 'systemd-sysusers'; do
+         'disable --now kloigos.socket' 'postuninstall scriptlet' 'try-restart kloigos.service' 'systemd-sysusers' \
+         'systemctl restart kloigos.service' 'still exist on this host'; do
   grep -qF "$s" <<<"$scripts" || missing+=("scriptlet: $s")
 done
 grep -qx 'systemd-pam' <<<"$(rpm -qpR "$rpmf" 2>/dev/null)" || missing+=("Requires: systemd-pam")
@@ -83,6 +84,7 @@ phase before
 phase install
 phase units
 phase race
+phase generator
 phase upgrade
 t=$EPOCHREALTIME
 if $VM reboot >"$LOG/reboot.log" 2>&1; then

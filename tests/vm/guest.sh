@@ -8,9 +8,13 @@
 #   guest.sh units       b-g. init_server, ssh, CPUs and limits, ports, nftables restart, files,
 #                        deallocation
 #   guest.sh race        k. a hostile tenant (tests/race/tenant.py) against reconcile and reallocation
-#   guest.sh upgrade     j. upgrade in place (run before the reboot)
-#   guest.sh reboot      h. after a reboot: slices, nftables, allocations; nftables restart
-#   guest.sh purge       i. decommission, apt purge: the host is as before
+#   guest.sh generator   l-n. the generator's drop-ins, an admin's drop-in wins, a user service
+#                        enabled to report its CPUs at the next boot
+#   guest.sh upgrade     j. upgrade from a version without a generator (run before the reboot)
+#   guest.sh reboot      n. limits from the first second of a boot, before kloigos.service runs;
+#                        h. after a reboot: slices, nftables, allocations; nftables restart
+#   guest.sh purge       i0. apt remove with units, reinstall; i. decommission, apt purge: the
+#                        host is as before, no Kloigos drop-in loaded
 set -u
 export LC_ALL=C
 # apt-get through the project's helper (waits for the dpkg lock: apt-daily may run at boot)
@@ -23,6 +27,10 @@ SNAP=/root/snapshot
 E2E=/usr/local/share/kloigos-e2e
 HOST=$(hostname)
 U0=u0 U1=u1 UID0=20000 UID1=20001
+UIDS="20000 20001 20002 20003"
+GEN=/usr/lib/systemd/system-generators/kloigos-generator
+STATE=/etc/kloigos/host.json
+GENDIR=/run/systemd/generator
 
 t0=0
 start() { t0=$EPOCHREALTIME; }
@@ -56,6 +64,7 @@ snapshot() {
     echo "## passwd"; getent passwd | cut -d: -f1,3 | sort
     echo "## group"; getent group | cut -d: -f1,3 | sort
     echo "## systemd"; find /etc/systemd/system -name '*kloigos*' -o -name 'user-*.slice.d' -o -name 'user@*.service.d' | sort
+    echo "## generator"; find /usr/lib/systemd/system-generators $GENDIR -name '*kloigos*' 2>/dev/null | sort
     echo "## tmpfiles"; ls /etc/tmpfiles.d | sort
     echo "## dirs"; ls -d /opt/* /mnt/* /home/* /var/lib/kloigos /etc/kloigos 2>/dev/null | sort
     echo "## linger"; ls /var/lib/systemd/linger 2>/dev/null | sort
@@ -64,6 +73,32 @@ snapshot() {
 }
 
 curl_api() { curl -s --max-time 30 "$@"; }
+
+# What systemd has loaded for a unit's slice: CPUs and limits (one line), and the drop-ins.
+limits_of() { systemctl show -p AllowedCPUs -p TasksMax -p MemoryMax --value "user-$1.slice" | paste -sd' '; }
+dropins() { systemctl show -p DropInPaths --value "$@" | tr ' ' '\n' | grep .; }
+# The Kloigos drop-ins systemd has loaded for the units' slices and user managers.
+loaded_kloigos_dropins() {
+  local uid
+  for uid in $UIDS; do dropins "user-$uid.slice" "user@$uid.service"; done | grep kloigos
+}
+# Every 0.1 s until STOPFILE exists: the limits the kernel applies to the active slices of UIDs.
+# (Builtins only: a fork costs tens of milliseconds under TCG.)
+sample_limits() { # sample_limits OUT STOPFILE UID...
+  local out=$1 stop=$2 uid d cpus pids mem tick
+  shift 2
+  exec {tick}<> <(:)   # a pipe nobody writes to: `read -t` on it is a sleep without a fork
+  while [[ ! -e $stop ]]; do
+    for uid in "$@"; do
+      d=/sys/fs/cgroup/user.slice/user-$uid.slice
+      cpus=gone pids=gone mem=gone
+      { read -r cpus <"$d/cpuset.cpus" && read -r pids <"$d/pids.max" && read -r mem <"$d/memory.max"; } 2>/dev/null
+      echo "$uid cpus=$cpus pids=$pids mem=$mem"
+    done
+    read -r -t 0.1 -u "$tick" || true
+  done >"$out"
+  exec {tick}>&-
+}
 
 case ${1:-} in
 before)
@@ -322,27 +357,209 @@ except Exception: print("closed")'
   finish g-deallocate
   ;;
 
+generator)
+  # ---- l. the generator writes each unit's drop-ins under /run/systemd/generator from the
+  # state file; nothing of Kloigos is left in /etc/systemd/system.
+  start
+  expect "generator installed" "$(stat -c '%a %U' $GEN 2>&1)" "755 root"
+  expect "state file" "$(stat -c '%a %U:%G' $STATE 2>&1)" "644 root:root"
+  got=$(python3 - "$STATE" <<'PY' 2>&1
+import json, sys
+with open(sys.argv[1]) as f:
+    state = json.load(f)
+ids = set()
+def walk(o):
+    if isinstance(o, dict):
+        if isinstance(o.get("compute_id"), str):
+            ids.add(o["compute_id"])
+        for v in o.values():
+            walk(v)
+    elif isinstance(o, list):
+        for v in o:
+            walk(v)
+walk(state)
+print(state.get("version"), *sorted(ids))
+PY
+)
+  expect "state file: version 1, the 4 units" "$got" "1 ${HOST}_0 ${HOST}_1 ${HOST}_2 ${HOST}_3"
+  expect "state file: pretty (one field a line)" "$(awk 'END { print (NR > 10) ? "yes" : "no (" NR " lines)" }' $STATE)" yes
+  expect "state file: no SSH key" "$(grep -c 'ssh-ed25519' $STATE)" 0
+  for uid in $UIDS; do
+    expect "systemctl cat user-$uid.slice" "$(systemctl cat user-$uid.slice 2>&1 | grep '^# /.*/50-kloigos\.conf$')" "# $GENDIR/user-$uid.slice.d/50-kloigos.conf"
+    expect "systemctl cat user@$uid.service" "$(systemctl cat user@$uid.service 2>&1 | grep '^# /.*/50-kloigos\.conf$')" "# $GENDIR/user@$uid.service.d/50-kloigos.conf"
+    expect "AllowedCPUs of user-$uid.slice" "$(systemctl show -p AllowedCPUs --value user-$uid.slice)" "$((uid - 20000))"
+  done
+  expect "user@$UID1.service delegates cpuset" "$(systemctl show -p DelegateControllers --value user@$UID1.service | grep -o cpuset)" cpuset
+  expect "nothing of Kloigos in /etc/systemd/system" \
+    "$(find /etc/systemd/system -name 'user-*.slice.d' -o -name 'user@*.service.d' -o -name '50-kloigos.conf'; grep -rl Kloigos /etc/systemd/system)" ""
+  # Run by hand, it writes the same files, those only, and nothing without a state file.
+  g=$(mktemp -d)
+  mkdir -p $g/normal $g/early $g/late $g/n2 $g/e2 $g/l2 $g/emptyroot
+  $GEN $g/normal $g/early $g/late 2>$g/stderr
+  expect "generator by hand: exit status" "$?" 0
+  want=$(for uid in $UIDS; do echo "./normal/user-$uid.slice.d/50-kloigos.conf"; echo "./normal/user@$uid.service.d/50-kloigos.conf"; done | sort | paste -sd' ')
+  expect "generator by hand: only the units' drop-ins" "$(cd $g && find . -type f ! -name stderr | sort | paste -sd' ')" "$want"
+  expect "generator by hand: what systemd loaded" \
+    "$(cd $g/normal && for f in */50-kloigos.conf; do cmp -s "$f" "$GENDIR/$f" || echo "$f differs"; done)" ""
+  KLOIGOS_GENERATOR_ROOT=$g/emptyroot $GEN $g/n2 $g/e2 $g/l2 2>/dev/null
+  expect "no state file: exit status" "$?" 0
+  expect "no state file: no output" "$(find $g/n2 $g/e2 $g/l2 -mindepth 1)" ""
+  rm -rf "$g"
+  finish l-generator-dropins
+
+  # ---- m. an admin's own drop-in in /etc/systemd/system wins over the generator's, and
+  # reconcile leaves it alone.
+  start
+  A=/etc/systemd/system/user-$UID1.slice.d
+  mkdir -p $A
+  # AllowedCPUs= adds up over drop-ins: an admin's override first empties it.
+  printf '# An admin moves this unit to CPUs 2-3.\n[Slice]\nAllowedCPUs=\nAllowedCPUs=2-3\n' >$A/60-admin.conf
+  systemctl daemon-reload
+  expect "admin's AllowedCPUs" "$(systemctl show -p AllowedCPUs --value user-$UID1.slice)" 2-3
+  expect "in the cgroup" "$(cat /sys/fs/cgroup/user.slice/user-$UID1.slice/cpuset.cpus 2>&1)" 2-3
+  expect "a login of the unit's user" "$(as_user $U1 k2 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 2-3
+  expect "both drop-ins loaded" "$(dropins user-$UID1.slice | grep -e kloigos -e admin | paste -sd' ')" \
+    "$GENDIR/user-$UID1.slice.d/50-kloigos.conf $A/60-admin.conf"
+  systemctl restart kloigos.service   # its start-up reconcile
+  expect "service reconciled" "$(systemctl is-active kloigos.service)" active
+  expect "admin's drop-in kept by reconcile" "$(grep -x AllowedCPUs=2-3 $A/60-admin.conf 2>&1)" AllowedCPUs=2-3
+  expect "still the admin's CPUs after reconcile" "$(systemctl show -p AllowedCPUs --value user-$UID1.slice)" 2-3
+  rm $A/60-admin.conf; rmdir $A
+  systemctl daemon-reload
+  expect "ours again without it" "$(systemctl show -p AllowedCPUs --value user-$UID1.slice)" 1
+  expect "in the cgroup again" "$(cat /sys/fs/cgroup/user.slice/user-$UID1.slice/cpuset.cpus 2>&1)" 1
+  expect "a login again" "$(as_user $U1 k2 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 1
+  finish m-admin-dropin-wins
+
+  # ---- n1. a lingering unit user enables a `systemd --user` service that records, when it
+  # starts, its CPUs and its cgroup's cpuset: after the reboot it tells what held at boot.
+  start
+  install -d -m 755 $E2E
+  cat >$E2E/boot-probe.sh <<'SH'
+#!/bin/sh
+# Started by the unit user's systemd --user: the CPUs this process got, and its cgroup's cpuset.
+cg=$(sed -n 's/^0:://p' /proc/self/cgroup)
+d=/sys/fs/cgroup$cg
+while [ ! -e "$d/cpuset.cpus.effective" ] && [ "$d" != /sys/fs/cgroup ]; do d=${d%/*}; done
+out=$HOME/e2e-boot.txt
+{
+  echo "boot_id $(cat /proc/sys/kernel/random/boot_id)"
+  echo "uptime $(cut -d' ' -f1 /proc/uptime)"
+  echo "cpus $(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)"
+  echo "cgroup $cg"
+  echo "cpuset_of ${d#/sys/fs/cgroup}"
+  echo "cpuset $(cat "$d/cpuset.cpus.effective")"
+} >"$out.tmp" && mv "$out.tmp" "$out"
+SH
+  cat >$E2E/e2e-boot.service <<'UNIT'
+[Unit]
+Description=Kloigos e2e: the CPUs of a user service started at boot
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh /usr/local/share/kloigos-e2e/boot-probe.sh
+
+[Install]
+WantedBy=default.target
+UNIT
+  chmod 644 $E2E/boot-probe.sh $E2E/e2e-boot.service
+  as_user $U1 k2 "mkdir -p ~/.config/systemd/user && cp $E2E/e2e-boot.service ~/.config/systemd/user/ &&
+    systemctl --user daemon-reload && systemctl --user enable --now e2e-boot.service" >/dev/null 2>&1
+  expect "probe enabled" "$(as_user $U1 k2 'systemctl --user is-enabled e2e-boot.service' 2>&1)" enabled
+  f=/home/$U1/e2e-boot.txt
+  expect "probe ran" "$(sed -n 's/^boot_id //p' $f 2>&1)" "$(cat /proc/sys/kernel/random/boot_id)"
+  expect "probe's CPUs" "$(sed -n 's/^cpus //p' $f 2>&1)" 1
+  expect "probe's cpuset" "$(sed -n 's/^cpuset //p' $f 2>&1)" 1
+  finish n1-boot-probe-enabled
+  ;;
+
 upgrade)
+  # ---- j. upgrade from a version without a generator. Building an old release would cost CI
+  # minutes, so the host is brought into the state that version leaves, faithfully: its service
+  # idle, its drop-ins in /etc/systemd/system (the same templates rendered them), no state file,
+  # no generator. The +up package must reconcile once (state file back, /etc drop-ins gone,
+  # drop-ins under /run/systemd/generator) while every unit keeps its limits throughout.
   start
   before=$(kloigos --json units --status ALLOCATED | grep -c '"compute_id"')
-  pid_before=$(systemctl show -p MainPID --value kloigos.service)
-  [[ $pid_before != 0 ]] || fails+=("service not running before the upgrade")
+  declare -A lim
+  for uid in $UIDS; do lim[$uid]=$(limits_of $uid); done
+  active=()
+  for uid in $UIDS; do [[ -d /sys/fs/cgroup/user.slice/user-$uid.slice ]] && active+=("$uid"); done
+  expect "allocated units' slices active" "${active[*]}" "$UID0 $UID1"
+  systemctl stop kloigos.service   # from here on nothing may connect to the socket before the upgrade
+  for f in $GENDIR/user-*.slice.d/50-kloigos.conf $GENDIR/user@*.service.d/50-kloigos.conf; do
+    [[ -f $f ]] || continue
+    install -D -m 644 "$f" "/etc/systemd/system/${f#"$GENDIR"/}"
+  done
+  rm -f $STATE $GEN
+  systemctl daemon-reload
+  expect "old host: 8 drop-ins in /etc/systemd/system" "$(find /etc/systemd/system -name 50-kloigos.conf | wc -l)" 8
+  expect "old host: drop-ins start with the old header" "$(head -qn1 /etc/systemd/system/user*/50-kloigos.conf | grep -vc '^# Generated by Kloigos')" 0
+  expect "old host: no generator output" "$(find $GENDIR -name 50-kloigos.conf | wc -l)" 0
+  for uid in $UIDS; do
+    expect "old host: user-$uid.slice keeps its limits" "$(limits_of $uid)" "${lim[$uid]}"
+    expect "old host: user-$uid.slice from /etc" "$(dropins user-$uid.slice | grep kloigos)" "/etc/systemd/system/user-$uid.slice.d/50-kloigos.conf"
+  done
+  samples=/root/upgrade-samples stop=/root/upgrade-samples.stop
+  rm -f $stop; sample_limits $samples $stop "${active[@]}" & sampler=$!
+  sleep 0.5
+  t_up=$(awk '{ printf "%d", $1 * 1000000 }' /proc/uptime)
   deb=$(ls $PKGS/kloigos_*+up*_amd64.deb | head -1)
   out=$(deps_apt install -y -o Dpkg::Options::=--force-confold "$deb" 2>&1)
   expect "apt upgrade" "$?" 0
+  sleep 0.5; touch $stop; wait $sampler
   expect_match "new version installed" "$(dpkg-query -W -f '${Version}' kloigos)" '\+up'
+  ran=$(systemctl show -p InactiveExitTimestampMonotonic --value kloigos.service)
+  expect "the idle service ran at the upgrade" "$(awk -v r="${ran:-0}" -v t="$t_up" 'BEGIN { print (r > t) ? "yes" : "no" }')" yes
+  expect "old drop-ins gone from /etc/systemd/system" "$(find /etc/systemd/system -name 50-kloigos.conf -o -name 'user-*.slice.d' -o -name 'user@*.service.d')" ""
+  expect "state file back" "$(stat -c '%a %U:%G' $STATE 2>&1)" "644 root:root"
+  expect "generator installed" "$(stat -c '%a %U' $GEN 2>&1)" "755 root"
+  for uid in $UIDS; do
+    expect "user-$uid.slice keeps its limits" "$(limits_of $uid)" "${lim[$uid]}"
+    expect "user-$uid.slice: the generator's drop-in" "$(dropins user-$uid.slice | grep kloigos)" "$GENDIR/user-$uid.slice.d/50-kloigos.conf"
+    expect "user@$uid.service: the generator's drop-in" "$(dropins user@$uid.service | grep kloigos)" "$GENDIR/user@$uid.service.d/50-kloigos.conf"
+  done
+  # Throughout: one value per active slice in every sample, the one it had before.
+  expect_match "limits sampled during the upgrade" "$(wc -l <$samples)" '^[0-9]{2,}$'
+  echo "j-upgrade: $(wc -l <$samples) samples of the active slices' cgroup limits during the upgrade"
+  for uid in "${active[@]}"; do
+    seen=$(grep "^$uid " $samples | sort | uniq -c | awk '{ $1 = $1 " x"; print }' | paste -sd,)
+    want=$(grep -c "^$uid " $samples)
+    expect "user-$uid.slice cgroup limits during the upgrade" "$seen" "$want x $uid cpus=$((uid - 20000)) pids=64 mem=268435456"
+  done
   expect "socket active" "$(systemctl is-active kloigos.socket)" active
   expect_match "service not failed" "$(systemctl is-failed kloigos.service)" '^(active|inactive)$'
-  pid_after=$(systemctl show -p MainPID --value kloigos.service)
-  [[ $pid_before != "$pid_after" ]] || fails+=("the old service process $pid_before still runs")
   expect "allocations kept" "$(kloigos --json units --status ALLOCATED | grep -c '"compute_id"')" "$before"
   expect_match "new binary serves" "$(curl_api http://127.0.0.1:8000/healthz)" '"status":"ok"'
   expect "idle setting kept" "$(grep ^KLOIGOS_IDLE_TIMEOUT /etc/default/kloigos)" KLOIGOS_IDLE_TIMEOUT=5
   expect "owner still logs in" "$(as_user $U1 k2 'id -un' 2>&1)" "$U1"
+  expect "and on the unit's CPU" "$(as_user $U1 k2 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 1
+  [[ ${#fails[@]} == 0 ]] || echo "$out" | tail -20
   finish j-upgrade
   ;;
 
 reboot)
+  # ---- n. AllowedCPUs held from the first second of this boot, before kloigos.service ever
+  # ran: the user service n1 enabled recorded its CPUs when the lingering user manager started
+  # it. First in this phase: nothing here may connect to kloigos.socket before.
+  start
+  f=/home/$U1/e2e-boot.txt
+  probe() { sed -n "s/^$1 //p" $f 2>/dev/null; }
+  expect "probe ran in this boot" "$(probe boot_id)" "$(cat /proc/sys/kernel/random/boot_id)"
+  expect "user service's CPUs at boot" "$(probe cpus)" 1
+  expect "its cgroup's cpuset.cpus.effective at boot" "$(probe cpuset)" 1
+  expect_match "its cgroup" "$(probe cgroup)" "^/user.slice/user-$UID1.slice/user@$UID1.service/.*e2e-boot.service$"
+  expect_match "cpuset read from its own cgroup or its slice" "$(probe cpuset_of)" "^/user.slice/user-$UID1.slice(/|$)"
+  ran=$(systemctl show -p InactiveExitTimestampMonotonic --value kloigos.service)
+  at=$(awk -v u="$(probe uptime)" 'BEGIN { printf "%d", u * 1000000 }')
+  expect_match "probe's start time" "$at" '^[1-9][0-9]*$'
+  expect "kloigos.service had not run before it (0: not in this boot)" \
+    "$(awk -v r="${ran:-0}" -v p="$at" 'BEGIN { print (r == 0 || r > p) ? "yes" : "no: service at " r " us, probe at " p " us" }')" yes
+  expect "only the generator's drop-in for it" "$(dropins user-$UID1.slice | grep kloigos)" "$GENDIR/user-$UID1.slice.d/50-kloigos.conf"
+  echo "n-boot: kloigos.service started at ${ran:-0} us after boot; the probe at $at us"
+  finish n-boot-limits-before-service
+
   start
   expect "socket active after boot" "$(systemctl is-active kloigos.socket)" active
   expect "nft restore unit" "$(systemctl is-active kloigos-nftables.service)" active
@@ -399,6 +616,30 @@ race)
   ;;
 
 purge)
+  # ---- i0. apt remove while units still exist: the generator leaves with the package, so the
+  # units' drop-ins are no longer loaded (decided, see packaging/debian/prerm; the package
+  # warns); the state stays and a reinstall brings every unit's limits back.
+  start
+  declare -A lim
+  for uid in $UIDS; do lim[$uid]=$(limits_of $uid); done
+  expect "before: the generator's drop-ins loaded" "$(loaded_kloigos_dropins | wc -l)" 8
+  out=$(deps_apt remove -y kloigos 2>&1)
+  expect "apt remove" "$?" 0
+  expect_match "remove warns about the units" "$out" 'kloigos: [1-9][0-9]* compute unit\(s\) still exist'
+  expect "generator removed" "$(ls $GEN 2>/dev/null)" ""
+  expect "state kept" "$(ls $STATE 2>&1)" $STATE
+  expect "no Kloigos drop-in loaded after remove" "$(loaded_kloigos_dropins)" ""
+  expect "AllowedCPUs lifted" "$(systemctl show -p AllowedCPUs --value user-$UID1.slice)" ""
+  deb=$(ls $PKGS/kloigos_*+up*_amd64.deb | head -1)
+  deps_apt install -y -o Dpkg::Options::=--force-confold "$deb" >/dev/null 2>&1
+  expect "reinstall" "$?" 0
+  expect "reinstall: the generator's drop-ins" "$(loaded_kloigos_dropins | wc -l)" 8
+  for uid in $UIDS; do expect "reinstall: user-$uid.slice limits back" "$(limits_of $uid)" "${lim[$uid]}"; done
+  expect "reinstall: socket active" "$(systemctl is-active kloigos.socket)" active
+  expect "reinstall: a login on the unit's CPU" "$(as_user $U1 k2 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 1
+  finish i0-remove-reinstall
+
+  # ---- i. decommission, remove, purge: the host as before Kloigos, no Kloigos drop-in loaded
   start
   out=$(kloigos decommission --force "$HOST" 2>&1)
   expect "decommission --force" "$?" 0
@@ -406,16 +647,26 @@ purge)
   expect "apt remove" "$?" 0
   expect "remove stops the socket" "$(systemctl is-active kloigos.socket)" inactive
   expect "remove keeps the state" "$(ls /var/lib/kloigos/kloigos.db 2>&1)" /var/lib/kloigos/kloigos.db
+  # A drop-in that a version without a generator wrote and never reconciled away goes with the
+  # purge; an admin's file of the same name stays.
+  install -D -m 644 /dev/stdin /etc/systemd/system/user-$UID0.slice.d/50-kloigos.conf <<<$'# Generated by Kloigos for compute unit old_0 (user u0).\n[Slice]\nAllowedCPUs=0'
+  install -D -m 644 /dev/stdin /etc/systemd/system/user-$UID1.slice.d/50-kloigos.conf <<<$'# An admin\'s file\n[Slice]\nAllowedCPUs=1'
   deps_apt purge -y kloigos >/dev/null 2>&1
   expect "apt purge" "$?" 0
+  expect "purge removed the old Kloigos drop-in and its directory" "$(ls -d /etc/systemd/system/user-$UID0.slice.d 2>/dev/null)" ""
+  expect "purge kept the admin's file" "$(ls /etc/systemd/system/user-$UID1.slice.d 2>&1)" 50-kloigos.conf
+  rm -r /etc/systemd/system/user-$UID1.slice.d
+  systemctl daemon-reload
+  expect "after purge and daemon-reload: no Kloigos drop-in loaded" "$(loaded_kloigos_dropins)" ""
+  expect "systemctl cat shows none" "$(for uid in $UIDS; do systemctl cat user-$uid.slice user@$uid.service 2>/dev/null; done | grep -ci kloigos)" 0
   userdel -r opsadmin 2>/dev/null; userdel -r plainuser 2>/dev/null
   snapshot >"$SNAP.after"
   d=$(diff "$SNAP.before" "$SNAP.after")
-  expect "host as before (diff of users, groups, unit files, tmpfiles, dirs, linger, nft tables)" "$d" ""
+  expect "host as before (diff of users, groups, unit files, generator, tmpfiles, dirs, linger, nft tables)" "$d" ""
   expect "no process of unit users" "$(pgrep -u 20000,20001,20002,20003 -c 2>/dev/null)" 0
   expect "no socket left" "$(systemctl is-active kloigos.socket)" inactive
   finish i-decommission-purge
   ;;
 
-*) sed -n 2,16p "$0"; exit 2 ;;
+*) sed -n 2,21p "$0"; exit 2 ;;
 esac
