@@ -1,4 +1,4 @@
-//! The operations of Kloigos: init_server (here), allocate and deallocate (`allocate`),
+//! The operations of Kloigos: init_server (`init`), allocate and deallocate (`allocate`),
 //! decommission (`decommission`) and reconcile (`reconcile`).
 //! Each one validates, records its intent in the store, applies it to the host through
 //! `apply::Host`, then records the outcome, so a crash at any point leaves a state that
@@ -6,12 +6,12 @@
 //! the service and a `kloigos reconcile` run by hand never interleave.
 
 use crate::apply::{ApplyError, ApplyReport, ErrorList, Host, Scope, converge};
-use crate::model::{self, CpuList, PortPlan, names, validate::SshKey};
+use crate::model::{self, CpuList, PortPlan, validate::SshKey};
 use crate::plan::{self, Desired};
 use crate::render::{HostFacts, RenderError, RenderedFile, Renderer, UnitPlan};
 use crate::store::{
-    Event, EventFilter, Inventory, Limits, NewEvent, NewUnit, Server, ServerStatus, Store,
-    StoreError, Unit, UnitFilter, UnitStatus,
+    Event, EventFilter, Inventory, Limits, NewEvent, Server, Store, StoreError, Unit, UnitFilter,
+    UnitStatus,
 };
 use serde_json::{Value, json};
 use std::fs::File;
@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 mod allocate;
 mod decommission;
+mod init;
 mod reconcile;
 
 /// One step of the path to an invalid part of a request: a field or a list index.
@@ -397,183 +398,6 @@ impl Kloigos {
 
     pub(crate) fn events(&self, f: &EventFilter) -> Result<Vec<Event>> {
         Ok(self.store.events(f)?)
-    }
-
-    // ---- init_server -------------------------------------------------------------------
-
-    /// Plans the units of a server: names, UIDs, ports; rejects overlaps, missing CPUs,
-    /// ports beyond the ephemeral range and user names that would be too long.
-    fn plan_server(&self, req: &InitServer) -> Result<Vec<NewUnit>> {
-        let mut errors = Vec::new();
-        let invalid = |i: usize, input: &str, reason: String| Invalid {
-            loc: vec![LocPart::Field("cpu_ranges"), LocPart::Index(i)],
-            input: input.to_string(),
-            reason,
-        };
-        let local = self.is_local(&req.hostname);
-        let online = if local {
-            model::numa::online_cpus(self.host.root())
-        } else {
-            None
-        };
-        let ephemeral = if local {
-            model::ports::ephemeral_range(self.host.root()).map(|(lo, _)| lo)
-        } else {
-            None
-        };
-        let mut units = Vec::new();
-        for (i, cpus) in req.cpu_ranges.iter().enumerate() {
-            let input = cpus.to_string();
-            for (j, other) in req.cpu_ranges.iter().enumerate().take(i) {
-                if cpus.overlaps(other) {
-                    errors.push(invalid(
-                        i,
-                        &input,
-                        format!("CPU range {cpus} overlaps cpu_ranges[{j}] ({other})"),
-                    ));
-                }
-            }
-            if let Some(online) = &online {
-                let missing = cpus.difference(online);
-                if !missing.is_empty() {
-                    errors.push(invalid(
-                        i,
-                        &input,
-                        format!(
-                            "host {} has no CPU {:?} (online CPUs: {online})",
-                            req.hostname, missing
-                        ),
-                    ));
-                }
-            }
-            let user = match names::user_name(cpus) {
-                Ok(u) => u,
-                Err(e) => {
-                    errors.push(invalid(i, &input, e.to_string()));
-                    continue;
-                }
-            };
-            let ports = match req.ports.ranges_for(cpus, ephemeral) {
-                Ok(p) => p,
-                Err(e) => {
-                    errors.push(invalid(i, &input, e.to_string()));
-                    continue;
-                }
-            };
-            let uid = names::uid(req.uid_base, cpus);
-            if u64::from(req.uid_base) + u64::from(cpus.first()) > 2_000_000_000 {
-                errors.push(invalid(i, &input, "uid out of range".into()));
-                continue;
-            }
-            units.push(NewUnit {
-                compute_id: names::compute_id(&req.hostname, cpus),
-                cpu_range: cpus.clone(),
-                cpu_count: cpus.len() as u32,
-                first_cpu: cpus.first(),
-                uid,
-                user,
-                ports_range: ports,
-            });
-        }
-        if errors.is_empty() {
-            Ok(units)
-        } else {
-            Err(OpError::Invalid(InvalidList(errors)))
-        }
-    }
-
-    pub fn init_server(&self, req: InitServer, actor: &str) -> Result<()> {
-        let _lock = self.lock()?;
-        let units = self.plan_server(&req)?;
-        // A unit's SSH logins must land in its slice, or they escape the CPU fence (doctor.rs).
-        if self.host.is_live() && self.is_local(&req.hostname) {
-            let sshd_t = crate::doctor::sshd_effective_config();
-            let problems = crate::doctor::ssh_problems(self.host.root(), sshd_t.as_deref());
-            if !problems.is_empty() {
-                return Err(OpError::Conflict(format!(
-                    "refusing init_server for {}: SSH logins of unit users would not land in \
-                     their slice on this host ({}); see `kloigos doctor`",
-                    req.hostname,
-                    problems.join("; ")
-                )));
-            }
-        }
-        let now = crate::time::now();
-        let server = Server {
-            hostname: req.hostname.clone(),
-            ip: req.ip.clone(),
-            region: req.region.clone(),
-            zone: req.zone.clone(),
-            status: ServerStatus::Initializing,
-            cpu_ranges: req.cpu_ranges.clone(),
-            port_base: req.ports.base,
-            ports_per_cpu: req.ports.per_cpu,
-            uid_base: req.uid_base,
-            limits: req.limits.clone(),
-            created_at: now.clone(),
-            updated_at: now,
-        };
-        let host = Some(req.hostname.as_str());
-        if let Err(status) = self.store.begin_init(&server, &units)? {
-            return Err(OpError::Conflict(format!(
-                "server {} is already known ({status}); decommission it first",
-                req.hostname
-            )));
-        }
-        test_pause("init_server");
-        let after = json!({"hostname": server.hostname, "cpu_ranges": server.cpu_ranges});
-        if self.is_local(&req.hostname) {
-            info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "applying");
-            if let Err(e) = self.apply_local(None).and_then(all_ok) {
-                let e = crate::error::Chain(&e);
-                error!(hostname = %req.hostname, operation = "init_server", error = %e, "init failed, rolling back");
-                let detail = format!("init_server failed on the host: {e}");
-                let rolled_back = self.rollback_init(&server);
-                match rolled_back {
-                    Ok(()) => self.store.delete_server(&req.hostname)?,
-                    Err(ref re) => {
-                        error!(hostname = %req.hostname, error = %re, "rollback failed");
-                        self.store.set_server_status(
-                            &req.hostname,
-                            ServerStatus::InitFail,
-                            Some(UnitStatus::Unavailable),
-                        )?;
-                    }
-                }
-                self.record(
-                    actor,
-                    "init_server",
-                    None,
-                    host,
-                    Err(&detail),
-                    None,
-                    Some(after),
-                );
-                return Err(OpError::Failed(match rolled_back {
-                    Ok(()) => format!("{detail} (rolled back)"),
-                    Err(re) => format!(
-                        "{detail}; rollback failed too: {re} (server is INIT_FAIL; retry init_server or run reconcile)"
-                    ),
-                }));
-            }
-        }
-        self.store
-            .set_server_status(&req.hostname, ServerStatus::Ready, Some(UnitStatus::Free))?;
-        info!(hostname = %req.hostname, operation = "init_server", "server ready");
-        self.record(actor, "init_server", None, host, Ok(()), None, Some(after));
-        Ok(())
-    }
-
-    /// Removes what a failed init created for `server`, leaving the other units as they are.
-    fn rollback_init(&self, server: &Server) -> Result<()> {
-        let units = self.store.units_of(&server.hostname)?;
-        let plans = units
-            .iter()
-            .map(|u| self.plan(server, u))
-            .collect::<Result<Vec<_>>>()?;
-        self.host.teardown(&plans, self.kill_grace)?;
-        self.host.purge_trash();
-        all_ok(self.apply_local(Some(&server.hostname))?)
     }
 
     /// The inventory rows of this host's servers, optionally leaving out one server, and with
