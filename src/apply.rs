@@ -64,6 +64,16 @@ pub enum ApplyError {
     Conflict(String),
     #[error("processes of uid {uid} still running after {secs} s: {pids:?}")]
     Unkillable { uid: u32, secs: u64, pids: Vec<i32> },
+    #[error(
+        "systemd reloaded but {missing} of {wanted} unit drop-ins are not in /{dir} (first: {first:?}): \
+         is kloigos-generator installed in /usr/lib/systemd/system-generators?"
+    )]
+    NoGenerator {
+        dir: &'static str,
+        missing: usize,
+        wanted: usize,
+        first: PathBuf,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, ApplyError>;

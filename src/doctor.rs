@@ -51,6 +51,22 @@ pub(crate) fn checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
             }),
     ));
     all.push(Check::new(
+        "generator",
+        find_file(
+            root,
+            &[
+                "usr/lib/systemd/system-generators/kloigos-generator",
+                "lib/systemd/system-generators/kloigos-generator",
+            ],
+        )
+        .map(|p| format!("{} present", p.display()))
+        .ok_or_else(|| {
+            "kloigos-generator is not in /usr/lib/systemd/system-generators: units would get \
+             no slice limits (install the kloigos package)"
+                .to_string()
+        }),
+    ));
+    all.push(Check::new(
         "logind",
         find_file(
             root,
@@ -647,6 +663,7 @@ mod tests {
                 "cpuset cpu io memory pids\n",
             ),
             ("usr/sbin/nft", ""),
+            ("usr/lib/systemd/system-generators/kloigos-generator", ""),
             ("lib/systemd/systemd-logind", ""),
         ]);
         let c = checks(good.path(), None);
@@ -658,6 +675,7 @@ mod tests {
                 "pam-systemd",
                 "cgroup-v2-cpuset",
                 "nft",
+                "generator",
                 "logind"
             ]
         );
@@ -673,6 +691,7 @@ mod tests {
                 "pam-systemd",
                 "cgroup-v2-cpuset",
                 "nft",
+                "generator",
                 "logind"
             ]
         );

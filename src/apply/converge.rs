@@ -104,6 +104,21 @@ pub fn converge(host: &Host, desired: &Desired, scope: Scope) -> Result<ApplyRep
     if !legacy.is_empty() || !changed.is_empty() || !stale.is_empty() {
         if host.is_live() {
             host.daemon_reload()?;
+            // Without the generator the reload loads no limit at all: say so, loudly.
+            let missing: Vec<&PathBuf> = desired
+                .dropins
+                .iter()
+                .map(|f| &f.path)
+                .filter(|p| !host.path(Path::new(plan::GENERATOR_DIR).join(p)).exists())
+                .collect();
+            if let Some(first) = missing.first() {
+                return Err(ApplyError::NoGenerator {
+                    dir: plan::GENERATOR_DIR,
+                    missing: missing.len(),
+                    wanted: desired.dropins.len(),
+                    first: (*first).clone(),
+                });
+            }
         } else {
             crate::generator::write_output(&host.path(plan::GENERATOR_DIR), &desired.dropins)?;
         }

@@ -405,6 +405,17 @@ PY
   expect "no state file: exit status" "$?" 0
   expect "no state file: no output" "$(find $g/n2 $g/e2 $g/l2 -mindepth 1)" ""
   rm -rf "$g"
+  # Without the generator a reload loads no limit at all: reconcile fails, naming it, and
+  # succeeds again once it is back.
+  mv $GEN /root/kloigos-generator.away
+  rm -f $GENDIR/user-$UID1.slice.d/50-kloigos.conf
+  out=$(kloigos reconcile 2>&1); rc=$?
+  expect "reconcile without the generator fails" "$([[ $rc != 0 ]] && echo failed)" failed
+  expect_match "... and names it" "$out" 'is kloigos-generator installed'
+  mv /root/kloigos-generator.away $GEN
+  out=$(kloigos reconcile 2>&1)
+  expect "reconcile with the generator back" "$?" 0
+  expect "limits back" "$(systemctl show -p AllowedCPUs --value user-$UID1.slice)" 1
   finish l-generator-dropins
 
   # ---- m. an admin's own drop-in in /etc/systemd/system wins over the generator's, and
