@@ -36,6 +36,26 @@ scripts/package.sh >"$LOG/package.log" 2>&1 || { tail -30 "$LOG/package.log"; fa
 VERSION_SUFFIX=+up1 KLOIGOS_LINTIAN=0 scripts/package.sh >>"$LOG/package.log" 2>&1 || fatal "second package build failed"
 record packages-build-lintian PASS "$(elapsed "$t")"
 
+# The last version without a generator, for a real upgrade from it (guest.sh j-upgrade), built
+# from its commit with that commit's own package.sh, reusing this build's compiled dependencies
+# (hard links). A clone without that commit (shallow) skips this: j-upgrade then brings the
+# host into the state that version leaves by hand.
+PREGEN=aad1fc38310c296bc7685b8412833422ef72522f
+if git cat-file -e "$PREGEN^{commit}" 2>/dev/null; then
+  t=$EPOCHREALTIME
+  old=target/pregen
+  rm -rf "$old" && mkdir -p "$old/target/release"
+  git archive "$PREGEN" | tar -x -C "$old" || fatal "cannot extract $PREGEN"
+  cp -al target/release/deps target/release/build target/release/.fingerprint "$old/target/release/"
+  (cd "$old" && VERSION_SUFFIX='~pregen1' KLOIGOS_LINTIAN=0 scripts/package.sh) >>"$LOG/package.log" 2>&1 \
+    || fatal "building the pre-generator version $PREGEN failed"
+  cp "$old"/target/packages/kloigos_*~pregen1_amd64.deb target/packages/ || fatal "no pre-generator .deb"
+  rm -rf "$old"
+  record package-pre-generator-version PASS "$(elapsed "$t")"
+else
+  echo "e2e: commit $PREGEN is not in this clone: j-upgrade simulates the pre-generator host"
+fi
+
 # RPM: no RPM-based VM here; check its file list and scriptlets.
 t=$EPOCHREALTIME
 deps_need rpm:rpm >>"$LOG/package.log" 2>&1 || fatal "cannot install rpm"
