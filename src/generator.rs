@@ -138,20 +138,12 @@ pub(crate) struct Output {
 pub(crate) fn write_output(out_dir: &Path, files: &[RenderedFile]) -> Result<Output, ApplyError> {
     let host = Host::new(out_dir);
     let mut out = Output::default();
-    let keep: std::collections::BTreeSet<&Path> = files.iter().map(|f| f.path.as_path()).collect();
-    if let Ok(entries) = std::fs::read_dir(out_dir) {
-        let mut dirs: Vec<OsString> = entries
-            .flatten()
-            .map(|e| e.file_name())
-            .filter(|n| n.to_str().is_some_and(plan::is_dropin_dir))
-            .collect();
-        dirs.sort();
-        for d in dirs {
-            let rel = Path::new(&d).join(plan::DROPIN_NAME);
-            if !keep.contains(rel.as_path()) && host.remove(&rel)? {
-                host.remove_empty_dir(Path::new(&d));
-                out.removed.push(rel);
+    for rel in stale_dropins(out_dir, files) {
+        if host.remove(&rel)? {
+            if let Some(d) = rel.parent() {
+                host.remove_empty_dir(d);
             }
+            out.removed.push(rel);
         }
     }
     for f in files {
@@ -160,6 +152,23 @@ pub(crate) fn write_output(out_dir: &Path, files: &[RenderedFile]) -> Result<Out
         }
     }
     Ok(out)
+}
+
+/// Kloigos drop-ins in `out_dir` (`*/50-kloigos.conf` of a unit's drop-in directory) that none
+/// of `files` claims, relative to `out_dir`, sorted.
+pub(crate) fn stale_dropins(out_dir: &Path, files: &[RenderedFile]) -> Vec<PathBuf> {
+    let keep: std::collections::BTreeSet<&Path> = files.iter().map(|f| f.path.as_path()).collect();
+    let mut stale: Vec<PathBuf> = std::fs::read_dir(out_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| plan::is_dropin_dir(n))
+        .map(|d| Path::new(&d).join(plan::DROPIN_NAME))
+        .filter(|rel| !keep.contains(rel.as_path()) && out_dir.join(rel).exists())
+        .collect();
+    stale.sort();
+    stale
 }
 
 /// The template layers under `root`: `usr/lib/kloigos/templates`, then `etc/kloigos/templates`.

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::tree;
+use common::{golden, tree};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,31 +46,8 @@ fn run_case(case: &Path) -> Result<(), String> {
         }
     }
     let got = tree(&normal);
-    let expected_dir = case.join("expected");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        let _ = std::fs::remove_dir_all(&expected_dir);
-        for (rel, content) in &got {
-            let p = expected_dir.join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, content).unwrap();
-        }
+    if !golden(&case.join("expected"), &got, &mut problems) {
         return Ok(());
-    }
-    let expected = tree(&expected_dir);
-    for (p, want) in &expected {
-        match got.get(p) {
-            None => problems.push(format!("missing {p}")),
-            Some(g) if g != want => problems.push(format!(
-                "{p} differs:\n{}",
-                similar::TextDiff::from_lines(want, g)
-                    .unified_diff()
-                    .header(&format!("expected/{p}"), &format!("got/{p}"))
-            )),
-            _ => {}
-        }
-    }
-    for p in got.keys().filter(|p| !expected.contains_key(*p)) {
-        problems.push(format!("unexpected {p}"));
     }
     if problems.is_empty() {
         Ok(())

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::tree;
+use common::{golden, tree};
 use kloigos::service::{Config, Kloigos};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,31 +83,8 @@ fn run_case(case: &Path) -> Result<(), String> {
         .into_iter()
         .filter(|(p, c)| before.get(p) != Some(c))
         .collect();
-    let expected_dir = case.join("expected");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        let _ = std::fs::remove_dir_all(&expected_dir);
-        for (rel, content) in &after {
-            let p = expected_dir.join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, content).unwrap();
-        }
+    if !golden(&case.join("expected"), &after, &mut problems) {
         return Ok(());
-    }
-    let expected = tree(&expected_dir);
-    for (p, want) in &expected {
-        match after.get(p) {
-            None => problems.push(format!("missing {p}")),
-            Some(got) if got != want => problems.push(format!(
-                "{p} differs:\n{}",
-                similar::TextDiff::from_lines(want, got)
-                    .unified_diff()
-                    .header(&format!("expected/{p}"), &format!("got/{p}"))
-            )),
-            _ => {}
-        }
-    }
-    for p in after.keys().filter(|p| !expected.contains_key(*p)) {
-        problems.push(format!("unexpected {p}"));
     }
     // Running reconcile over the result must change nothing: the render is stable.
     let report = k.reconcile("golden").map_err(|e| e.to_string())?;

@@ -214,13 +214,7 @@ fn dropin_drift(host: &Host, want: &[RenderedFile]) -> (Vec<PathBuf>, Vec<PathBu
         .filter(|f| host.read(gen_dir.join(&f.path)).as_deref() != Some(f.content.as_str()))
         .map(|f| f.path.clone())
         .collect();
-    let keep: std::collections::BTreeSet<&Path> = want.iter().map(|f| f.path.as_path()).collect();
-    let stale = names_in(host, plan::GENERATOR_DIR)
-        .into_iter()
-        .filter(|d| plan::is_dropin_dir(d))
-        .map(|d| Path::new(&d).join(plan::DROPIN_NAME))
-        .filter(|p| !keep.contains(p.as_path()) && host.path(gen_dir.join(p)).exists())
-        .collect();
+    let stale = crate::generator::stale_dropins(&host.path(gen_dir), want);
     (changed, stale)
 }
 

@@ -302,6 +302,43 @@ pub fn ssh_key(comment: &str) -> String {
     )
 }
 
+/// Golden comparison of `got` (relative path → text) with the tree in `expected_dir`: a unified
+/// diff for each file that differs, a line for each one missing or unexpected, pushed onto
+/// `problems`. With `UPDATE_GOLDEN` set it rewrites `expected_dir` from `got` instead and returns
+/// false: the caller has nothing more to check.
+pub fn golden(
+    expected_dir: &Path,
+    got: &std::collections::BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) -> bool {
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        let _ = std::fs::remove_dir_all(expected_dir);
+        for (rel, content) in got {
+            let p = expected_dir.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        return false;
+    }
+    let expected = tree(expected_dir);
+    for (p, want) in &expected {
+        match got.get(p) {
+            None => problems.push(format!("missing {p}")),
+            Some(g) if g != want => problems.push(format!(
+                "{p} differs:\n{}",
+                similar::TextDiff::from_lines(want, g)
+                    .unified_diff()
+                    .header(&format!("expected/{p}"), &format!("got/{p}"))
+            )),
+            _ => {}
+        }
+    }
+    for p in got.keys().filter(|p| !expected.contains_key(*p)) {
+        problems.push(format!("unexpected {p}"));
+    }
+    true
+}
+
 /// Every file under `base`: relative path → text, sorted by path.
 pub fn tree(base: &Path) -> std::collections::BTreeMap<String, String> {
     fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
