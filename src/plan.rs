@@ -198,6 +198,7 @@ mod tests {
                 memory_max_per_cpu: Some(1 << 30),
                 ..Default::default()
             },
+            inventory_only: false,
             created_at: "t".into(),
             updated_at: "t".into(),
         }
@@ -227,6 +228,7 @@ mod tests {
             allocated_by: None,
             updated_at: "t".into(),
             problem: None,
+            claim: None,
         }
     }
 

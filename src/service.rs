@@ -108,6 +108,8 @@ pub struct InitServer {
     pub ports: PortPlan,
     pub uid_base: u32,
     pub limits: Limits,
+    /// Record the server without configuring it (a host that never joined).
+    pub inventory_only: bool,
 }
 
 pub const DEFAULT_UID_BASE: u32 = 20000;
@@ -120,6 +122,8 @@ pub struct Allocate {
     pub zone: Option<String>,
     pub tags: Option<Value>,
     pub ssh_key: SshKey,
+    /// Pick among inventory-only servers' units (and only among them).
+    pub inventory_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +135,8 @@ pub struct Config {
     pub hostname: Option<String>,
     /// How long deallocation lets processes handle SIGTERM before SIGKILL.
     pub kill_grace: Duration,
+    /// A joined host whose last report is older is not chosen for allocations.
+    pub host_stale_after: Duration,
 }
 
 /// What reconcile did.
@@ -186,6 +192,7 @@ pub struct Kloigos {
     lock_path: PathBuf,
     kill_grace: Duration,
     facts: HostFacts,
+    host_stale_after: Duration,
 }
 
 /// The hostname of the machine (or of the fake root's /etc/hostname).
@@ -261,6 +268,7 @@ impl Kloigos {
             lock_path: lock_path.into(),
             kill_grace: cfg.kill_grace,
             facts,
+            host_stale_after: cfg.host_stale_after,
         })
     }
 

@@ -13,3 +13,13 @@ pub(crate) fn now() -> String {
     now.format(&Rfc3339)
         .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
+
+/// The time `d` ago, in the same form as [`now`] (to compare with stored timestamps).
+pub(crate) fn ago(d: std::time::Duration) -> String {
+    let then = OffsetDateTime::now_utc() - d;
+    let then = then
+        .replace_nanosecond(then.nanosecond() / 1000 * 1000)
+        .unwrap_or(then);
+    then.format(&Rfc3339)
+        .unwrap_or_else(|_| then.unix_timestamp().to_string())
+}

@@ -42,6 +42,7 @@ fn run_case(case: &Path) -> Result<(), String> {
         templates: vec![case.join("templates")],
         hostname: None,
         kill_grace: std::time::Duration::ZERO,
+        host_stale_after: std::time::Duration::from_secs(300),
     })
     .map_err(|e| e.to_string())?;
     if spec["socket_bind"] == serde_json::json!(true) {

@@ -120,6 +120,7 @@ impl Rig {
             templates: vec![PathBuf::from("/nonexistent")],
             hostname: Some(HOST.into()),
             kill_grace: Duration::ZERO,
+            host_stale_after: Duration::from_secs(300),
         })
         .unwrap();
         k.init_server(
@@ -135,6 +136,7 @@ impl Rig {
                 },
                 uid_base: DEFAULT_UID_BASE,
                 limits: Limits::default(),
+                inventory_only: false,
             },
             "race",
         )
@@ -161,6 +163,7 @@ impl Rig {
             zone: None,
             tags: None,
             ssh_key: key,
+            inventory_only: false,
         };
         match self.k.allocate(req, "race") {
             Ok(_) => true,

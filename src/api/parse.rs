@@ -333,6 +333,7 @@ pub(super) fn read_allocate(f: &mut Fields<'_>) -> Result<Allocate, Vec<FieldErr
             zone,
             tags,
             ssh_key,
+            inventory_only: false,
         }),
         _ => Err(std::mem::take(&mut f.errors)),
     }
@@ -486,6 +487,7 @@ pub(super) fn read_init_server(f: &mut Fields<'_>) -> Result<InitServer, Vec<Fie
             cpu_ranges,
             ports,
             uid_base: uid_base as u32,
+            inventory_only: false,
             limits,
         }),
         _ => Err(std::mem::take(&mut f.errors)),

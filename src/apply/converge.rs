@@ -279,6 +279,7 @@ mod tests {
             ports_per_cpu: 100,
             uid_base: 20000,
             limits: Limits::default(),
+            inventory_only: false,
             created_at: "t".into(),
             updated_at: "t".into(),
         };
@@ -304,6 +305,7 @@ mod tests {
                 allocated_by: None,
                 updated_at: "t".into(),
                 problem: None,
+                claim: None,
             })
             .collect();
         vec![(server, units)]

@@ -62,6 +62,9 @@ pub struct Local {
     /// Seconds a deallocated unit's processes get between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = 3.0)]
     pub(crate) kill_grace: f64,
+    /// Seconds after its last report a joined host stops being chosen for allocations.
+    #[arg(long, env = "KLOIGOS_HOST_STALE_AFTER", default_value_t = 300)]
+    pub(crate) host_stale_after: u64,
 }
 
 impl Local {
@@ -72,6 +75,7 @@ impl Local {
             templates: self.templates.clone(),
             hostname: self.hostname.clone(),
             kill_grace: Duration::from_secs_f64(self.kill_grace.max(0.0)),
+            host_stale_after: Duration::from_secs(self.host_stale_after),
         }
     }
 }

@@ -4,7 +4,7 @@
 use super::{Allocate, Kloigos, Op, OpError, Result, test_pause, unit_json};
 use crate::apply::{Scope, converge};
 use crate::render::UnitPlan;
-use crate::store::{Transition, Unit, UnitChange, UnitStatus};
+use crate::store::{Claim, Transition, Unit, UnitChange, UnitStatus};
 use serde_json::json;
 use std::time::Duration;
 use tracing::info;
@@ -23,14 +23,18 @@ impl Kloigos {
     fn allocate_locked(&self, req: Allocate, actor: &str) -> Result<Unit> {
         let _lock = self.lock()?;
         let key = req.ssh_key.to_line();
-        let Some(unit) = self.store.claim_free(
-            req.cpu_count,
-            req.region.as_deref(),
-            req.zone.as_deref(),
-            req.tags.as_ref(),
-            &key,
+        let reported_since = crate::time::ago(self.host_stale_after);
+        let Some(unit) = self.store.claim_free(&Claim {
+            cpu_count: req.cpu_count,
+            region: req.region.as_deref(),
+            zone: req.zone.as_deref(),
+            tags: req.tags.as_ref(),
+            ssh_public_key: &key,
             actor,
-        )?
+            inventory_only: req.inventory_only,
+            local_hostname: &self.local,
+            reported_since: &reported_since,
+        })?
         else {
             let mut what = format!("cpu_count={}", req.cpu_count);
             if let Some(r) = &req.region {

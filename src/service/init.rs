@@ -122,6 +122,7 @@ impl Kloigos {
             ports_per_cpu: req.ports.per_cpu,
             uid_base: req.uid_base,
             limits: req.limits.clone(),
+            inventory_only: req.inventory_only,
             created_at: now.clone(),
             updated_at: now,
         };

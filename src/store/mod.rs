@@ -21,6 +21,13 @@ pub enum StoreError {
     Migration(#[from] rusqlite_migration::Error),
     #[error("corrupt row in the database: {0}")]
     Corrupt(String),
+    /// The database cannot be reached (PostgreSQL down, restarting, failing over): the API
+    /// answers 503 with a JSON detail, and the caller may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A backend that does not have this capability yet.
+    #[error("not supported by this inventory backend: {0}")]
+    Unsupported(&'static str),
     #[error("cannot create the directory {}", path.display())]
     Directory {
         path: std::path::PathBuf,
@@ -38,6 +45,21 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A fresh allocation identity (`Unit::claim`): 128 random bits, hex.
+pub(crate) fn new_claim() -> String {
+    let mut b = [0u8; 16];
+    // getrandom fails only without a kernel RNG; a time-based fallback still never repeats
+    // within one process, which is what a claim needs.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        b = t.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Server {
     pub hostname: String,
@@ -50,6 +72,9 @@ pub struct Server {
     pub ports_per_cpu: u16,
     pub uid_base: u32,
     pub limits: Limits,
+    /// Recorded explicitly as a server Kloigos does not configure (it never joined); its units
+    /// are allocated only to callers that ask for inventory-only units.
+    pub inventory_only: bool,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -77,6 +102,10 @@ pub struct Unit {
     pub updated_at: String,
     /// Why the last reconcile could not repair the unit on its host; `None` when it could.
     pub problem: Option<String>,
+    /// Identity of the current allocation: a random token set by `claim_free`, cleared with
+    /// the owner (`UnitChange::cleared`). A fleet host echoes it in its report, so a hub knows
+    /// which allocation the host applied.
+    pub claim: Option<String>,
 }
 
 /// A unit row as inserted by init_server.
@@ -160,6 +189,7 @@ pub struct UnitChange {
     pub ssh_public_key: Option<Option<String>>,
     pub allocated_by: Option<Option<String>>,
     pub problem: Option<Option<String>>,
+    pub claim: Option<Option<String>>,
 }
 
 impl UnitChange {
@@ -171,8 +201,50 @@ impl UnitChange {
             ssh_public_key: Some(None),
             allocated_by: Some(None),
             problem: Some(None),
+            claim: Some(None),
         }
     }
+}
+
+/// What an allocation asks the inventory for (`Inventory::claim_free`).
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    pub cpu_count: u32,
+    pub region: Option<&'a str>,
+    pub zone: Option<&'a str>,
+    pub tags: Option<&'a Value>,
+    pub ssh_public_key: &'a str,
+    pub actor: &'a str,
+    /// Pick only among inventory-only servers (and never among them otherwise).
+    pub inventory_only: bool,
+    /// The hostname of the process that allocates: its own servers are eligible without
+    /// having joined (it applies them itself).
+    pub local_hostname: &'a str,
+    /// RFC 3339: a joined host whose last report is older is not chosen.
+    pub reported_since: &'a str,
+}
+
+/// A fleet host as a hub knows it: its token, the facts it reported when it joined, and its
+/// last report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostRecord {
+    pub hostname: String,
+    /// SHA-256 (hex) of the host's token; never serialized.
+    #[serde(skip)]
+    pub token_sha256: String,
+    /// What the host reported at `kloigos join` and with each report (`None`: never joined).
+    pub facts: Option<Value>,
+    /// Where a hub pokes the host (`http://IP:PORT/api/host/poke`).
+    pub poke_url: Option<String>,
+    pub version: Option<String>,
+    pub joined_at: Option<String>,
+    pub last_report_at: Option<String>,
+    /// The host's last report, as it sent it (see README, "Fleet").
+    pub last_report: Option<Value>,
+    /// Since when pokes fail, and why; cleared by the next report.
+    pub unreachable_since: Option<String>,
+    pub unreachable_reason: Option<String>,
+    pub created_at: String,
 }
 
 /// Everything the service needs from the inventory. Each method is one transaction: changes
@@ -210,17 +282,13 @@ pub trait Inventory: Send + Sync {
             ..Default::default()
         })
     }
-    /// Atomically picks a FREE unit of a READY server matching the request and marks it
-    /// ALLOCATING with the owner's tags and key. Lowest hostname and CPU first.
-    fn claim_free(
-        &self,
-        cpu_count: u32,
-        region: Option<&str>,
-        zone: Option<&str>,
-        tags: Option<&Value>,
-        ssh_public_key: &str,
-        actor: &str,
-    ) -> Result<Option<Unit>>;
+    /// Atomically picks a FREE unit without a problem, of a READY server matching the
+    /// request, and marks it ALLOCATING with the owner's tags, key, actor and a fresh random
+    /// `claim`. Eligible servers: with `inventory_only`, only inventory-only ones; otherwise
+    /// not inventory-only, and either `local_hostname`'s or of a host that joined, reported
+    /// since `reported_since` and is not unreachable. Lowest hostname and CPU first.
+    /// Concurrent claims never wait on each other nor miss a FREE unit another one skipped.
+    fn claim_free(&self, c: &Claim<'_>) -> Result<Option<Unit>>;
     /// Records (or with `None` clears) what reconcile could not repair on a unit.
     fn set_problem(&self, compute_id: &str, problem: Option<&str>) -> Result<()>;
     /// Compare-and-set: moves a unit to `to` (with `change`) only if its status is one of
@@ -239,4 +307,53 @@ pub trait Inventory: Send + Sync {
     fn prune_events(&self, before: Option<&str>, keep: Option<u64>) -> Result<usize>;
     /// Events matching a filter, newest first.
     fn events(&self, f: &EventFilter) -> Result<Vec<Event>>;
+
+    // ---- fleet hosts (hubs) --------------------------------------------------------------
+
+    /// Records a host allowed to join, with its token's hash, or gives a known host a new
+    /// token. Returns true when the host is new.
+    fn put_host(&self, hostname: &str, token_sha256: &str) -> Result<bool> {
+        let _ = (hostname, token_sha256);
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
+    /// Forgets a host (its token stops working). Returns false when it was not known.
+    fn delete_host(&self, hostname: &str) -> Result<bool> {
+        let _ = hostname;
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
+    fn host(&self, hostname: &str) -> Result<Option<HostRecord>> {
+        let _ = hostname;
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
+    /// Every known host, by hostname.
+    fn hosts(&self) -> Result<Vec<HostRecord>> {
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
+    /// The hostname whose token has this hash.
+    fn host_by_token(&self, token_sha256: &str) -> Result<Option<String>> {
+        let _ = token_sha256;
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
+    /// Records what a host reported when it joined (sets `joined_at` the first time).
+    fn host_joined(
+        &self,
+        hostname: &str,
+        facts: &Value,
+        poke_url: Option<&str>,
+        version: &str,
+    ) -> Result<()> {
+        let _ = (hostname, facts, poke_url, version);
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
+    /// Records a host's report (`last_report`, `last_report_at` = now, its version) and
+    /// clears its unreachable mark.
+    fn host_reported(&self, hostname: &str, report: &Value, version: &str) -> Result<()> {
+        let _ = (hostname, report, version);
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
+    /// Marks a host unreachable (keeping the first `since`), or with `None` clears the mark.
+    fn host_unreachable(&self, hostname: &str, reason: Option<&str>) -> Result<()> {
+        let _ = (hostname, reason);
+        Err(StoreError::Unsupported("fleet hosts"))
+    }
 }

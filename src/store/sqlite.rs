@@ -66,6 +66,25 @@ fn migrations() -> Migrations<'static> {
         ),
         // Why reconcile could not repair a unit on its host (NULL: nothing wrong).
         M::up("ALTER TABLE compute_units ADD COLUMN problem TEXT;"),
+        M::up(
+            r#"
+        ALTER TABLE compute_units ADD COLUMN claim TEXT;
+        ALTER TABLE servers ADD COLUMN inventory_only INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE hosts (
+            hostname           TEXT PRIMARY KEY NOT NULL,
+            token_sha256       TEXT NOT NULL UNIQUE,
+            facts              TEXT,
+            poke_url           TEXT,
+            version            TEXT,
+            joined_at          TEXT,
+            last_report_at     TEXT,
+            last_report        TEXT,
+            unreachable_since  TEXT,
+            unreachable_reason TEXT,
+            created_at         TEXT NOT NULL
+        );
+        "#,
+        ),
     ])
 }
 
@@ -75,11 +94,11 @@ pub(crate) struct Store {
 
 const UNIT_SELECT: &str = "SELECT u.compute_id, u.hostname, s.ip, s.region, s.zone, u.cpu_range, \
     u.cpu_count, u.first_cpu, u.uid, u.user, u.ports_range, u.status, u.started_at, u.tags, \
-    u.ssh_public_key, u.allocated_by, u.updated_at, u.problem \
+    u.ssh_public_key, u.allocated_by, u.updated_at, u.problem, u.claim \
     FROM compute_units u JOIN servers s ON s.hostname = u.hostname";
 
 const SERVER_SELECT: &str = "SELECT hostname, ip, region, zone, status, cpu_ranges, port_base, \
-    ports_per_cpu, uid_base, limits, created_at, updated_at FROM servers";
+    ports_per_cpu, uid_base, limits, created_at, updated_at, inventory_only FROM servers";
 
 fn corrupt(what: impl fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -116,6 +135,7 @@ fn unit_from_row(row: &Row) -> rusqlite::Result<Unit> {
         allocated_by: row.get(15)?,
         updated_at: row.get(16)?,
         problem: row.get(17)?,
+        claim: row.get(18)?,
     })
 }
 
@@ -135,6 +155,7 @@ fn server_from_row(row: &Row) -> rusqlite::Result<Server> {
         uid_base: row.get(8)?,
         limits: serde_json::from_str(&limits).map_err(corrupt)?,
         created_at: row.get(10)?,
+        inventory_only: row.get(12)?,
         updated_at: row.get(11)?,
     })
 }
@@ -243,8 +264,8 @@ impl Inventory for Store {
         let limits = serde_json::to_string(&server.limits).map_err(corrupt)?;
         tx.execute(
             "INSERT INTO servers (hostname, ip, region, zone, status, cpu_ranges, port_base, \
-             ports_per_cpu, uid_base, limits, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+             ports_per_cpu, uid_base, limits, created_at, updated_at, inventory_only) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
             params![
                 server.hostname,
                 server.ip,
@@ -257,6 +278,7 @@ impl Inventory for Store {
                 server.uid_base,
                 limits,
                 server.created_at,
+                server.inventory_only,
             ],
         )?;
         for u in units {
@@ -380,15 +402,7 @@ impl Inventory for Store {
     /// Every unit of one server.
     /// Atomically picks a FREE unit of a READY server matching the request and marks it
     /// ALLOCATING with the owner's tags and key. Lowest hostname and CPU first.
-    fn claim_free(
-        &self,
-        cpu_count: u32,
-        region: Option<&str>,
-        zone: Option<&str>,
-        tags: Option<&Value>,
-        ssh_public_key: &str,
-        actor: &str,
-    ) -> Result<Option<Unit>> {
+    fn claim_free(&self, c: &Claim<'_>) -> Result<Option<Unit>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id: Option<String> = tx
@@ -396,19 +410,31 @@ impl Inventory for Store {
                 "SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
                  WHERE u.status = 'FREE' AND u.problem IS NULL AND s.status = 'READY' AND u.cpu_count = ?1 \
                  AND (?2 IS NULL OR s.region = ?2) AND (?3 IS NULL OR s.zone = ?3) \
+                 AND s.inventory_only = ?4 \
+                 AND (?4 = 1 OR s.hostname = ?5 OR EXISTS (SELECT 1 FROM hosts h \
+                      WHERE h.hostname = s.hostname AND h.joined_at IS NOT NULL \
+                      AND h.last_report_at >= ?6 AND h.unreachable_since IS NULL)) \
                  ORDER BY u.hostname, u.first_cpu LIMIT 1",
-                params![cpu_count, region, zone],
+                params![
+                    c.cpu_count,
+                    c.region,
+                    c.zone,
+                    c.inventory_only,
+                    c.local_hostname,
+                    c.reported_since
+                ],
                 |r| r.get(0),
             )
             .optional()?;
         let Some(id) = id else { return Ok(None) };
-        let tags = tags
+        let tags = c
+            .tags
             .map(|t| serde_json::to_string(t).map_err(corrupt))
             .transpose()?;
         tx.execute(
             "UPDATE compute_units SET status = 'ALLOCATING', tags = ?2, ssh_public_key = ?3, \
-             allocated_by = ?4, started_at = NULL, updated_at = ?5 WHERE compute_id = ?1",
-            params![id, tags, ssh_public_key, actor, crate::time::now()],
+             allocated_by = ?4, started_at = NULL, updated_at = ?5, claim = ?6 WHERE compute_id = ?1",
+            params![id, tags, c.ssh_public_key, c.actor, crate::time::now(), super::new_claim()],
         )?;
         let unit = tx.query_row(
             &format!("{UNIT_SELECT} WHERE u.compute_id = ?1"),
@@ -486,6 +512,12 @@ impl Inventory for Store {
         if let Some(v) = change.allocated_by {
             tx.execute(
                 "UPDATE compute_units SET allocated_by = ?2 WHERE compute_id = ?1",
+                params![compute_id, v],
+            )?;
+        }
+        if let Some(v) = change.claim {
+            tx.execute(
+                "UPDATE compute_units SET claim = ?2 WHERE compute_id = ?1",
                 params![compute_id, v],
             )?;
         }
@@ -605,9 +637,32 @@ mod tests {
             ports_per_cpu: 100,
             uid_base: 20000,
             limits: Limits::default(),
+            inventory_only: false,
             created_at: crate::time::now(),
             updated_at: crate::time::now(),
         }
+    }
+
+    /// A claim as the service on host `h1` makes it.
+    fn claim(
+        s: &Store,
+        cpu_count: u32,
+        region: Option<&str>,
+        tags: Option<&Value>,
+        key: &str,
+        actor: &str,
+    ) -> Result<Option<Unit>> {
+        s.claim_free(&Claim {
+            cpu_count,
+            region,
+            zone: None,
+            tags,
+            ssh_public_key: key,
+            actor,
+            inventory_only: false,
+            local_hostname: "h1",
+            reported_since: "1970-01-01T00:00:00Z",
+        })
     }
 
     fn units(h: &str) -> Vec<NewUnit> {
@@ -634,30 +689,17 @@ mod tests {
             Err(ServerStatus::Initializing)
         );
         // Units of a server that is not READY cannot be claimed.
-        assert!(
-            s.claim_free(2, None, None, None, "k", "a")
-                .unwrap()
-                .is_none()
-        );
+        assert!(claim(&s, 2, None, None, "k", "a").unwrap().is_none());
         s.set_server_status("h1", ServerStatus::Ready, Some(UnitStatus::Free))
             .unwrap();
         let tags = serde_json::json!({"deployment_id": "d1", "owner": "me"});
-        let u = s
-            .claim_free(2, Some("eu"), None, Some(&tags), "key", "alice")
+        let u = claim(&s, 2, Some("eu"), Some(&tags), "key", "alice")
             .unwrap()
             .unwrap();
         assert_eq!(u.compute_id, "h1_0-1");
         assert_eq!(u.status, UnitStatus::Allocating);
-        assert!(
-            s.claim_free(2, Some("us"), None, None, "k", "a")
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            s.claim_free(4, None, None, None, "k", "a")
-                .unwrap()
-                .is_none()
-        );
+        assert!(claim(&s, 2, Some("us"), None, "k", "a").unwrap().is_none());
+        assert!(claim(&s, 4, None, None, "k", "a").unwrap().is_none());
         let f = UnitFilter {
             deployment_id: Some("d1".into()),
             ..Default::default()
@@ -708,10 +750,7 @@ mod tests {
             s.unit("h1_0-1").unwrap().unwrap().problem.as_deref(),
             Some("home wrecked")
         );
-        let other = s
-            .claim_free(2, None, None, None, "k", "a")
-            .unwrap()
-            .unwrap();
+        let other = claim(&s, 2, None, None, "k", "a").unwrap().unwrap();
         assert_ne!(other.compute_id, "h1_0-1");
         let Transition::Done(u) = s
             .transition(
@@ -726,10 +765,7 @@ mod tests {
         };
         assert_eq!(u.problem, None);
         s.set_problem("h1_0-1", None).unwrap();
-        let again = s
-            .claim_free(2, None, None, None, "k", "a")
-            .unwrap()
-            .unwrap();
+        let again = claim(&s, 2, None, None, "k", "a").unwrap().unwrap();
         assert_eq!(again.compute_id, "h1_0-1");
         s.set_problem("h1_0-1", Some("x")).unwrap();
         let Transition::Done(u) = s
