@@ -10,14 +10,26 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
-struct Reply {
-    status: u16,
-    body: Value,
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) body: Value,
 }
 
 async fn request(
     socket: &std::path::Path,
     url: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Reply> {
+    request_as(socket, url, None, method, path, body).await
+}
+
+/// One request, with `Authorization: Bearer TOKEN` when a token is given.
+pub(super) async fn request_as(
+    socket: &std::path::Path,
+    url: Option<&str>,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: Option<Value>,
@@ -50,11 +62,15 @@ async fn request(
         }
     };
     let mut send = send;
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, host)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
         .body(Full::new(Bytes::from(payload)))
         .map_err(CliError::http)?;
     let resp = send.send_request(req).await.map_err(CliError::http)?;
@@ -70,7 +86,7 @@ async fn request(
     Ok(Reply { status, body })
 }
 
-fn query(pairs: &[(&str, &Option<String>)]) -> String {
+pub(super) fn query(pairs: &[(&str, &Option<String>)]) -> String {
     let q: Vec<String> = pairs
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
@@ -118,7 +134,7 @@ fn tcp_target(url: &str) -> Result<(String, String, u16)> {
 }
 
 /// Explains an error reply on stderr.
-fn explain(reply: &Reply) -> CliError {
+pub(super) fn explain(reply: &Reply) -> CliError {
     match reply.body.get("detail") {
         Some(Value::Array(items)) => {
             let lines: Vec<String> = items
@@ -313,7 +329,8 @@ pub(super) fn client(
         | Command::Reconcile { .. }
         | Command::Render { .. }
         | Command::Doctor { .. }
-        | Command::Token { .. } => {
+        | Command::Token { .. }
+        | Command::Inventory(_) => {
             unreachable!("local commands are handled by cli::run")
         }
     };

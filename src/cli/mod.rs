@@ -7,6 +7,7 @@
 
 mod client;
 mod error;
+mod inventory;
 mod local;
 mod output;
 
@@ -238,6 +239,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ansible's script inventory: `--list` (every unit, with `_meta.hostvars`) or `--host ID`.
+    /// Ansible runs it with `--list` only: give the filters as KLOIGOS_INVENTORY_* variables.
+    Inventory(inventory::InventoryArgs),
     /// The audit log, newest first.
     Events {
         #[arg(long)]
@@ -291,6 +295,7 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
         Command::Reconcile { local } => local::reconcile(&local, cli.json),
         Command::Render { local, out } => local::render(&local, out.as_deref()),
         Command::Doctor { root } => local::doctor(&root, cli.json),
+        Command::Inventory(args) => inventory::run(&cli.socket, cli.url.as_deref(), &args),
         other => client::client(&cli.socket, cli.url.as_deref(), cli.json, other),
     }
 }
