@@ -123,9 +123,9 @@ fn ansible_reads_the_inventory() {
     let mut d1 = vec![web.clone(), db.clone()];
     d1.sort();
     assert_eq!(group("deployment_d_1"), d1);
-    assert_eq!(group("deployment_2"), [other.clone()]);
-    assert_eq!(group("web"), [web.clone()]);
-    assert_eq!(group("_1st_tier"), [web.clone()]);
+    assert_eq!(group("deployment_2"), vec![other.clone()]);
+    assert_eq!(group("web"), vec![web.clone()]);
+    assert_eq!(group("_1st_tier"), vec![web.clone()]);
     assert_eq!(group("region_eu_west"), allocated);
     assert_eq!(group("zone_a"), allocated);
     assert_eq!(group("server_testhost"), allocated);

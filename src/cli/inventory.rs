@@ -450,7 +450,7 @@ mod tests {
             "ALLOCATED",
             json!({"groups": ["all", "ungrouped", "_meta", "", "2nd tier", "web", "web", 5]}),
         );
-        let inv = inventory(&[u.clone()], &allocated());
+        let inv = inventory(std::slice::from_ref(&u), &allocated());
         assert_eq!(hosts(&inv, "_2nd_tier"), ["h1_0-3"]);
         assert_eq!(hosts(&inv, "web"), ["h1_0-3"]);
         assert_eq!(
