@@ -196,6 +196,45 @@ fn ansible_reads_the_inventory() {
         let head = format!("{id} | SUCCESS => {{\n    \"kloigos_cpus\": \"{cpus}\"\n}}");
         assert!(text.contains(&head), "{head:?} not in {text}");
     }
+    // A playbook sees the same variables and groups (controller-side tasks: no SSH).
+    let play = s.dir.path().join("play.yml");
+    std::fs::write(
+        &play,
+        r#"- hosts: all
+  gather_facts: false
+  tasks:
+    - ansible.builtin.assert:
+        that:
+          - inventory_hostname == kloigos_compute_id
+          - ansible_user == kloigos_user
+          - ansible_host == "192.0.2.10"
+          - "'server_testhost' in group_names"
+          - "'region_eu_west' in group_names"
+          - "('deployment_' ~ kloigos_deployment_id) | regex_replace('-', '_') in group_names"
+- hosts: web
+  gather_facts: false
+  tasks:
+    - ansible.builtin.assert:
+        that:
+          - "'_1st_tier' in group_names"
+          - kloigos_tags.groups == ["web", "1st tier"]
+"#,
+    )
+    .expect("playbook");
+    let out = ansible(
+        &s,
+        "ansible-playbook",
+        &[play.to_str().expect("utf-8 path")],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text.matches("failed=0").count(), 3, "{text}");
+    assert!(
+        text.contains(&format!("{web} ")) && text.contains("ok=2"),
+        "{text}"
+    );
+
     let out = ansible(&s, "ansible", &["deployment_d_1", "--list-hosts"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
