@@ -28,8 +28,10 @@ pub struct InventoryArgs {
     /// Only units whose `tags.deployment_id` is this.
     #[arg(long, env = "KLOIGOS_INVENTORY_DEPLOYMENT_ID")]
     pub(crate) deployment_id: Option<String>,
+    /// Only units in this region.
     #[arg(long, env = "KLOIGOS_INVENTORY_REGION")]
     pub(crate) region: Option<String>,
+    /// Only units in this zone.
     #[arg(long, env = "KLOIGOS_INVENTORY_ZONE")]
     pub(crate) zone: Option<String>,
     /// Only units of this server.
