@@ -227,7 +227,7 @@ pub(crate) fn host(units: &[ApiUnit], filter: &Filter, compute_id: &str) -> Valu
         .unwrap_or_else(|| json!({}))
 }
 
-/// The bearer token: `--token-file`/KLOIGOS_TOKEN_FILE, else KLOIGOS_TOKEN, else none.
+/// The bearer token for `--url`: `--token-file`/KLOIGOS_TOKEN_FILE, else KLOIGOS_TOKEN, else none.
 fn token(file: Option<&Path>) -> Result<Option<String>> {
     if let Some(f) = file {
         let t = std::fs::read_to_string(f).map_err(CliError::io(format!(
@@ -265,7 +265,11 @@ fn list_path(filter: &Filter, compute_id: Option<&str>) -> String {
 
 pub(super) fn run(socket: &Path, url: Option<&str>, args: &InventoryArgs) -> Result<()> {
     let filter = Filter::from_args(args);
-    let token = token(args.token_file.as_deref())?;
+    // Over the unix socket the peer credentials decide; a token is for TCP only.
+    let token = match url {
+        Some(_) => token(args.token_file.as_deref())?,
+        None => None,
+    };
     let path = list_path(&filter, args.host.as_deref());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
