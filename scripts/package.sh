@@ -39,6 +39,7 @@ tree_files() {
 expected_tree() {
   printf '%s\n' '-rwxr-xr-x /usr/bin/kloigos' \
     '-rwxr-xr-x /usr/lib/systemd/system-generators/kloigos-generator' \
+    '-rwxr-xr-x /usr/lib/kloigos/ansible-inventory' \
     '-rw-r--r-- /usr/share/doc/kloigos/README.md'
   local f
   while IFS= read -r f; do
