@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 mod allocate;
 mod decommission;
+mod fleet;
 mod init;
 mod reconcile;
 
