@@ -578,6 +578,24 @@ where
     }
 }
 
+/// One pull of the host under `root` with its join files: fetch, apply with `k`, report.
+pub async fn pull_host<K>(k: Arc<K>, root: PathBuf) -> Result<Report>
+where
+    K: std::ops::Deref<Target = crate::service::Kloigos> + Send + Sync + 'static,
+{
+    let join = JoinConfig::load(&root)?.ok_or_else(|| {
+        FleetError::Usage(format!(
+            "this host has not joined a hub (no {}); run `kloigos join`",
+            root.join(JOIN_PATH).display()
+        ))
+    })?;
+    let token = read_token(&root.join(TOKEN_PATH))?;
+    let facts = tokio::task::spawn_blocking(move || Facts::gather(&root))
+        .await
+        .map_err(|e| FleetError::Usage(format!("gathering facts stopped: {e}")))?;
+    pull(&join, &token, facts, move |state| k.apply_desired(&state)).await
+}
+
 // ---- pokes -------------------------------------------------------------------------------------
 
 /// The least time between two pulls of `kloigos serve` (`KLOIGOS_PULL_MIN_INTERVAL`, seconds).

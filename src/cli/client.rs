@@ -310,6 +310,8 @@ pub(super) fn client(
             None,
         ),
         Command::Serve { .. }
+        | Command::Join { .. }
+        | Command::Pull { .. }
         | Command::Reconcile { .. }
         | Command::Render { .. }
         | Command::Doctor { .. }
