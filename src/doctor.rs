@@ -701,7 +701,8 @@ mod tests {
                 "cgroup-v2-cpuset",
                 "nft",
                 "generator",
-                "logind"
+                "logind",
+                "fleet"
             ]
         );
         let bad = tree(&[
@@ -727,6 +728,32 @@ mod tests {
                 .detail
                 .contains("not a cgroup v2")
         );
+    }
+
+    #[test]
+    fn fleet_check_says_joined_and_timer() {
+        let alone = tree(&[]);
+        let c = fleet_check(alone.path());
+        assert!(c.as_ref().is_ok_and(|d| d.contains("not joined")), "{c:?}");
+        let join = r#"{"hubs": ["http://hub1:8000"], "hostname": "h1", "poke_url": null}"#;
+        let joined = tree(&[("etc/kloigos/join.json", join)]);
+        let c = fleet_check(joined.path());
+        assert!(
+            c.as_ref()
+                .is_err_and(|d| d.contains("http://hub1:8000") && d.contains("not enabled")),
+            "{c:?}"
+        );
+        let timer = tree(&[
+            ("etc/kloigos/join.json", join),
+            (
+                "etc/systemd/system/timers.target.wants/kloigos-pull.timer",
+                "",
+            ),
+        ]);
+        let c = fleet_check(timer.path());
+        assert!(c.as_ref().is_ok_and(|d| d.contains("enabled")), "{c:?}");
+        let broken = tree(&[("etc/kloigos/join.json", "{")]);
+        assert!(fleet_check(broken.path()).is_err());
     }
 
     #[test]

@@ -679,10 +679,7 @@ mod tests {
         let s: DesiredHostState = serde_json::from_value(v).unwrap();
         let server = s.server.unwrap();
         assert!(server.is_present());
-        assert_eq!(
-            server.units[0].owner(),
-            Some(("c1", "ssh-ed25519 AAAA x"))
-        );
+        assert_eq!(server.units[0].owner(), Some(("c1", "ssh-ed25519 AAAA x")));
         // And back: the same field names the hub's store::Unit serializes.
         let again = serde_json::to_value(&server.units[0]).unwrap();
         assert_eq!(again["ports_range"], "2000-2399");
@@ -708,6 +705,38 @@ mod tests {
                 "ephemeral_ports": [32768, 60999], "systemd_version": null,
                 "socket_bind": false, "kloigos_version": VERSION})
         );
+    }
+
+    #[tokio::test]
+    async fn pokes_coalesce_into_one_pending_pull() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let join = JoinConfig {
+            hubs: vec![],
+            hostname: "h1".into(),
+            poke_url: None,
+        };
+        let p = Puller::new(join, Duration::from_millis(50));
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        let task = tokio::spawn(p.clone().run(move || {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+        for _ in 0..1000 {
+            p.request();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(count.load(SeqCst), 1);
+        // While that pull runs: one more, however many pokes.
+        for _ in 0..1000 {
+            p.request();
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(count.load(SeqCst), 2);
+        task.abort();
     }
 
     #[test]

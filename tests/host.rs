@@ -14,14 +14,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const KEY1: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE6npDPLRDfSYzlFjGVwOPiwIAdM3+WhxFH5kEC3SRV0 alice@example";
-const KEY2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBy1ObW1vZ3h0eXZ3c2V5c2V5c2V5c2V5c2V5c2V5c2V5 bob@example";
+const KEY2: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBy1ObW1vZ3h0eXZ3c2V5c2V5c2V5c2V5c2V5c2V5c2V5 bob@example";
 
 /// A fake host `h1` with 16 CPUs on two NUMA nodes.
 fn fake_root(root: &Path) {
     write(&root.join("etc/hostname"), "h1\n");
     write(&root.join("sys/devices/system/cpu/online"), "0-15\n");
     write(&root.join("sys/devices/system/node/node0/cpulist"), "0-7\n");
-    write(&root.join("sys/devices/system/node/node1/cpulist"), "8-15\n");
+    write(
+        &root.join("sys/devices/system/node/node1/cpulist"),
+        "8-15\n",
+    );
     write(
         &root.join("proc/sys/net/ipv4/ip_local_port_range"),
         "32768\t60999\n",
@@ -87,7 +91,11 @@ fn applying_a_sequence_of_desired_states() {
     assert!(server.ok, "{a:?}");
     assert_eq!(server.created_at, "2026-11-23T19:00:00Z");
     assert_eq!(a.units.len(), 2);
-    assert!(a.units.iter().all(|u| u.ok && !u.owned && u.claim.is_none()));
+    assert!(
+        a.units
+            .iter()
+            .all(|u| u.ok && !u.owned && u.claim.is_none())
+    );
     assert!(a.drift.is_empty(), "{a:?}");
     assert!(tmpfiles.exists() && root.join("home/u4-7").is_dir());
     assert!(root.join("var/lib/kloigos/kloigos.nft").exists());
@@ -140,7 +148,11 @@ fn applying_a_sequence_of_desired_states() {
 
     // Free: nobody's again.
     let a = apply(&k, &state(Some("READY"), None));
-    assert!(a.units.iter().all(|u| u.ok && !u.owned && u.claim.is_none()));
+    assert!(
+        a.units
+            .iter()
+            .all(|u| u.ok && !u.owned && u.claim.is_none())
+    );
     assert!(key_of(&root, "u0-3").is_none());
     assert!(!linger.exists());
     let m = k.unit("h1_0-3").unwrap();
@@ -331,7 +343,11 @@ fn join_then_serve_pulls_on_start_and_on_pokes() {
             h.joins[0]["poke_url"],
             format!("http://127.0.0.1:{port}/api/host/poke")
         );
-        assert!(h.auth.iter().all(|a| a == "Bearer kh_secret"), "{:?}", h.auth);
+        assert!(
+            h.auth.iter().all(|a| a == "Bearer kh_secret"),
+            "{:?}",
+            h.auth
+        );
         assert_eq!(h.reports.len(), 1);
         assert!(h.reports[0].server.as_ref().unwrap().ok);
     }
@@ -370,7 +386,10 @@ fn join_then_serve_pulls_on_start_and_on_pokes() {
         hub.lock().unwrap().reports.len() >= 2
     });
     let r = hub.lock().unwrap().reports[1].clone();
-    assert!(r.units[0].owned && r.units[0].claim.as_deref() == Some("c1"), "{r:?}");
+    assert!(
+        r.units[0].owned && r.units[0].claim.as_deref() == Some("c1"),
+        "{r:?}"
+    );
     assert_eq!(key_of(&root, "u0-3").unwrap().trim(), KEY1);
     wait_for("the socket", || sock.exists());
 

@@ -246,6 +246,7 @@ pub(super) fn join(
     report_problems(&report)
 }
 
+#[allow(clippy::too_many_arguments)] // one per option of `kloigos serve`
 pub(super) fn serve(
     local: Local,
     listen: Vec<String>,
@@ -305,7 +306,8 @@ pub(super) fn serve(
         .collect();
     app.body_timeout = secs(guard.body_timeout);
     let joined = crate::fleet::JoinConfig::load(&local.root)?;
-    let puller = joined.map(|j| crate::fleet::Puller::new(j, crate::fleet::min_interval_from_env()));
+    let puller =
+        joined.map(|j| crate::fleet::Puller::new(j, crate::fleet::min_interval_from_env()));
     app.fleet = puller.clone();
     app.denials = std::sync::Mutex::new(crate::audit::DenialLimiter::new(
         Duration::from_secs(guard.audit_denial_window.max(1)),

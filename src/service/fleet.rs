@@ -7,7 +7,9 @@
 
 use super::{Kloigos, OpError, ReconcileReport, Result};
 use crate::apply::{ApplyReport, Scope, converge};
-use crate::fleet::{Applied, DesiredHostState, DesiredServer, DesiredUnit, ServerOutcome, UnitOutcome};
+use crate::fleet::{
+    Applied, DesiredHostState, DesiredServer, DesiredUnit, ServerOutcome, UnitOutcome,
+};
 use crate::plan;
 use crate::store::{NewUnit, Server, Transition, Unit, UnitChange, UnitStatus};
 use serde_json::json;
@@ -59,7 +61,11 @@ fn before_of(u: Option<&Unit>) -> Before {
 fn drift_of(r: &ApplyReport, drift: &mut Vec<String>) {
     drift.extend(r.written.iter().map(|p| format!("{p} rewritten")));
     drift.extend(r.removed.iter().map(|p| format!("{p} removed")));
-    drift.extend(r.users_created.iter().map(|u| format!("user {u} recreated")));
+    drift.extend(
+        r.users_created
+            .iter()
+            .map(|u| format!("user {u} recreated")),
+    );
 }
 
 fn new_unit(u: &DesiredUnit) -> NewUnit {
@@ -163,8 +169,11 @@ impl Kloigos {
             let r = converge(&self.host, &self.desired(None, None)?, Scope::Full);
             let problem = match r {
                 Ok(r) => {
-                    let failed: Vec<String> =
-                        r.failed.iter().map(|(id, e)| format!("{id}: {e}")).collect();
+                    let failed: Vec<String> = r
+                        .failed
+                        .iter()
+                        .map(|(id, e)| format!("{id}: {e}"))
+                        .collect();
                     setup_failed.extend(r.failed);
                     (!failed.is_empty()).then(|| failed.join("; "))
                 }
@@ -268,14 +277,30 @@ impl Kloigos {
                 let e = crate::error::Chain(&e).to_string();
                 error!(compute_id = id, operation = "pull", error = %e, "cannot release the previous owner");
                 self.mirror_unclean(id)?;
-                self.record(ACTOR, "deallocate", Some(id), Some(&server.hostname), Err(&e), None, None);
+                self.record(
+                    ACTOR,
+                    "deallocate",
+                    Some(id),
+                    Some(&server.hostname),
+                    Err(&e),
+                    None,
+                    None,
+                );
                 outcome.ok = false;
                 outcome.claim.clone_from(&w.claim);
                 outcome.error = Some(format!("releasing {id} failed on the host: {e}"));
                 return Ok(outcome);
             }
             self.mirror_free(id)?;
-            self.record(ACTOR, "deallocate", Some(id), Some(&server.hostname), Ok(()), None, None);
+            self.record(
+                ACTOR,
+                "deallocate",
+                Some(id),
+                Some(&server.hostname),
+                Ok(()),
+                None,
+                None,
+            );
         }
         let Some((claim, key)) = wanted else {
             return Ok(outcome);
@@ -296,8 +321,21 @@ impl Kloigos {
         };
         match given {
             Ok(()) => {
-                self.step(id, UnitStatus::Allocating, UnitStatus::Allocated, UnitChange::default())?;
-                self.record(ACTOR, "allocate", Some(id), Some(&server.hostname), Ok(()), None, Some(json!({"claim": claim})));
+                self.step(
+                    id,
+                    UnitStatus::Allocating,
+                    UnitStatus::Allocated,
+                    UnitChange::default(),
+                )?;
+                self.record(
+                    ACTOR,
+                    "allocate",
+                    Some(id),
+                    Some(&server.hostname),
+                    Ok(()),
+                    None,
+                    Some(json!({"claim": claim})),
+                );
                 outcome.owned = true;
             }
             Err(e) => {
@@ -308,17 +346,38 @@ impl Kloigos {
                 outcome.error = Some(format!("allocation of {id} failed on the host: {e}"));
                 match undone {
                     Ok(()) => {
-                        self.step(id, UnitStatus::Allocating, UnitStatus::Free, UnitChange::cleared())?;
+                        self.step(
+                            id,
+                            UnitStatus::Allocating,
+                            UnitStatus::Free,
+                            UnitChange::cleared(),
+                        )?;
                         outcome.rolled_back = true;
                     }
                     Err(re) => {
-                        self.step(id, UnitStatus::Allocating, UnitStatus::AllocationFail, UnitChange::default())?;
+                        self.step(
+                            id,
+                            UnitStatus::Allocating,
+                            UnitStatus::AllocationFail,
+                            UnitChange::default(),
+                        )?;
                         if let Some(msg) = &mut outcome.error {
-                            msg.push_str(&format!("; rollback failed: {}", crate::error::Chain(&re)));
+                            msg.push_str(&format!(
+                                "; rollback failed: {}",
+                                crate::error::Chain(&re)
+                            ));
                         }
                     }
                 }
-                self.record(ACTOR, "allocate", Some(id), Some(&server.hostname), Err(outcome.error.as_deref().unwrap_or("failed")), None, Some(json!({"claim": claim})));
+                self.record(
+                    ACTOR,
+                    "allocate",
+                    Some(id),
+                    Some(&server.hostname),
+                    Err(outcome.error.as_deref().unwrap_or("failed")),
+                    None,
+                    Some(json!({"claim": claim})),
+                );
             }
         }
         Ok(outcome)
@@ -328,7 +387,9 @@ impl Kloigos {
     fn step(&self, id: &str, from: UnitStatus, to: UnitStatus, change: UnitChange) -> Result<Unit> {
         match self.store.transition(id, &[from], to, change)? {
             Transition::Done(u) => Ok(*u),
-            Transition::NotFound => Err(OpError::NotFound(format!("compute unit {id:?} not found"))),
+            Transition::NotFound => {
+                Err(OpError::NotFound(format!("compute unit {id:?} not found")))
+            }
             Transition::WrongState(s) => Err(OpError::Failed(format!(
                 "{id} is {s} in this host's inventory, not {from}"
             ))),
@@ -402,7 +463,12 @@ impl Kloigos {
             claim: Some(w.claim.clone()),
         };
         self.step(id, UnitStatus::Free, UnitStatus::Allocating, change)?;
-        self.step(id, UnitStatus::Allocating, UnitStatus::Allocated, UnitChange::default())?;
+        self.step(
+            id,
+            UnitStatus::Allocating,
+            UnitStatus::Allocated,
+            UnitChange::default(),
+        )?;
         Ok(())
     }
 
@@ -422,7 +488,12 @@ impl Kloigos {
                 };
                 let id = prev.compute_id.as_str();
                 self.step(id, UnitStatus::Free, UnitStatus::Allocating, change)?;
-                self.step(id, UnitStatus::Allocating, UnitStatus::Allocated, UnitChange::default())?;
+                self.step(
+                    id,
+                    UnitStatus::Allocating,
+                    UnitStatus::Allocated,
+                    UnitChange::default(),
+                )?;
                 Ok(())
             }
         }
