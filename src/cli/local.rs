@@ -239,6 +239,10 @@ pub(super) fn join(
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
+        // A running service learns it is joined (pokes, 409 for writes) when it starts.
+        let _ = std::process::Command::new("systemctl")
+            .args(["try-restart", "kloigos.service"])
+            .status();
     }
     let k = std::sync::Arc::new(Box::new(k));
     let report = rt.block_on(crate::fleet::pull_host(k, local.root.clone()))?;
