@@ -53,6 +53,8 @@ pub enum FleetError {
     NoHub(String),
     #[error("applying the desired state")]
     Apply(#[source] crate::service::OpError),
+    #[error("waiting for the pull in progress")]
+    Lock(#[source] crate::service::OpError),
     #[error(transparent)]
     Write(#[from] crate::apply::ApplyError),
 }
@@ -590,9 +592,15 @@ where
         ))
     })?;
     let token = read_token(&root.join(TOKEN_PATH))?;
-    let facts = tokio::task::spawn_blocking(move || Facts::gather(&root))
-        .await
-        .map_err(|e| FleetError::Usage(format!("gathering facts stopped: {e}")))?;
+    // One whole pull at a time (the timer's and the service's): held until the report is sent.
+    let k2 = k.clone();
+    let (facts, _pulling) = tokio::task::spawn_blocking(move || {
+        let lock = k2.pull_lock();
+        (Facts::gather(&root), lock)
+    })
+    .await
+    .map_err(|e| FleetError::Usage(format!("gathering facts stopped: {e}")))?;
+    let _pulling = _pulling.map_err(FleetError::Lock)?;
     pull(&join, &token, facts, move |state| k.apply_desired(&state)).await
 }
 
