@@ -145,6 +145,31 @@ fn applying_a_sequence_of_desired_states() {
     assert!(!root.join("opt/c0-3/data").exists());
     assert_eq!(key_of(&root, "u0-3").unwrap().trim(), KEY2);
     assert_eq!(k.unit("h1_0-3").unwrap().claim.as_deref(), Some("c2"));
+    write(&root.join("home/u0-3/secret"), "bob's\n");
+
+    // Changed limits: the drop-ins follow, the owner keeps the unit and its files.
+    let mut limited = state(Some("READY"), Some(("c2", KEY2)));
+    limited["server"]["limits"] = json!({"tasks_max": 512});
+    let a = apply(&k, &limited);
+    assert!(a.units[0].ok && a.units[0].owned, "{a:?}");
+    assert!(a.drift.is_empty(), "{a:?}");
+    let slice = root.join("run/systemd/generator/user-20000.slice.d/50-kloigos.conf");
+    assert!(
+        std::fs::read_to_string(&slice)
+            .unwrap()
+            .contains("TasksMax=512")
+    );
+    assert!(root.join("home/u0-3/secret").exists());
+    assert_eq!(key_of(&root, "u0-3").unwrap().trim(), KEY2);
+    assert!(linger.exists());
+    let m = k.unit("h1_0-3").unwrap();
+    assert_eq!(
+        (m.status.to_string(), m.claim.as_deref()),
+        ("ALLOCATED".into(), Some("c2"))
+    );
+    let before = common::tree(&root);
+    assert!(apply(&k, &limited).drift.is_empty());
+    assert_eq!(common::tree(&root), before);
 
     // A unit that cannot be given (its key path is a directory) fails alone and is rolled
     // back; the other unit keeps its owner.
