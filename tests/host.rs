@@ -487,4 +487,27 @@ fn join_then_serve_pulls_on_start_and_on_pokes() {
         pulls >= 1 && pulls <= bound,
         "{pulls} pulls for 400 pokes in {flood:?} (at most {bound})"
     );
+
+    // The service is still there, and the next poke still pulls.
+    hub.lock().unwrap().state = state(Some("READY"), Some(("c2", KEY2)));
+    let n = hub.lock().unwrap().reports.len();
+    assert_eq!(post_tcp(port, "/api/host/poke", "localhost").0, 202);
+    wait_for("the pull after the flood", || {
+        hub.lock().unwrap().reports.len() > n
+    });
+    wait_for("the new owner's key", || {
+        key_of(&root, "u0-3").is_some_and(|k| k.trim() == KEY2)
+    });
+}
+
+#[test]
+fn a_host_that_has_not_joined_answers_a_poke_with_404() {
+    let s = common::Server::start();
+    let (code, v) = s.call("POST", "/api/host/poke", None);
+    assert_eq!(
+        (code, v),
+        (404, json!({"detail": "this host has not joined a hub"}))
+    );
+    // And its own writes are not refused.
+    s.init(&["0-3"]);
 }
