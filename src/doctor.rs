@@ -80,8 +80,33 @@ pub(crate) fn checks(root: &Path, sshd_t: Option<&str>) -> Vec<Check> {
             "systemd-logind not found: lingering and per-user slices need it".to_string()
         }),
     ));
+    all.push(Check::new("fleet", fleet_check(root)));
     all
 }
+
+/// Whether the host joined a hub, and if so whether its pull timer is enabled.
+fn fleet_check(root: &Path) -> Result<String, String> {
+    let join = match crate::fleet::JoinConfig::load(root) {
+        Ok(None) => return Ok("not joined to a hub (this host's own inventory)".into()),
+        Ok(Some(j)) => j,
+        Err(e) => return Err(crate::error::Chain(&e).to_string()),
+    };
+    let joined = format!("joined to {} as {}", join.hubs.join(", "), join.hostname);
+    let timer = ["etc", "usr/lib"]
+        .iter()
+        .any(|d| root.join(d).join(PULL_TIMER_WANTS).exists());
+    if timer {
+        Ok(format!("{joined}; kloigos-pull.timer enabled"))
+    } else {
+        Err(format!(
+            "{joined}, but kloigos-pull.timer is not enabled: a missed poke is never caught up \
+             (systemctl enable --now kloigos-pull.timer)"
+        ))
+    }
+}
+
+/// The link `systemctl enable kloigos-pull.timer` makes (under etc/ or usr/lib/).
+const PULL_TIMER_WANTS: &str = "systemd/system/timers.target.wants/kloigos-pull.timer";
 
 /// The checks that decide whether SSH logins land in the user's slice (what `init_server`
 /// refuses on). An sshd that is not installed lets nobody in, so it passes with a note.
@@ -676,7 +701,8 @@ mod tests {
                 "cgroup-v2-cpuset",
                 "nft",
                 "generator",
-                "logind"
+                "logind",
+                "fleet"
             ]
         );
         let bad = tree(&[
@@ -702,6 +728,32 @@ mod tests {
                 .detail
                 .contains("not a cgroup v2")
         );
+    }
+
+    #[test]
+    fn fleet_check_says_joined_and_timer() {
+        let alone = tree(&[]);
+        let c = fleet_check(alone.path());
+        assert!(c.as_ref().is_ok_and(|d| d.contains("not joined")), "{c:?}");
+        let join = r#"{"hubs": ["http://hub1:8000"], "hostname": "h1", "poke_url": null}"#;
+        let joined = tree(&[("etc/kloigos/join.json", join)]);
+        let c = fleet_check(joined.path());
+        assert!(
+            c.as_ref()
+                .is_err_and(|d| d.contains("http://hub1:8000") && d.contains("not enabled")),
+            "{c:?}"
+        );
+        let timer = tree(&[
+            ("etc/kloigos/join.json", join),
+            (
+                "etc/systemd/system/timers.target.wants/kloigos-pull.timer",
+                "",
+            ),
+        ]);
+        let c = fleet_check(timer.path());
+        assert!(c.as_ref().is_ok_and(|d| d.contains("enabled")), "{c:?}");
+        let broken = tree(&[("etc/kloigos/join.json", "{")]);
+        assert!(fleet_check(broken.path()).is_err());
     }
 
     #[test]

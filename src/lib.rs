@@ -15,6 +15,7 @@ pub(crate) mod canned;
 pub mod cli;
 pub(crate) mod doctor;
 pub(crate) mod error;
+pub mod fleet;
 pub mod generator;
 pub mod logging;
 pub mod model;

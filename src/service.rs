@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 mod allocate;
 mod decommission;
+mod fleet;
 mod init;
 mod reconcile;
 
@@ -206,6 +207,22 @@ fn local_hostname(root: &Path, live: bool) -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// An exclusive lock on `path` (created if missing), held until the guard is dropped.
+fn lock_file(path: &Path) -> Result<nix::fcntl::Flock<File>> {
+    let lock_err = |source: std::io::Error| OpError::Lock {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(lock_err)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| lock_err(e.into()))
+}
+
 /// The JSON an audit record keeps of a unit.
 pub(crate) fn unit_json(u: &Unit) -> Value {
     json!({
@@ -287,21 +304,16 @@ impl Kloigos {
     }
 
     fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock_path)
-            .map_err(|source| OpError::Lock {
-                path: self.lock_path.clone(),
-                source,
-            })?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-            OpError::Lock {
-                path: self.lock_path.clone(),
-                source: e.into(),
-            }
-        })
+        lock_file(&self.lock_path)
+    }
+
+    /// Serializes the whole pulls of a joined host (fetch, apply, report) across processes,
+    /// so a state fetched later is never applied before one fetched earlier. A lock of its
+    /// own: the apply takes the host lock inside it.
+    pub fn pull_lock(&self) -> Result<nix::fcntl::Flock<File>> {
+        let mut path = self.lock_path.clone().into_os_string();
+        path.push(".pull");
+        lock_file(Path::new(&path))
     }
 
     fn is_local(&self, hostname: &str) -> bool {

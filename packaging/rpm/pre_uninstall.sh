@@ -9,5 +9,6 @@ if [ "$1" -eq 0 ]; then
 	if [ "${units:-0}" -gt 0 ]; then
 		echo "kloigos: $units compute unit(s) still exist on this host; without the package their CPU pinning and limits are lifted now and their port fence at the next reboot or nftables restart. Run 'kloigos decommission HOSTNAME' before removing Kloigos, or reinstall it to restore them." >&2
 	fi
-	systemctl --no-reload disable --now kloigos.socket kloigos.service kloigos-nftables.service >/dev/null 2>&1 || :
+	systemctl --no-reload disable --now kloigos.socket kloigos.service kloigos-nftables.service kloigos-pull.timer kloigos-pull.service >/dev/null 2>&1 || :
+	rm -f /etc/systemd/system/timers.target.wants/kloigos-pull.timer
 fi

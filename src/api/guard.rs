@@ -75,6 +75,11 @@ pub(super) async fn authenticate(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // A poke carries nothing and only makes a joined host pull from the hub it trusts: no
+    // caller, no Host check (a hub addresses the host by its IP).
+    if super::host::is_poke(&req) {
+        return next.run(req).await;
+    }
     let needs_caller = req.uri().path().starts_with("/api/") || req.uri().path() == "/api";
     let peer = peer_of(req.extensions());
     if let Err(e) = check_request(&k, matches!(peer, Peer::Tcp { .. }), &req) {

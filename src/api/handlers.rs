@@ -34,6 +34,7 @@ pub(super) async fn allocate(
     body: axum::body::Body,
 ) -> ApiResult<Json<ComputeUnitResponse>> {
     require(&k, &caller, Role::User, "allocate", None).await?;
+    super::host::refuse_if_joined(&k)?;
     let body = read_body(&k, body).await?;
     let req = parse_allocate(&body).map_err(ApiError::invalid)?;
     let actor = caller.actor.clone();
@@ -51,6 +52,7 @@ pub(super) async fn deallocate(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::User, "deallocate", Some(&id)).await?;
+    super::host::refuse_if_joined(&k)?;
     let k2 = k.clone();
     let who = caller.clone();
     let r = blocking(move || {
@@ -124,6 +126,7 @@ pub(super) async fn init_server(
     body: axum::body::Body,
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::Admin, "init_server", None).await?;
+    super::host::refuse_if_joined(&k)?;
     let body = read_body(&k, body).await?;
     let actor = caller.actor.clone();
     let req = parse_init_server(&body).map_err(ApiError::invalid)?;
@@ -143,6 +146,7 @@ pub(super) async fn decommission_server(
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::Admin, "decommission_server", None).await?;
+    super::host::refuse_if_joined(&k)?;
     let force = decommission_force(&mut Query::new(raw.as_deref())).map_err(ApiError::invalid)?;
     let actor = caller.actor.clone();
     blocking(move || k.decommission(&hostname, force, &actor)).await?;

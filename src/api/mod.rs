@@ -13,6 +13,7 @@
 mod errors;
 mod guard;
 mod handlers;
+mod host;
 mod parse;
 mod schema;
 #[cfg(test)]
@@ -65,6 +66,8 @@ pub(crate) struct App {
     pub(crate) body_timeout: Duration,
     /// Refusals recorded per source and window (the rest are counted, then summarized).
     pub(crate) denials: std::sync::Mutex<crate::audit::DenialLimiter>,
+    /// A host joined to hubs: its pulls (pokes), and writes refused with 409.
+    pub(crate) fleet: Option<Arc<crate::fleet::Puller>>,
 }
 
 impl App {
@@ -79,6 +82,7 @@ impl App {
                 Duration::from_secs(60),
                 crate::audit::DENIALS_PER_WINDOW,
             )),
+            fleet: None,
         }
     }
 }
@@ -132,6 +136,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/admin/servers", get(list_servers))
         .route("/api/events", get(list_events))
         .route("/api/whoami", get(whoami))
+        .route(host::POKE_PATH, post(host::poke))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
         .route(

@@ -326,6 +326,8 @@ pub(super) fn client(
             None,
         ),
         Command::Serve { .. }
+        | Command::Join { .. }
+        | Command::Pull { .. }
         | Command::Reconcile { .. }
         | Command::Render { .. }
         | Command::Doctor { .. }

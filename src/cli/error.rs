@@ -40,6 +40,8 @@ pub enum CliError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
     #[error("cannot print the answer as JSON")]
     Print(#[from] serde_json::Error),
     /// The command ran and found problems (doctor, reconcile), already printed.

@@ -12,9 +12,13 @@ fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.001)).unwrap_or(Duration::from_secs(3600))
 }
 
-/// The service on this host's inventory.
+/// The service on this host's inventory. A joined host is the hostname it joined as.
 fn open(local: &Local) -> Result<Kloigos> {
-    Kloigos::open(&local.config()).map_err(|source| CliError::Open {
+    let mut config = local.config();
+    if config.hostname.is_none() {
+        config.hostname = crate::fleet::JoinConfig::load(&local.root)?.map(|j| j.hostname);
+    }
+    Kloigos::open(&config).map_err(|source| CliError::Open {
         path: local.db.clone(),
         source,
     })
@@ -146,11 +150,113 @@ fn actor() -> String {
     format!("{} cli", caller.actor)
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))
+}
+
+fn print_report(r: &crate::fleet::Report, as_json: bool) -> Result<()> {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    match &r.server {
+        None => println!("server: none"),
+        Some(s) if s.ok => println!("server: set up (created {})", s.created_at),
+        Some(s) => println!(
+            "server: FAILED: {}",
+            printable(s.error.as_deref().unwrap_or("?"))
+        ),
+    }
+    for u in &r.units {
+        let state = if u.owned { "owned" } else { "free" };
+        match &u.error {
+            None => println!("unit {}: {state}", printable(&u.compute_id)),
+            Some(e) => println!(
+                "unit {}: {state}, FAILED: {}{}",
+                printable(&u.compute_id),
+                printable(e),
+                if u.rolled_back { " (rolled back)" } else { "" }
+            ),
+        }
+    }
+    for d in &r.drift {
+        println!("drift repaired: {}", printable(d));
+    }
+    Ok(())
+}
+
+/// The problems of a report (a failed server or unit), as an error after printing it.
+fn report_problems(r: &crate::fleet::Report) -> Result<()> {
+    let failed = r.units.iter().filter(|u| !u.ok).count()
+        + r.server.as_ref().map_or(0, |s| usize::from(!s.ok));
+    if failed > 0 {
+        return Err(CliError::Problems(format!(
+            "{failed} part(s) of the desired state could not be applied (reported to the hub)"
+        )));
+    }
+    Ok(())
+}
+
+/// `kloigos pull`: one pull of this joined host.
+pub(super) fn pull(local: &Local, as_json: bool) -> Result<()> {
+    let k = std::sync::Arc::new(Box::new(open(local)?));
+    let report = runtime()?.block_on(crate::fleet::pull_host(k, local.root.clone()))?;
+    print_report(&report, as_json)?;
+    report_problems(&report)
+}
+
+/// `kloigos join`: report the facts to a hub, keep the join files, enable the timer, pull.
+pub(super) fn join(
+    local: &Local,
+    hubs: Vec<String>,
+    token_file: &Path,
+    poke_url: Option<String>,
+    as_json: bool,
+) -> Result<()> {
+    let k = open(local)?;
+    let token = crate::fleet::read_token(token_file)?;
+    let join = crate::fleet::JoinConfig {
+        hubs,
+        hostname: k.local_hostname().to_string(),
+        poke_url,
+    };
+    let facts = crate::fleet::Facts::gather(&local.root);
+    let rt = runtime()?;
+    let hub = rt.block_on(crate::fleet::join(&join, &token, &facts))?;
+    crate::fleet::write_join_files(&local.root, &join, &token)?;
+    eprintln!("joined {hub} as {}", join.hostname);
+    if k.host().is_live() {
+        let out = std::process::Command::new("systemctl")
+            .args(["enable", "--now", "kloigos-pull.timer"])
+            .output()
+            .map_err(CliError::io("cannot run systemctl"))?;
+        if !out.status.success() {
+            return Err(CliError::Problems(format!(
+                "joined, but enabling kloigos-pull.timer failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        // A running service learns it is joined (pokes, 409 for writes) when it starts.
+        let _ = std::process::Command::new("systemctl")
+            .args(["try-restart", "kloigos.service"])
+            .status();
+    }
+    let k = std::sync::Arc::new(Box::new(k));
+    let report = rt.block_on(crate::fleet::pull_host(k, local.root.clone()))?;
+    print_report(&report, as_json)?;
+    report_problems(&report)
+}
+
+#[allow(clippy::too_many_arguments)] // one per option of `kloigos serve`
 pub(super) fn serve(
     local: Local,
     listen: Vec<String>,
     idle_timeout: u64,
     no_reconcile: bool,
+    pull_interval: f64,
     tokens: crate::auth::Tokens,
     guard: Guard,
     systemd_listeners: Vec<crate::server::Listener>,
@@ -203,6 +309,10 @@ pub(super) fn serve(
         .filter(|h| !h.is_empty())
         .collect();
     app.body_timeout = secs(guard.body_timeout);
+    let joined = crate::fleet::JoinConfig::load(&local.root)?;
+    let puller =
+        joined.map(|j| crate::fleet::Puller::new(j, crate::fleet::min_interval_from_env()));
+    app.fleet = puller.clone();
     app.denials = std::sync::Mutex::new(crate::audit::DenialLimiter::new(
         Duration::from_secs(guard.audit_denial_window.max(1)),
         crate::audit::DENIALS_PER_WINDOW,
@@ -217,6 +327,24 @@ pub(super) fn serve(
         .build()
         .map_err(CliError::io("cannot start the async runtime"))?;
     rt.spawn(crate::api::housekeeping(state.clone(), retention));
+    if let Some(p) = puller {
+        let (st, root) = (state.clone(), local.root.clone());
+        rt.spawn(p.clone().run(move || pull_logged(st.clone(), root.clone())));
+        // The first pull, after the start-up reconcile.
+        p.request();
+        if pull_interval > 0.0 {
+            let every = secs(pull_interval);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    p.request();
+                }
+            });
+        }
+    }
     rt.block_on(crate::server::serve(
         listeners,
         crate::api::router(state),
@@ -233,4 +361,31 @@ pub(super) fn serve(
     ))
     .map_err(CliError::io("serving the API"))?;
     Ok(())
+}
+
+/// One pull of `kloigos serve`, its outcome logged; a failed pull is retried at the next poke,
+/// interval or timer.
+async fn pull_logged(state: crate::api::AppState, root: std::path::PathBuf) {
+    match crate::fleet::pull_host(state, root).await {
+        Ok(r) => {
+            let failed: Vec<&str> = r
+                .units
+                .iter()
+                .filter(|u| !u.ok)
+                .map(|u| u.compute_id.as_str())
+                .collect();
+            if !failed.is_empty() || r.server.as_ref().is_some_and(|s| !s.ok) {
+                tracing::error!(operation = "pull", as_of = %r.as_of, ?failed, server = ?r.server, "pulled; some of the desired state could not be applied");
+            } else if !r.drift.is_empty() {
+                tracing::warn!(operation = "pull", as_of = %r.as_of, drift = ?r.drift, "pulled; drift repaired");
+            } else {
+                tracing::info!(operation = "pull", as_of = %r.as_of, units = r.units.len(), "pulled");
+            }
+        }
+        Err(e) => tracing::error!(
+            operation = "pull",
+            error = %crate::error::Chain(&e),
+            "pull failed; retried at the next poke or timer"
+        ),
+    }
 }

@@ -138,11 +138,37 @@ pub enum Command {
         /// Skip the reconcile pass at start.
         #[arg(long)]
         no_reconcile: bool,
+        /// On a joined host, also pull from the hub every SECS seconds (0: only on pokes and
+        /// by kloigos-pull.timer).
+        #[arg(long, env = "KLOIGOS_PULL_INTERVAL", default_value_t = 0.0)]
+        pull_interval: f64,
         /// Bearer tokens for TCP callers (managed with `kloigos token`).
         #[arg(long, env = "KLOIGOS_TOKENS", default_value = crate::auth::DEFAULT_TOKENS)]
         tokens: PathBuf,
         #[command(flatten)]
         guard: Guard,
+    },
+    /// Join this host to hub(s): report its facts, keep the hubs and the host token in
+    /// /etc/kloigos, enable kloigos-pull.timer, pull once.
+    Join {
+        #[command(flatten)]
+        local: Local,
+        /// A hub's URL (http://HOST:PORT); repeatable, tried in order.
+        #[arg(long = "hub", required = true)]
+        hubs: Vec<String>,
+        /// The host token the hub's admin created (`POST /api/admin/hosts`).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Where hubs poke this host (http://IP:PORT/api/host/poke); without it, the host
+        /// pulls only by its timer.
+        #[arg(long)]
+        poke_url: Option<String>,
+    },
+    /// Pull this joined host's desired state from its hub, apply it and report (what
+    /// kloigos-pull.service runs).
+    Pull {
+        #[command(flatten)]
+        local: Local,
     },
     /// Manage the bearer tokens of TCP clients (run as root on the host).
     Token {
@@ -280,6 +306,7 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             listen,
             idle_timeout,
             no_reconcile,
+            pull_interval,
             tokens,
             guard,
         } => local::serve(
@@ -287,10 +314,18 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             listen,
             idle_timeout,
             no_reconcile,
+            pull_interval,
             crate::auth::Tokens::new(tokens),
             guard,
             systemd_listeners,
         ),
+        Command::Join {
+            local,
+            hubs,
+            token_file,
+            poke_url,
+        } => local::join(&local, hubs, &token_file, poke_url, cli.json),
+        Command::Pull { local } => local::pull(&local, cli.json),
         Command::Token { tokens, action } => local::token(&tokens, action, cli.json),
         Command::Reconcile { local } => local::reconcile(&local, cli.json),
         Command::Render { local, out } => local::render(&local, out.as_deref()),

@@ -115,7 +115,7 @@ impl Kloigos {
         )
     }
 
-    fn apply_allocate(&self, unit: &Unit, key: &str) -> Result<()> {
+    pub(super) fn apply_allocate(&self, unit: &Unit, key: &str) -> Result<()> {
         let server = self
             .store
             .server(&unit.hostname)?

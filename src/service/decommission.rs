@@ -72,15 +72,21 @@ impl Kloigos {
 
     pub(super) fn finish_decommission(&self, server: &Server, units: &[Unit]) -> Result<()> {
         if self.is_local(&server.hostname) {
-            let plans = units
-                .iter()
-                .map(|u| self.plan(server, u))
-                .collect::<Result<Vec<_>>>()?;
-            self.host.teardown(&plans, self.kill_grace)?;
-            all_ok(self.apply_local(Some(&server.hostname))?)?;
+            self.take_down(server, units)?;
         }
         self.store
             .retire_server(&server.hostname, ServerStatus::Decommissioned)?;
         Ok(())
+    }
+
+    /// Takes a server's units off this host (processes, files, users) and brings the rest of
+    /// the host in line without them; the inventory is not changed.
+    pub(super) fn take_down(&self, server: &Server, units: &[Unit]) -> Result<()> {
+        let plans = units
+            .iter()
+            .map(|u| self.plan(server, u))
+            .collect::<Result<Vec<_>>>()?;
+        self.host.teardown(&plans, self.kill_grace)?;
+        all_ok(self.apply_local(Some(&server.hostname))?)
     }
 }

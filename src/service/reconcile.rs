@@ -154,7 +154,7 @@ impl Kloigos {
         );
     }
 
-    fn reconcile_unit(
+    pub(super) fn reconcile_unit(
         &self,
         server: &Server,
         unit: &Unit,
