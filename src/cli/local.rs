@@ -214,9 +214,29 @@ pub(super) fn join(
     hubs: Vec<String>,
     token_file: &Path,
     poke_url: Option<String>,
+    force: bool,
     as_json: bool,
 ) -> Result<()> {
     let k = open(local)?;
+    // A standalone host's own units would be torn down by the first pull: say so first.
+    let joined = crate::fleet::JoinConfig::load(&local.root)?.is_some();
+    if !joined && !force {
+        let own: Vec<String> = k
+            .servers()?
+            .into_iter()
+            .filter(|s| crate::plan::is_planned(s, k.local_hostname()))
+            .map(|s| s.hostname)
+            .collect();
+        if !own.is_empty() {
+            return Err(CliError::Problems(format!(
+                "this host has its own server {} in its inventory; once joined, the hub's state \
+                 replaces it and its units are torn down (users, files, processes). Decommission \
+                 it first (`kloigos decommission {}`), or pass --force",
+                own.join(", "),
+                own[0]
+            )));
+        }
+    }
     let token = crate::fleet::read_token(token_file)?;
     let join = crate::fleet::JoinConfig {
         hubs,

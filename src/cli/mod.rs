@@ -163,6 +163,11 @@ pub enum Command {
         /// pulls only by its timer.
         #[arg(long)]
         poke_url: Option<String>,
+        /// Join although this host has servers of its own in its inventory: the hub's state
+        /// replaces them, so their units are torn down (users, files, processes) unless the hub
+        /// has the same server.
+        #[arg(long)]
+        force: bool,
     },
     /// Pull this joined host's desired state from its hub, apply it and report (what
     /// kloigos-pull.service runs).
@@ -324,7 +329,8 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             hubs,
             token_file,
             poke_url,
-        } => local::join(&local, hubs, &token_file, poke_url, cli.json),
+            force,
+        } => local::join(&local, hubs, &token_file, poke_url, force, cli.json),
         Command::Pull { local } => local::pull(&local, cli.json),
         Command::Token { tokens, action } => local::token(&tokens, action, cli.json),
         Command::Reconcile { local } => local::reconcile(&local, cli.json),
