@@ -42,13 +42,15 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Local {
-    /// SQLite database of the inventory.
+    /// The inventory: a SQLite file, or a PostgreSQL URL (postgres://user:pw@host:port/db?
+    /// sslmode=verify-full&sslrootcert=/etc/kloigos/db-ca.pem) shared by a fleet's hubs.
     #[arg(
         long,
         env = "KLOIGOS_DB",
-        default_value = "/var/lib/kloigos/kloigos.db"
+        default_value = "/var/lib/kloigos/kloigos.db",
+        value_parser = crate::store::DbTarget::parse
     )]
-    pub(crate) db: PathBuf,
+    pub(crate) db: crate::store::DbTarget,
     /// Root of the host to manage; anything but / renders files there and runs no system tool.
     #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
     pub(crate) root: PathBuf,
