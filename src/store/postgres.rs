@@ -945,7 +945,7 @@ impl Inventory for PgStore {
             "WITH pick AS ( \
                SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
                WHERE u.status = 'FREE' AND u.problem IS NULL AND s.status = 'READY' \
-               AND u.cpu_count = $1 \
+               AND u.cpu_count = $1::BIGINT \
                AND ($2::TEXT IS NULL OR s.region = $2) AND ($3::TEXT IS NULL OR s.zone = $3) \
                AND s.inventory_only = $4 \
                AND ($4 OR s.hostname = $5 OR EXISTS (SELECT 1 FROM hosts h \

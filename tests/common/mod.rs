@@ -451,7 +451,10 @@ pub fn tree(base: &Path) -> std::collections::BTreeMap<String, String> {
 pub fn files(root: &Path) -> Vec<String> {
     tree(root)
         .into_keys()
-        .filter(|rel| !rel.starts_with("sys/") && !rel.starts_with("proc/"))
+        // run/kloigos/kloigos.lock: the host lock of a PostgreSQL inventory
+        .filter(|rel| {
+            !rel.starts_with("sys/") && !rel.starts_with("proc/") && rel != "run/kloigos/kloigos.lock"
+        })
         .collect()
 }
 
