@@ -1139,7 +1139,7 @@ impl Inventory for PgStore {
         // The report's facts (when it has some) replace the ones of the join.
         self.exec(
             "UPDATE hosts SET last_report = $2, last_report_at = $3, version = $4, \
-             facts = CASE WHEN jsonb_typeof($2 -> 'facts') = 'object' THEN $2 -> 'facts' \
+             facts = CASE WHEN jsonb_typeof($2::JSONB -> 'facts') = 'object' THEN $2::JSONB -> 'facts' \
                      ELSE facts END, \
              unreachable_since = NULL, unreachable_reason = NULL WHERE hostname = $1",
             &[&hostname, report, &crate::time::now(), &version],
