@@ -171,6 +171,14 @@ pub enum Command {
         /// Root of the host to check.
         #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
         root: PathBuf,
+        /// The inventory to check (as `serve --db`).
+        #[arg(
+            long,
+            env = "KLOIGOS_DB",
+            default_value = "/var/lib/kloigos/kloigos.db",
+            value_parser = crate::store::DbTarget::parse
+        )]
+        db: crate::store::DbTarget,
     },
     /// List compute units.
     Units {
@@ -292,7 +300,7 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
         Command::Token { tokens, action } => local::token(&tokens, action, cli.json),
         Command::Reconcile { local } => local::reconcile(&local, cli.json),
         Command::Render { local, out } => local::render(&local, out.as_deref()),
-        Command::Doctor { root } => local::doctor(&root, cli.json),
+        Command::Doctor { root, db } => local::doctor(&root, &db, cli.json),
         other => client::client(&cli.socket, cli.url.as_deref(), cli.json, other),
     }
 }

@@ -54,6 +54,27 @@ impl std::fmt::Display for DbTarget {
     }
 }
 
+/// For `kloigos doctor`: which backend, and whether it is usable (`Err`: why not). Opens no
+/// SQLite file (doctor runs before the first start too) and migrates nothing.
+pub fn check(target: &DbTarget) -> std::result::Result<String, String> {
+    match target {
+        DbTarget::Sqlite(p) => Ok(match std::fs::metadata(p) {
+            Ok(m) => format!("sqlite {} ({} bytes)", p.display(), m.len()),
+            Err(_) => format!("sqlite {} (created at the first start)", p.display()),
+        }),
+        DbTarget::Postgres(url) => match PgStore::schema_version(url) {
+            Ok((found, known)) if found > known => Err(format!(
+                "postgresql {target}: schema version {found} is newer than this kloigos ({known})"
+            )),
+            Ok((found, known)) if found < known => Ok(format!(
+                "postgresql {target}: schema version {found}, migrated to {known} at the next start"
+            )),
+            Ok((found, _)) => Ok(format!("postgresql {target}: schema version {found}")),
+            Err(e) => Err(format!("postgresql {target}: {}", crate::error::Chain(&e))),
+        },
+    }
+}
+
 /// Opens the inventory `target` names and brings its schema up to date.
 pub fn open(target: &DbTarget) -> Result<Box<dyn Inventory>> {
     Ok(match target {

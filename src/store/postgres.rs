@@ -631,9 +631,8 @@ async fn insert_event(c: &impl tokio_postgres::GenericClient, e: NewEvent<'_>) -
 }
 
 impl PgStore {
-    /// Connects to `url` (libpq-style URL, see README "PostgreSQL") and migrates the schema.
-    /// Fails when the database cannot be reached or migrated.
-    pub(crate) fn open(url: &str) -> Result<PgStore> {
+    /// A pool for `url`; connects lazily.
+    fn connect(url: &str) -> Result<PgStore> {
         let target = split_url(url)?;
         let mut config: tokio_postgres::Config = target
             .url
@@ -679,12 +678,46 @@ impl PgStore {
                 .build()
                 .map_err(|e| StoreError::Config(e.to_string()))?
         };
-        let store = PgStore { rt: Some(rt), pool };
+        Ok(PgStore { rt: Some(rt), pool })
+    }
+
+    /// Connects to `url` (libpq-style URL, see README "PostgreSQL") and migrates the schema.
+    /// Fails when the database cannot be reached or migrated.
+    pub(crate) fn open(url: &str) -> Result<PgStore> {
+        let store = Self::connect(url)?;
         store.block(async {
             let mut c = store.pool.get().await.map_err(pool_error)?;
             migrate(&mut c).await
         })?;
         Ok(store)
+    }
+
+    /// For `kloigos doctor`: the schema version of the database at `url` and the newest this
+    /// binary knows, without migrating anything.
+    pub(crate) fn schema_version(url: &str) -> Result<(i64, i64)> {
+        let store = Self::connect(url)?;
+        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        let found = store.block(async {
+            let c = store.pool.get().await.map_err(pool_error)?;
+            let exists: bool = c
+                .query_one(
+                    "SELECT to_regclass('kloigos_migrations') IS NOT NULL",
+                    &[],
+                )
+                .await?
+                .try_get(0)?;
+            if !exists {
+                return Ok(0);
+            }
+            let row = c
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0) FROM kloigos_migrations",
+                    &[],
+                )
+                .await?;
+            Ok(row.try_get::<_, i64>(0)?)
+        })?;
+        Ok((found, known))
     }
 
     /// Runs `fut` to completion on the store's runtime, at most [`CALL_TIMEOUT`].
