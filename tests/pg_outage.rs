@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn pg_ctl(action: &str) {
-    let ctl = std::env::var("KLOIGOS_TEST_PG_CTL").expect("KLOIGOS_TEST_PG_CTL (scripts/lib/pg.sh)");
+    let ctl =
+        std::env::var("KLOIGOS_TEST_PG_CTL").expect("KLOIGOS_TEST_PG_CTL (scripts/lib/pg.sh)");
     let mut words = ctl.split_whitespace();
     let mut cmd = Command::new(words.next().expect("pg_ctl command"));
     cmd.args(words).arg(action);

@@ -27,9 +27,10 @@ pub enum CliError {
     /// The API refused the request: its explanation.
     #[error("{0}")]
     Refused(String),
+    /// `db`: the SQLite path or the PostgreSQL URL without its password.
     #[error("cannot open the inventory {db}")]
     Open {
-        db: crate::store::DbTarget,
+        db: String,
         #[source]
         source: OpError,
     },

@@ -15,7 +15,7 @@ fn secs(s: f64) -> Duration {
 /// The service on this host's inventory.
 fn open(local: &Local) -> Result<Kloigos> {
     Kloigos::open(&local.config()).map_err(|source| CliError::Open {
-        db: local.db.clone(),
+        db: local.db.to_string(),
         source,
     })
 }

@@ -10,9 +10,9 @@ mod sqlite;
 
 pub use crate::model::status::{Limits, ServerStatus, UnitStatus};
 use crate::model::{CpuList, PortRanges};
+pub(crate) use postgres::PgStore;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-pub(crate) use postgres::PgStore;
 pub(crate) use sqlite::Store;
 use std::path::PathBuf;
 
@@ -28,11 +28,13 @@ pub enum DbTarget {
 impl DbTarget {
     /// Parses a `--db` value (never fails: anything but a PostgreSQL URL is a path).
     pub fn parse(v: &str) -> std::result::Result<DbTarget, std::convert::Infallible> {
-        Ok(if v.starts_with("postgres://") || v.starts_with("postgresql://") {
-            DbTarget::Postgres(v.to_string())
-        } else {
-            DbTarget::Sqlite(PathBuf::from(v))
-        })
+        Ok(
+            if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                DbTarget::Postgres(v.to_string())
+            } else {
+                DbTarget::Sqlite(PathBuf::from(v))
+            },
+        )
     }
 
     /// The backend's name, as `kloigos doctor` reports it.

@@ -104,7 +104,7 @@ CREATE TABLE hosts (
 "#];
 
 /// Serializes migrations across hubs (`pg_advisory_xact_lock`): "kloigos" in ASCII.
-const MIGRATION_LOCK: i64 = 0x6b6c_6f69_676f_73;
+const MIGRATION_LOCK: i64 = 0x006b_6c6f_6967_6f73;
 
 /// Connections per process.
 const POOL_SIZE: usize = 16;
@@ -275,9 +275,7 @@ fn tls_config(t: &Target) -> Result<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         let certs = CertificateDer::pem_file_iter(&path)
             .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| {
-                StoreError::Config(format!("sslrootcert {}: {e}", path.display()))
-            })?;
+            .map_err(|e| StoreError::Config(format!("sslrootcert {}: {e}", path.display())))?;
         let (added, _) = roots.add_parsable_certificates(certs);
         if added == 0 {
             return Err(StoreError::Config(format!(
@@ -700,10 +698,7 @@ impl PgStore {
         let found = store.block(async {
             let c = store.pool.get().await.map_err(pool_error)?;
             let exists: bool = c
-                .query_one(
-                    "SELECT to_regclass('kloigos_migrations') IS NOT NULL",
-                    &[],
-                )
+                .query_one("SELECT to_regclass('kloigos_migrations') IS NOT NULL", &[])
                 .await?
                 .try_get(0)?;
             if !exists {
@@ -825,8 +820,11 @@ impl Inventory for PgStore {
                 ) {
                     return Ok(Err(status));
                 }
-                tx.execute("DELETE FROM servers WHERE hostname = $1", &[&server.hostname])
-                    .await?;
+                tx.execute(
+                    "DELETE FROM servers WHERE hostname = $1",
+                    &[&server.hostname],
+                )
+                .await?;
             }
             tx.execute(
                 "INSERT INTO servers (hostname, ip, region, zone, status, cpu_ranges, port_base, \
@@ -909,8 +907,11 @@ impl Inventory for PgStore {
         self.block(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await?;
-            tx.execute("DELETE FROM compute_units WHERE hostname = $1", &[&hostname])
-                .await?;
+            tx.execute(
+                "DELETE FROM compute_units WHERE hostname = $1",
+                &[&hostname],
+            )
+            .await?;
             tx.execute(
                 "UPDATE servers SET status = $2, updated_at = $3 WHERE hostname = $1",
                 &[&hostname, &status.as_str(), &crate::time::now()],

@@ -256,7 +256,6 @@ fn transition_in(
     Ok(Transition::Done(Box::new(unit)))
 }
 
-
 /// Appends an audit record on `conn` (a connection or a transaction); returns its id.
 fn insert_event(conn: &Connection, e: NewEvent<'_>) -> Result<i64> {
     let (result, detail) = match e.result {
@@ -284,7 +283,7 @@ fn insert_event(conn: &Connection, e: NewEvent<'_>) -> Result<i64> {
         ],
     )?;
     Ok(conn.last_insert_rowid())
-    }
+}
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.

@@ -88,10 +88,7 @@ fn psql(base: &str, sql: &str) {
 pub fn on_postgres(why: &str) -> bool {
     let pg = std::env::var("KLOIGOS_TEST_BACKEND").is_ok_and(|v| v == "postgres");
     if pg {
-        let test = std::thread::current()
-            .name()
-            .unwrap_or("test")
-            .to_string();
+        let test = std::thread::current().name().unwrap_or("test").to_string();
         eprintln!("SKIP {test} on PostgreSQL: {why}");
     }
     pg
@@ -453,7 +450,9 @@ pub fn files(root: &Path) -> Vec<String> {
         .into_keys()
         // run/kloigos/kloigos.lock: the host lock of a PostgreSQL inventory
         .filter(|rel| {
-            !rel.starts_with("sys/") && !rel.starts_with("proc/") && rel != "run/kloigos/kloigos.lock"
+            !rel.starts_with("sys/")
+                && !rel.starts_with("proc/")
+                && rel != "run/kloigos/kloigos.lock"
         })
         .collect()
 }

@@ -215,7 +215,9 @@ fn tls_is_verified_and_unix_sockets_work() {
         let dir = tempfile::tempdir().unwrap();
         let other = dir.path().join("other.pem");
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
             .args(["-subj", "/CN=other", "-keyout"])
             .arg(dir.path().join("k"))
             .arg("-out")
@@ -348,7 +350,10 @@ fn eligibility_follows_hosts_like_sqlite() {
     }
     let since = crate::time::now();
     assert!(s.put_host("a-stale", "t1").unwrap());
-    assert!(!s.put_host("a-stale", "t1b").unwrap(), "known host: new token");
+    assert!(
+        !s.put_host("a-stale", "t1b").unwrap(),
+        "known host: new token"
+    );
     assert_eq!(s.host_by_token("t1").unwrap(), None);
     assert_eq!(s.host_by_token("t1b").unwrap().as_deref(), Some("a-stale"));
     s.put_host("b-down", "t2").unwrap();
@@ -413,7 +418,14 @@ fn transition_logged_commits_the_audit_row_with_the_move() {
         before: None,
         after: Some(serde_json::json!({"status": "ALLOCATED"})),
     };
-    let count = || s.events(&EventFilter { limit: 100, ..Default::default() }).unwrap().len();
+    let count = || {
+        s.events(&EventFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap()
+        .len()
+    };
     // The audit row cannot be written (PostgreSQL refuses NUL in text): the move is undone.
     assert!(
         s.transition_logged(
@@ -425,7 +437,10 @@ fn transition_logged_commits_the_audit_row_with_the_move() {
         )
         .is_err()
     );
-    assert_eq!(s.unit(&u.compute_id).unwrap().unwrap().status, UnitStatus::Allocating);
+    assert_eq!(
+        s.unit(&u.compute_id).unwrap().unwrap().status,
+        UnitStatus::Allocating
+    );
     assert_eq!(count(), 0);
     let Transition::Done(done) = s
         .transition_logged(
@@ -459,13 +474,23 @@ fn transition_logged_commits_the_audit_row_with_the_move() {
         Transition::WrongState(UnitStatus::Allocated)
     ));
     assert!(matches!(
-        s.transition("nope", &[UnitStatus::Free], UnitStatus::Allocating, UnitChange::default())
-            .unwrap(),
+        s.transition(
+            "nope",
+            &[UnitStatus::Free],
+            UnitStatus::Allocating,
+            UnitChange::default()
+        )
+        .unwrap(),
         Transition::NotFound
     ));
     // A move the life cycle forbids, from an allowed status: an error, not a silent no-op.
     assert!(matches!(
-        s.transition(&u.compute_id, &[UnitStatus::Allocated], UnitStatus::Free, UnitChange::default()),
+        s.transition(
+            &u.compute_id,
+            &[UnitStatus::Allocated],
+            UnitStatus::Free,
+            UnitChange::default()
+        ),
         Err(StoreError::Transition { .. })
     ));
     assert_eq!(count(), 1);
@@ -501,7 +526,8 @@ fn unavailable_while_the_server_is_down_then_recovers() {
         return;
     };
     let Ok(ctl) = std::env::var("KLOIGOS_TEST_PG_CTL") else {
-        let why = "SKIP unavailable_while_the_server_is_down_then_recovers: needs KLOIGOS_TEST_PG_CTL";
+        let why =
+            "SKIP unavailable_while_the_server_is_down_then_recovers: needs KLOIGOS_TEST_PG_CTL";
         assert!(
             std::env::var_os("KLOIGOS_REQUIRE_PRIVILEGED").is_none_or(|v| v != "1"),
             "{why}"
