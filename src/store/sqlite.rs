@@ -824,6 +824,54 @@ mod tests {
     }
 
     #[test]
+    fn transition_logged_records_only_a_done_move() {
+        let s = Store::open_in_memory().unwrap();
+        s.begin_init(&server("h1"), &units("h1")).unwrap().unwrap();
+        s.set_server_status("h1", ServerStatus::Ready, Some(UnitStatus::Free))
+            .unwrap();
+        let u = claim(&s, 2, None, None, "k", "alice").unwrap().unwrap();
+        let ev = || NewEvent {
+            actor: "alice",
+            operation: "allocate",
+            compute_id: Some("h1_0-1"),
+            hostname: Some("h1"),
+            result: Ok(()),
+            before: None,
+            after: None,
+        };
+        let count = || {
+            s.events(&EventFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .len()
+        };
+        let t = s
+            .transition_logged(
+                &u.compute_id,
+                &[UnitStatus::Allocating],
+                UnitStatus::Allocated,
+                UnitChange::default(),
+                ev(),
+            )
+            .unwrap();
+        assert!(matches!(t, Transition::Done(ref d) if d.status == UnitStatus::Allocated));
+        assert_eq!(count(), 1);
+        let t = s
+            .transition_logged(
+                &u.compute_id,
+                &[UnitStatus::Allocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+                ev(),
+            )
+            .unwrap();
+        assert!(matches!(t, Transition::WrongState(UnitStatus::Allocated)));
+        assert_eq!(count(), 1);
+    }
+
+    #[test]
     fn events_page_newest_first() {
         let s = Store::open_in_memory().unwrap();
         for i in 0..5 {
