@@ -4,7 +4,9 @@
 //! from CLI commands without a runtime), so a [`PgStore`] owns a small tokio runtime that drives
 //! its connection pool (deadpool-postgres over tokio-postgres, TLS with rustls) and blocks on
 //! it in each method. Blocking on a runtime is legal from any thread that is not itself
-//! running async code: a plain thread or a `spawn_blocking` thread of another runtime.
+//! running async code: a plain thread or a `spawn_blocking` thread of another runtime (a
+//! worker of a multi-threaded runtime goes through `block_in_place`; a current-thread
+//! runtime's thread must not call it).
 //!
 //! Each method is one transaction (or one statement). `claim_free` picks and claims a unit in
 //! one statement with `FOR UPDATE OF u SKIP LOCKED`, so concurrent hubs never wait on each
@@ -720,16 +722,22 @@ impl PgStore {
         let Some(rt) = &self.rt else {
             return Err(StoreError::Unavailable("store closed".into()));
         };
-        rt.block_on(async {
-            tokio::time::timeout(CALL_TIMEOUT, fut)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable(format!(
-                        "no answer within {} s",
-                        CALL_TIMEOUT.as_secs()
-                    )))
-                })
-        })
+        let run = || {
+            rt.block_on(async {
+                tokio::time::timeout(CALL_TIMEOUT, fut)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(format!(
+                            "no answer within {} s",
+                            CALL_TIMEOUT.as_secs()
+                        )))
+                    })
+            })
+        };
+        // On a plain thread or a `spawn_blocking` thread this just runs `run`; on a worker of
+        // a multi-threaded runtime (a caller that forgot `spawn_blocking`) it first moves the
+        // worker's other tasks away, where `block_on` alone would panic.
+        tokio::task::block_in_place(run)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {

@@ -584,3 +584,34 @@ fn unavailable_while_the_server_is_down_then_recovers() {
     }
     assert!(t.elapsed() < Duration::from_secs(8));
 }
+
+#[test]
+fn callable_from_blocking_threads_and_async_workers() {
+    let Some(base) = cluster("callable_from_blocking_threads_and_async_workers") else {
+        return;
+    };
+    let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
+    let db = fresh_db(&base);
+    let s = Arc::new(PgStore::open(&url(&base, &db)).unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (a, b) = rt.block_on(async {
+        let s1 = s.clone();
+        // As the API calls it ...
+        let a = tokio::task::spawn_blocking(move || s1.servers().map(|v| v.len()))
+            .await
+            .unwrap();
+        // ... and straight from a task, which must not panic.
+        let s2 = s.clone();
+        let b = tokio::spawn(async move { s2.servers().map(|v| v.len()) })
+            .await
+            .unwrap();
+        (a, b)
+    });
+    assert_eq!((a.unwrap(), b.unwrap()), (0, 0));
+    // The store dropped inside the runtime: no panic either.
+    rt.block_on(async move { drop(s) });
+}
