@@ -24,9 +24,7 @@ fn pg_ctl(action: &str) {
 
 #[test]
 fn database_outage_gives_503_then_service_resumes() {
-    if std::env::var("KLOIGOS_TEST_BACKEND").is_ok_and(|v| v != "postgres")
-        || std::env::var_os("KLOIGOS_TEST_BACKEND").is_none()
-    {
+    if !std::env::var("KLOIGOS_TEST_BACKEND").is_ok_and(|v| v == "postgres") {
         eprintln!(
             "SKIP database_outage_gives_503_then_service_resumes: the API suite runs on SQLite \
              (KLOIGOS_TEST_BACKEND=postgres selects PostgreSQL)"
