@@ -615,3 +615,94 @@ fn callable_from_blocking_threads_and_async_workers() {
     // The store dropped inside the runtime: no panic either.
     rt.block_on(async move { drop(s) });
 }
+
+#[test]
+fn claims_pick_the_same_units_as_sqlite() {
+    let Some(base) = cluster("claims_pick_the_same_units_as_sqlite") else {
+        return;
+    };
+    let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
+    let db = fresh_db(&base);
+    let pg = PgStore::open(&url(&base, &db)).unwrap();
+    let lite = crate::store::Store::open_in_memory().unwrap();
+    let stores: [&dyn Inventory; 2] = [&pg, &lite];
+    // The same inventory in both: servers in two regions and zones, one inventory-only, one
+    // not READY, a unit with a problem, mixed unit sizes.
+    for s in stores {
+        for (h, region, zone, only, cpus) in [
+            ("local", "eu", "a", false, 8),
+            ("b-other", "eu", "b", false, 4),
+            ("c-inv", "us", "a", true, 4),
+            ("a-init", "eu", "a", false, 4),
+        ] {
+            let (mut srv, mut units) = server(h, cpus);
+            srv.region = region.into();
+            srv.zone = zone.into();
+            srv.inventory_only = only;
+            if h == "local" {
+                // one 4-CPU unit too
+                units.truncate(2);
+                units.push(NewUnit {
+                    compute_id: "local_4-7".into(),
+                    cpu_range: CpuList::from_cpus(4..8).unwrap(),
+                    cpu_count: 4,
+                    first_cpu: 4,
+                    uid: 20004,
+                    user: "u4-7".into(),
+                    ports_range: PortRanges(vec![(2080, 2159)]),
+                });
+            }
+            s.begin_init(&srv, &units).unwrap().unwrap();
+            if h != "a-init" {
+                s.set_server_status(h, ServerStatus::Ready, Some(UnitStatus::Free))
+                    .unwrap();
+            }
+        }
+        s.set_problem("local_0-1", Some("wrecked")).unwrap();
+    }
+    let asks: Vec<(u32, Option<&str>, Option<&str>, bool)> = vec![
+        (2, None, None, false),
+        (2, Some("eu"), Some("a"), false),
+        (4, None, None, false),
+        (2, Some("us"), None, true),
+        (2, None, None, true),
+        (2, None, None, true),
+        (2, None, None, false),
+        (4, None, None, false),
+    ];
+    let picks: Vec<Vec<Option<String>>> = stores
+        .iter()
+        .map(|s| {
+            asks.iter()
+                .map(|&(cpu_count, region, zone, inventory_only)| {
+                    s.claim_free(&Claim {
+                        cpu_count,
+                        region,
+                        zone,
+                        inventory_only,
+                        ..claim("local", "1970")
+                    })
+                    .unwrap()
+                    .map(|u| u.compute_id)
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(picks[0], picks[1]);
+    // ... and what they picked is what the rule says: b-other is neither this host nor a
+    // joined one, a-init is not READY, local_0-1 has a problem, c-inv only on request.
+    let want = [
+        Some("local_2-3"),
+        None,
+        Some("local_4-7"),
+        Some("c-inv_0-1"),
+        Some("c-inv_2-3"),
+        None,
+        None,
+        None,
+    ];
+    assert_eq!(
+        picks[0].iter().map(Option::as_deref).collect::<Vec<_>>(),
+        want
+    );
+}
