@@ -83,17 +83,6 @@ fn psql(base: &str, sql: &str) {
     assert!(out.status.success(), "psql {sql}: {out:?}");
 }
 
-/// Whether the API suite runs on PostgreSQL; a test that inspects the SQLite file itself
-/// calls it and returns early, saying why.
-pub fn on_postgres(why: &str) -> bool {
-    let pg = std::env::var("KLOIGOS_TEST_BACKEND").is_ok_and(|v| v == "postgres");
-    if pg {
-        let test = std::thread::current().name().unwrap_or("test").to_string();
-        eprintln!("SKIP {test} on PostgreSQL: {why}");
-    }
-    pg
-}
-
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_kloigos")
 }
