@@ -10,14 +10,23 @@ start=$(date +%s)
 step "dependencies"
 # shellcheck source=lib/deps.sh
 . scripts/lib/deps.sh
+# shellcheck source=lib/pg.sh
+. scripts/lib/pg.sh
 deps_need python3:python3 curl:curl nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux prlimit:util-linux \
-  ip:iproute2 ssh-keygen:openssh-client ansible-inventory:ansible-core ansible:ansible-core
+  ip:iproute2 ssh-keygen:openssh-client ansible-inventory:ansible-core ansible:ansible-core \
+  psql:postgresql-client openssl:openssl
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --all-targets --all-features --locked -- -D warnings
+
+step "PostgreSQL test cluster"
+# A throw-away cluster (Debian's postgresql, as nobody, TLS on) for the PgStore unit tests and
+# the API suite's PostgreSQL pass below; removed on exit.
+pg_start
+trap pg_stop EXIT
 
 step "unit, golden, API and kernel tests"
 # test-hooks: the crash-window tests (KLOIGOS_TEST_PAUSE); release builds have no such hooks.
@@ -27,6 +36,15 @@ KLOIGOS_REQUIRE_PRIVILEGED=1 cargo test --locked --features test-hooks
 cargo test --locked --lib service::tests
 
 echo "unit, golden, API and kernel tests done after $(( $(date +%s) - start )) s"
+
+step "API tests on PostgreSQL"
+# The same API, role and CLI suites, each server on its own database of the cluster (TLS with
+# verify-full), plus the outage test (503 while PostgreSQL is down, then recovery).
+pg_t=$(date +%s)
+KLOIGOS_TEST_BACKEND=postgres KLOIGOS_REQUIRE_PRIVILEGED=1 \
+  cargo test --locked --features test-hooks --test api --test roles --test cli --test pg_outage
+pg_stop
+echo "API tests on PostgreSQL done in $(( $(date +%s) - pg_t )) s"
 
 step "dashboard in a browser (headless Chromium, playwright-core)"
 tests/browser/run.sh

@@ -36,6 +36,12 @@ impl Check {
             },
         }
     }
+
+    /// The inventory's backend, and for PostgreSQL whether it answers with a schema this
+    /// binary can use.
+    pub(crate) fn inventory(db: &crate::store::DbTarget) -> Check {
+        Check::new("inventory", crate::store::check(db))
+    }
 }
 
 /// Every check, in a fixed order. `sshd_t` is the output of `sshd -T` if it could be run.

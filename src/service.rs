@@ -10,7 +10,7 @@ use crate::model::{self, CpuList, PortPlan, validate::SshKey};
 use crate::plan::{self, Desired};
 use crate::render::{HostFacts, RenderError, RenderedFile, Renderer, UnitPlan};
 use crate::store::{
-    Event, EventFilter, Inventory, Limits, NewEvent, Server, Store, StoreError, Unit, UnitFilter,
+    Event, EventFilter, Inventory, Limits, NewEvent, Server, StoreError, Unit, UnitFilter,
     UnitStatus,
 };
 use serde_json::{Value, json};
@@ -129,7 +129,7 @@ pub struct Allocate {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub db: PathBuf,
+    pub db: crate::store::DbTarget,
     pub root: PathBuf,
     pub templates: Vec<PathBuf>,
     /// The name of the host this process runs on; units of other hosts are inventory only.
@@ -264,15 +264,29 @@ fn test_pause(point: &str) {
 
 impl Kloigos {
     pub fn open(cfg: &Config) -> Result<Kloigos> {
-        let store = Box::new(Store::open(&cfg.db)?);
+        let store = crate::store::open(&cfg.db)?;
         let host = Host::new(&cfg.root);
         let renderer = Renderer::load(&cfg.templates)?;
         let local = cfg
             .hostname
             .clone()
             .unwrap_or_else(|| local_hostname(&cfg.root, host.is_live()));
-        let mut lock_path = cfg.db.clone().into_os_string();
-        lock_path.push(".lock");
+        // The host lock: next to a SQLite file, or under the root's run/kloigos for PostgreSQL.
+        let lock_path: PathBuf = match &cfg.db {
+            crate::store::DbTarget::Sqlite(p) => {
+                let mut l = p.clone().into_os_string();
+                l.push(".lock");
+                l.into()
+            }
+            crate::store::DbTarget::Postgres(_) => {
+                let dir = cfg.root.join("run/kloigos");
+                std::fs::create_dir_all(&dir).map_err(|source| StoreError::Directory {
+                    path: dir.clone(),
+                    source,
+                })?;
+                dir.join("kloigos.lock")
+            }
+        };
         let facts = HostFacts {
             hostname: local.clone(),
             socket_bind: host.socket_bind_supported(),
@@ -282,7 +296,7 @@ impl Kloigos {
             host,
             renderer,
             local,
-            lock_path: lock_path.into(),
+            lock_path,
             kill_grace: cfg.kill_grace,
             facts,
             host_stale_after: cfg.host_stale_after,

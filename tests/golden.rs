@@ -37,7 +37,7 @@ fn run_case(case: &Path) -> Result<(), String> {
     copy(&case.join("root"), &root);
     let before = tree(&root);
     let mut k = Kloigos::open(&Config {
-        db: tmp.path().join("k.db"),
+        db: kloigos::store::DbTarget::Sqlite(tmp.path().join("k.db")),
         root: root.clone(),
         templates: vec![case.join("templates")],
         hostname: None,

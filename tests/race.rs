@@ -115,7 +115,7 @@ impl Rig {
         .unwrap();
         std::fs::create_dir_all(target.join("empty")).unwrap();
         let k = Kloigos::open(&Config {
-            db: dir.path().join("kloigos.db"),
+            db: kloigos::store::DbTarget::Sqlite(dir.path().join("kloigos.db")),
             root: root.clone(),
             templates: vec![PathBuf::from("/nonexistent")],
             hostname: Some(HOST.into()),

@@ -39,6 +39,14 @@ impl From<OpError> for ApiError {
             OpError::NotFound(m) => ApiError::detail(StatusCode::NOT_FOUND, m),
             OpError::Conflict(m) => ApiError::detail(StatusCode::CONFLICT, m),
             OpError::Forbidden(m) => ApiError::detail(StatusCode::FORBIDDEN, m),
+            // The database is down or restarting: the caller may retry.
+            OpError::Store(crate::store::StoreError::Unavailable(why)) => {
+                tracing::warn!(reason = %why, "database unavailable");
+                ApiError::detail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("database unavailable: {why}"),
+                )
+            }
             other => {
                 tracing::error!(error = %crate::error::Chain(&other), "request failed");
                 ApiError::detail(

@@ -4,7 +4,6 @@
 use crate::apply::ApplyError;
 use crate::auth::TokenError;
 use crate::service::OpError;
-use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -28,9 +27,10 @@ pub enum CliError {
     /// The API refused the request: its explanation.
     #[error("{0}")]
     Refused(String),
-    #[error("cannot open the inventory {}", path.display())]
+    /// `db`: the SQLite path or the PostgreSQL URL without its password.
+    #[error("cannot open the inventory {db}")]
     Open {
-        path: PathBuf,
+        db: String,
         #[source]
         source: OpError,
     },

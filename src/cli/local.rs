@@ -19,7 +19,7 @@ fn open(local: &Local) -> Result<Kloigos> {
         config.hostname = crate::fleet::JoinConfig::load(&local.root)?.map(|j| j.hostname);
     }
     Kloigos::open(&config).map_err(|source| CliError::Open {
-        path: local.db.clone(),
+        db: local.db.to_string(),
         source,
     })
 }
@@ -110,14 +110,15 @@ pub(super) fn render(local: &Local, out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn doctor(root: &Path, as_json: bool) -> Result<()> {
+pub(super) fn doctor(root: &Path, db: &crate::store::DbTarget, as_json: bool) -> Result<()> {
     let live = crate::apply::Host::new(root).is_live();
     let sshd_t = if live {
         crate::doctor::sshd_effective_config()
     } else {
         None
     };
-    let checks = crate::doctor::checks(root, sshd_t.as_deref());
+    let mut checks = crate::doctor::checks(root, sshd_t.as_deref());
+    checks.push(crate::doctor::Check::inventory(db));
     if as_json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {

@@ -43,13 +43,15 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Local {
-    /// SQLite database of the inventory.
+    /// The inventory: a SQLite file, or a PostgreSQL URL (postgres://user:pw@host:port/db?
+    /// sslmode=verify-full&sslrootcert=/etc/kloigos/db-ca.pem) shared by a fleet's hubs.
     #[arg(
         long,
         env = "KLOIGOS_DB",
-        default_value = "/var/lib/kloigos/kloigos.db"
+        default_value = "/var/lib/kloigos/kloigos.db",
+        value_parser = crate::store::DbTarget::parse
     )]
-    pub(crate) db: PathBuf,
+    pub(crate) db: crate::store::DbTarget,
     /// Root of the host to manage; anything but / renders files there and runs no system tool.
     #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
     pub(crate) root: PathBuf,
@@ -201,6 +203,14 @@ pub enum Command {
         /// Root of the host to check.
         #[arg(long, env = "KLOIGOS_ROOT", default_value = "/")]
         root: PathBuf,
+        /// The inventory to check (as `serve --db`).
+        #[arg(
+            long,
+            env = "KLOIGOS_DB",
+            default_value = "/var/lib/kloigos/kloigos.db",
+            value_parser = crate::store::DbTarget::parse
+        )]
+        db: crate::store::DbTarget,
     },
     /// List compute units.
     Units {
@@ -335,7 +345,7 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
         Command::Token { tokens, action } => local::token(&tokens, action, cli.json),
         Command::Reconcile { local } => local::reconcile(&local, cli.json),
         Command::Render { local, out } => local::render(&local, out.as_deref()),
-        Command::Doctor { root } => local::doctor(&root, cli.json),
+        Command::Doctor { root, db } => local::doctor(&root, &db, cli.json),
         Command::Inventory(args) => inventory::run(&cli.socket, cli.url.as_deref(), &args),
         other => client::client(&cli.socket, cli.url.as_deref(), cli.json, other),
     }

@@ -5,13 +5,85 @@
 //! default. The values it hands out are typed: CPU lists and port ranges are [`CpuList`] and
 //! [`PortRanges`] (serialized as the same strings as before), statuses are the `model` enums.
 
+mod postgres;
 mod sqlite;
 
 pub use crate::model::status::{Limits, ServerStatus, UnitStatus};
 use crate::model::{CpuList, PortRanges};
+pub(crate) use postgres::PgStore;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 pub(crate) use sqlite::Store;
+use std::path::PathBuf;
+
+/// Where the inventory lives: a SQLite file (one host) or a PostgreSQL database (a fleet's
+/// hubs share it). `--db`/`KLOIGOS_DB`: a value starting with `postgres://` or
+/// `postgresql://` is PostgreSQL, anything else a SQLite path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbTarget {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl DbTarget {
+    /// Parses a `--db` value (never fails: anything but a PostgreSQL URL is a path).
+    pub fn parse(v: &str) -> std::result::Result<DbTarget, std::convert::Infallible> {
+        Ok(
+            if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                DbTarget::Postgres(v.to_string())
+            } else {
+                DbTarget::Sqlite(PathBuf::from(v))
+            },
+        )
+    }
+
+    /// The backend's name, as `kloigos doctor` reports it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            DbTarget::Sqlite(_) => "sqlite",
+            DbTarget::Postgres(_) => "postgresql",
+        }
+    }
+}
+
+/// For messages: the path, or the URL without its password.
+impl std::fmt::Display for DbTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbTarget::Sqlite(p) => write!(f, "{}", p.display()),
+            DbTarget::Postgres(url) => f.write_str(&postgres::redact(url)),
+        }
+    }
+}
+
+/// For `kloigos doctor`: which backend, and whether it is usable (`Err`: why not). Opens no
+/// SQLite file (doctor runs before the first start too) and migrates nothing.
+pub fn check(target: &DbTarget) -> std::result::Result<String, String> {
+    match target {
+        DbTarget::Sqlite(p) => Ok(match std::fs::metadata(p) {
+            Ok(m) => format!("sqlite {} ({} bytes)", p.display(), m.len()),
+            Err(_) => format!("sqlite {} (created at the first start)", p.display()),
+        }),
+        DbTarget::Postgres(url) => match PgStore::schema_version(url) {
+            Ok((found, known)) if found > known => Err(format!(
+                "postgresql {target}: schema version {found} is newer than this kloigos ({known})"
+            )),
+            Ok((found, known)) if found < known => Ok(format!(
+                "postgresql {target}: schema version {found}, migrated to {known} at the next start"
+            )),
+            Ok((found, _)) => Ok(format!("postgresql {target}: schema version {found}")),
+            Err(e) => Err(format!("postgresql {target}: {}", crate::error::Chain(&e))),
+        },
+    }
+}
+
+/// Opens the inventory `target` names and brings its schema up to date.
+pub fn open(target: &DbTarget) -> Result<Box<dyn Inventory>> {
+    Ok(match target {
+        DbTarget::Sqlite(p) => Box::new(Store::open(p)?),
+        DbTarget::Postgres(url) => Box::new(PgStore::open(url)?),
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -19,6 +91,17 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database migration")]
     Migration(#[from] rusqlite_migration::Error),
+    #[error("database")]
+    Postgres(#[source] tokio_postgres::Error),
+    /// The database was migrated by a newer kloigos.
+    #[error(
+        "the database schema is at version {found}, newer than this kloigos knows ({known}); \
+         upgrade kloigos"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
+    /// A `--db` URL this build cannot use.
+    #[error("database URL: {0}")]
+    Config(String),
     #[error("corrupt row in the database: {0}")]
     Corrupt(String),
     /// The database cannot be reached (PostgreSQL down, restarting, failing over): the API
@@ -299,6 +382,17 @@ pub trait Inventory: Send + Sync {
         from: &[UnitStatus],
         to: UnitStatus,
         change: UnitChange,
+    ) -> Result<Transition>;
+    /// [`Inventory::transition`] that also appends the audit record `event` in the same
+    /// transaction, only when the transition is done: the state change and its audit row
+    /// commit together or not at all.
+    fn transition_logged(
+        &self,
+        compute_id: &str,
+        from: &[UnitStatus],
+        to: UnitStatus,
+        change: UnitChange,
+        event: NewEvent<'_>,
     ) -> Result<Transition>;
     /// Appends an audit record; returns its id.
     fn record(&self, e: NewEvent<'_>) -> Result<i64>;

@@ -175,6 +175,116 @@ fn event_from_row(row: &Row) -> rusqlite::Result<Event> {
     })
 }
 
+/// The compare-and-set of [`Inventory::transition`] inside the caller's transaction (which
+/// commits it).
+fn transition_in(
+    tx: &rusqlite::Transaction<'_>,
+    compute_id: &str,
+    from: &[UnitStatus],
+    to: UnitStatus,
+    change: UnitChange,
+) -> Result<Transition> {
+    let current: Option<String> = tx
+        .query_row(
+            "SELECT status FROM compute_units WHERE compute_id = ?1",
+            [compute_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(current) = current else {
+        return Ok(Transition::NotFound);
+    };
+    let current: UnitStatus = current.parse().map_err(StoreError::Corrupt)?;
+    if !from.contains(&current) {
+        return Ok(Transition::WrongState(current));
+    }
+    if !current.can_become(to) {
+        return Err(StoreError::Transition {
+            compute_id: compute_id.to_string(),
+            from: current,
+            to,
+        });
+    }
+    tx.execute(
+        "UPDATE compute_units SET status = ?2, updated_at = ?3 WHERE compute_id = ?1",
+        params![compute_id, to.as_str(), crate::time::now()],
+    )?;
+    if let Some(v) = change.started_at {
+        tx.execute(
+            "UPDATE compute_units SET started_at = ?2 WHERE compute_id = ?1",
+            params![compute_id, v],
+        )?;
+    }
+    if let Some(v) = change.tags {
+        let v = v
+            .map(|t| serde_json::to_string(&t).map_err(corrupt))
+            .transpose()?;
+        tx.execute(
+            "UPDATE compute_units SET tags = ?2 WHERE compute_id = ?1",
+            params![compute_id, v],
+        )?;
+    }
+    if let Some(v) = change.ssh_public_key {
+        tx.execute(
+            "UPDATE compute_units SET ssh_public_key = ?2 WHERE compute_id = ?1",
+            params![compute_id, v],
+        )?;
+    }
+    if let Some(v) = change.allocated_by {
+        tx.execute(
+            "UPDATE compute_units SET allocated_by = ?2 WHERE compute_id = ?1",
+            params![compute_id, v],
+        )?;
+    }
+    if let Some(v) = change.claim {
+        tx.execute(
+            "UPDATE compute_units SET claim = ?2 WHERE compute_id = ?1",
+            params![compute_id, v],
+        )?;
+    }
+    if let Some(v) = change.problem {
+        tx.execute(
+            "UPDATE compute_units SET problem = ?2 WHERE compute_id = ?1",
+            params![compute_id, v],
+        )?;
+    }
+    let unit = tx.query_row(
+        &format!("{UNIT_SELECT} WHERE u.compute_id = ?1"),
+        [compute_id],
+        unit_from_row,
+    )?;
+    Ok(Transition::Done(Box::new(unit)))
+}
+
+/// Appends an audit record on `conn` (a connection or a transaction); returns its id.
+fn insert_event(conn: &Connection, e: NewEvent<'_>) -> Result<i64> {
+    let (result, detail) = match e.result {
+        Ok(()) => ("ok", None),
+        Err(d) => ("error", Some(d)),
+    };
+    let js = |v: Option<Value>| v.map(|v| v.to_string());
+    // Whatever a caller can put in a row (a path, a host name) is clipped: a refused
+    // request must not cost more than a few hundred bytes of disk.
+    use crate::audit::{MAX_NAME, MAX_TEXT, clip};
+    let name = |v: Option<&str>| v.map(|v| clip(v, MAX_NAME).into_owned());
+    conn.execute(
+        "INSERT INTO events (time, actor, operation, compute_id, hostname, result, detail, before, after) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            crate::time::now(),
+            clip(e.actor, MAX_NAME),
+            clip(e.operation, MAX_NAME),
+            name(e.compute_id),
+            name(e.hostname),
+            result,
+            detail.map(|d| clip(d, MAX_TEXT)),
+            js(e.before),
+            js(e.after)
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub(crate) fn open(path: &Path) -> Result<Store> {
@@ -463,106 +573,31 @@ impl Inventory for Store {
     ) -> Result<Transition> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: Option<String> = tx
-            .query_row(
-                "SELECT status FROM compute_units WHERE compute_id = ?1",
-                [compute_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(current) = current else {
-            return Ok(Transition::NotFound);
-        };
-        let current: UnitStatus = current.parse().map_err(StoreError::Corrupt)?;
-        if !from.contains(&current) {
-            return Ok(Transition::WrongState(current));
-        }
-        if !current.can_become(to) {
-            return Err(StoreError::Transition {
-                compute_id: compute_id.to_string(),
-                from: current,
-                to,
-            });
-        }
-        tx.execute(
-            "UPDATE compute_units SET status = ?2, updated_at = ?3 WHERE compute_id = ?1",
-            params![compute_id, to.as_str(), crate::time::now()],
-        )?;
-        if let Some(v) = change.started_at {
-            tx.execute(
-                "UPDATE compute_units SET started_at = ?2 WHERE compute_id = ?1",
-                params![compute_id, v],
-            )?;
-        }
-        if let Some(v) = change.tags {
-            let v = v
-                .map(|t| serde_json::to_string(&t).map_err(corrupt))
-                .transpose()?;
-            tx.execute(
-                "UPDATE compute_units SET tags = ?2 WHERE compute_id = ?1",
-                params![compute_id, v],
-            )?;
-        }
-        if let Some(v) = change.ssh_public_key {
-            tx.execute(
-                "UPDATE compute_units SET ssh_public_key = ?2 WHERE compute_id = ?1",
-                params![compute_id, v],
-            )?;
-        }
-        if let Some(v) = change.allocated_by {
-            tx.execute(
-                "UPDATE compute_units SET allocated_by = ?2 WHERE compute_id = ?1",
-                params![compute_id, v],
-            )?;
-        }
-        if let Some(v) = change.claim {
-            tx.execute(
-                "UPDATE compute_units SET claim = ?2 WHERE compute_id = ?1",
-                params![compute_id, v],
-            )?;
-        }
-        if let Some(v) = change.problem {
-            tx.execute(
-                "UPDATE compute_units SET problem = ?2 WHERE compute_id = ?1",
-                params![compute_id, v],
-            )?;
-        }
-        let unit = tx.query_row(
-            &format!("{UNIT_SELECT} WHERE u.compute_id = ?1"),
-            [compute_id],
-            unit_from_row,
-        )?;
+        let t = transition_in(&tx, compute_id, from, to, change)?;
         tx.commit()?;
-        Ok(Transition::Done(Box::new(unit)))
+        Ok(t)
+    }
+
+    fn transition_logged(
+        &self,
+        compute_id: &str,
+        from: &[UnitStatus],
+        to: UnitStatus,
+        change: UnitChange,
+        event: NewEvent<'_>,
+    ) -> Result<Transition> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let t = transition_in(&tx, compute_id, from, to, change)?;
+        if matches!(t, Transition::Done(_)) {
+            insert_event(&tx, event)?;
+        }
+        tx.commit()?;
+        Ok(t)
     }
 
     fn record(&self, e: NewEvent<'_>) -> Result<i64> {
-        let conn = self.conn();
-        let (result, detail) = match e.result {
-            Ok(()) => ("ok", None),
-            Err(d) => ("error", Some(d)),
-        };
-        let js = |v: Option<Value>| v.map(|v| v.to_string());
-        // Whatever a caller can put in a row (a path, a host name) is clipped: a refused
-        // request must not cost more than a few hundred bytes of disk.
-        use crate::audit::{MAX_NAME, MAX_TEXT, clip};
-        let name = |v: Option<&str>| v.map(|v| clip(v, MAX_NAME).into_owned());
-        conn.execute(
-            "INSERT INTO events (time, actor, operation, compute_id, hostname, result, detail, before, after) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                crate::time::now(),
-                clip(e.actor, MAX_NAME),
-                clip(e.operation, MAX_NAME),
-                name(e.compute_id),
-                name(e.hostname),
-                result,
-                detail.map(|d| clip(d, MAX_TEXT)),
-                js(e.before),
-                js(e.after)
-            ],
-        )?;
-        Ok(conn.last_insert_rowid())
+        insert_event(&self.conn(), e)
     }
 
     /// Deletes audit rows older than `before` (RFC 3339) and all but the newest `keep` rows.
@@ -786,6 +821,54 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.units(&f).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn transition_logged_records_only_a_done_move() {
+        let s = Store::open_in_memory().unwrap();
+        s.begin_init(&server("h1"), &units("h1")).unwrap().unwrap();
+        s.set_server_status("h1", ServerStatus::Ready, Some(UnitStatus::Free))
+            .unwrap();
+        let u = claim(&s, 2, None, None, "k", "alice").unwrap().unwrap();
+        let ev = || NewEvent {
+            actor: "alice",
+            operation: "allocate",
+            compute_id: Some("h1_0-1"),
+            hostname: Some("h1"),
+            result: Ok(()),
+            before: None,
+            after: None,
+        };
+        let count = || {
+            s.events(&EventFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .len()
+        };
+        let t = s
+            .transition_logged(
+                &u.compute_id,
+                &[UnitStatus::Allocating],
+                UnitStatus::Allocated,
+                UnitChange::default(),
+                ev(),
+            )
+            .unwrap();
+        assert!(matches!(t, Transition::Done(ref d) if d.status == UnitStatus::Allocated));
+        assert_eq!(count(), 1);
+        let t = s
+            .transition_logged(
+                &u.compute_id,
+                &[UnitStatus::Allocating],
+                UnitStatus::Free,
+                UnitChange::cleared(),
+                ev(),
+            )
+            .unwrap();
+        assert!(matches!(t, Transition::WrongState(UnitStatus::Allocated)));
+        assert_eq!(count(), 1);
     }
 
     #[test]

@@ -21,6 +21,66 @@ pub struct Server {
     pub tcp: Option<u16>,
     /// Run the server with this open-files limit (soft and hard), through prlimit.
     pub nofile: Option<u64>,
+    /// Its own PostgreSQL database (`KLOIGOS_TEST_BACKEND=postgres`), instead of the SQLite
+    /// file `db()`.
+    pub pg: Option<PgDb>,
+}
+
+/// A fresh database on the test cluster of scripts/lib/pg.sh (`KLOIGOS_TEST_PG`, the base URL
+/// of a role that may create databases), dropped with the value.
+pub struct PgDb {
+    base: String,
+    pub name: String,
+}
+
+impl PgDb {
+    /// A new empty database, or `None` when the API suite runs on SQLite.
+    pub fn create() -> Option<PgDb> {
+        if std::env::var("KLOIGOS_TEST_BACKEND").ok()? != "postgres" {
+            return None;
+        }
+        let base = std::env::var("KLOIGOS_TEST_PG")
+            .expect("KLOIGOS_TEST_BACKEND=postgres needs KLOIGOS_TEST_PG (scripts/lib/pg.sh)");
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "kloigos_t_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        psql(&base, &format!("CREATE DATABASE {name}"));
+        Some(PgDb { base, name })
+    }
+
+    /// The `--db` URL: TCP with TLS, the server's certificate checked against the cluster's
+    /// CA (`KLOIGOS_TEST_PG_CA`) when there is one.
+    pub fn url(&self) -> String {
+        match std::env::var("KLOIGOS_TEST_PG_CA") {
+            Ok(ca) => format!(
+                "{}/{}?sslmode=verify-full&sslrootcert={ca}",
+                self.base, self.name
+            ),
+            Err(_) => format!("{}/{}", self.base, self.name),
+        }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        psql(
+            &self.base,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// Runs one SQL command on the test cluster's `postgres` database.
+fn psql(base: &str, sql: &str) {
+    let out = Command::new("psql")
+        .arg(format!("{base}/postgres"))
+        .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("run psql");
+    assert!(out.status.success(), "psql {sql}: {out:?}");
 }
 
 pub fn bin() -> &'static str {
@@ -79,6 +139,7 @@ impl Server {
                 .collect(),
             tcp,
             nofile,
+            pg: PgDb::create(),
         };
         s.spawn();
         s
@@ -122,6 +183,14 @@ impl Server {
         self.dir.path().join("kloigos.db")
     }
 
+    /// The `--db` argument: the SQLite file, or this server's PostgreSQL database.
+    pub fn db_arg(&self) -> std::ffi::OsString {
+        match &self.pg {
+            Some(pg) => pg.url().into(),
+            None => self.db().into(),
+        }
+    }
+
     /// A hand-run `kloigos [ARGS...] reconcile` on this server's root and database, as an admin
     /// would run it (built-in templates only).
     pub fn reconcile(&self, args: &[&str]) -> std::process::Output {
@@ -130,7 +199,7 @@ impl Server {
             .args(["reconcile", "--templates", "/nonexistent", "--root"])
             .arg(self.root())
             .arg("--db")
-            .arg(self.db())
+            .arg(self.db_arg())
             .output()
             .expect("run kloigos reconcile")
     }
@@ -150,7 +219,7 @@ impl Server {
             .arg("--root")
             .arg(self.root())
             .arg("--db")
-            .arg(self.db())
+            .arg(self.db_arg())
             .args(["--templates", "/nonexistent"])
             .arg("--tokens")
             .arg(self.tokens())
@@ -368,7 +437,12 @@ pub fn tree(base: &Path) -> std::collections::BTreeMap<String, String> {
 pub fn files(root: &Path) -> Vec<String> {
     tree(root)
         .into_keys()
-        .filter(|rel| !rel.starts_with("sys/") && !rel.starts_with("proc/"))
+        // run/kloigos/kloigos.lock: the host lock of a PostgreSQL inventory
+        .filter(|rel| {
+            !rel.starts_with("sys/")
+                && !rel.starts_with("proc/")
+                && rel != "run/kloigos/kloigos.lock"
+        })
         .collect()
 }
 
