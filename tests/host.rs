@@ -74,7 +74,7 @@ fn applying_a_sequence_of_desired_states() {
     let root = tmp.path().join("root");
     fake_root(&root);
     let k = Kloigos::open(&Config {
-        db: tmp.path().join("k.db"),
+        db: kloigos::store::DbTarget::Sqlite(tmp.path().join("k.db")),
         root: root.clone(),
         templates: vec![PathBuf::from("/nonexistent")],
         hostname: Some("h1".into()),
@@ -223,7 +223,7 @@ fn a_state_for_another_host_is_refused() {
     let root = tmp.path().join("root");
     fake_root(&root);
     let k = Kloigos::open(&Config {
-        db: tmp.path().join("k.db"),
+        db: kloigos::store::DbTarget::Sqlite(tmp.path().join("k.db")),
         root: root.clone(),
         templates: vec![PathBuf::from("/nonexistent")],
         hostname: Some("h2".into()),
