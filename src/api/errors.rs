@@ -39,6 +39,7 @@ impl From<OpError> for ApiError {
             OpError::NotFound(m) => ApiError::detail(StatusCode::NOT_FOUND, m),
             OpError::Conflict(m) => ApiError::detail(StatusCode::CONFLICT, m),
             OpError::Forbidden(m) => ApiError::detail(StatusCode::FORBIDDEN, m),
+            OpError::Timeout(m) => ApiError::detail(StatusCode::GATEWAY_TIMEOUT, m),
             other => {
                 tracing::error!(error = %crate::error::Chain(&other), "request failed");
                 ApiError::detail(
