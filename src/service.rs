@@ -25,6 +25,7 @@ mod hub;
 mod init;
 mod reconcile;
 
+pub(crate) use hub::older_than;
 pub use hub::{
     Begun, Concluded, Facts, JoinRequest, Report, ServerOutcome, UnitOutcome, last_report,
 };

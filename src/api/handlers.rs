@@ -36,8 +36,7 @@ pub(super) async fn allocate(
     require(&k, &caller, Role::User, "allocate", None).await?;
     let body = read_body(&k, body).await?;
     let req = parse_allocate(&body).map_err(ApiError::invalid)?;
-    let actor = caller.actor.clone();
-    let unit = blocking(move || k.allocate(req, &actor)).await?;
+    let unit = super::fleet::allocate(&k, req, &caller.actor).await?;
     Ok(Json((&unit).into()))
 }
 
@@ -51,23 +50,20 @@ pub(super) async fn deallocate(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::User, "deallocate", Some(&id)).await?;
-    let k2 = k.clone();
     let who = caller.clone();
-    let r = blocking(move || {
-        k2.deallocate(&id, &who.actor, &|unit| {
-            // A user may give back only what it allocated.
-            // Anonymous callers all look alike: none of them owns a unit.
-            if who.role >= Role::Admin || who.owns(unit.allocated_by.as_deref()) {
-                Ok(())
-            } else {
-                Err(OpError::Forbidden(format!(
-                    "{} may only deallocate units it allocated; {} was allocated by {}",
-                    who.actor,
-                    unit.compute_id,
-                    unit.allocated_by.as_deref().unwrap_or("someone else")
-                )))
-            }
-        })
+    let r = super::fleet::deallocate(&k, &id, &caller, move |unit| {
+        // A user may give back only what it allocated.
+        // Anonymous callers all look alike: none of them owns a unit.
+        if who.role >= Role::Admin || who.owns(unit.allocated_by.as_deref()) {
+            Ok(())
+        } else {
+            Err(OpError::Forbidden(format!(
+                "{} may only deallocate units it allocated; {} was allocated by {}",
+                who.actor,
+                unit.compute_id,
+                unit.allocated_by.as_deref().unwrap_or("someone else")
+            )))
+        }
     })
     .await;
     if let Err(ApiError(StatusCode::FORBIDDEN, v)) = &r {
@@ -125,9 +121,8 @@ pub(super) async fn init_server(
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::Admin, "init_server", None).await?;
     let body = read_body(&k, body).await?;
-    let actor = caller.actor.clone();
     let req = parse_init_server(&body).map_err(ApiError::invalid)?;
-    blocking(move || k.init_server(req, &actor)).await?;
+    super::fleet::init_server(&k, req, &caller.actor).await?;
     Ok(Json(json!({})))
 }
 
@@ -144,8 +139,7 @@ pub(super) async fn decommission_server(
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::Admin, "decommission_server", None).await?;
     let force = decommission_force(&mut Query::new(raw.as_deref())).map_err(ApiError::invalid)?;
-    let actor = caller.actor.clone();
-    blocking(move || k.decommission(&hostname, force, &actor)).await?;
+    super::fleet::decommission(&k, hostname, force, &caller.actor).await?;
     Ok(Json(json!({})))
 }
 
@@ -164,6 +158,8 @@ fn server_response(s: &Server, local: &str) -> ServerResponse {
         created_at: s.created_at.clone(),
         local: s.hostname == local,
         numa_nodes: Vec::new(),
+        inventory_only: s.inventory_only,
+        host: None,
     }
 }
 
@@ -175,7 +171,11 @@ pub(super) async fn list_servers(
     Extension(_caller): Extension<Caller>,
 ) -> ApiResult<Json<Vec<ServerResponse>>> {
     let k2 = k.clone();
-    let servers = blocking(move || k2.servers()).await?;
+    let (servers, hosts) = blocking(move || Ok((k2.servers()?, k2.store.hosts()?))).await?;
+    let hosts: std::collections::HashMap<String, crate::store::HostRecord> = hosts
+        .into_iter()
+        .map(|h| (h.hostname.clone(), h))
+        .collect();
     let topology: Vec<NumaNode> = crate::model::numa::topology(k.host().root())
         .into_iter()
         .map(|(node, cpus)| NumaNode {
@@ -191,6 +191,9 @@ pub(super) async fn list_servers(
                 if r.local {
                     r.numa_nodes = topology.clone();
                 }
+                r.host = hosts
+                    .get(&s.hostname)
+                    .map(|h| super::fleet::server_host(&k, h));
                 r
             })
             .collect(),
@@ -224,7 +227,7 @@ pub(super) async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmI>
 }
 
 /// Refuses (403, audited) a caller whose role is below `role`.
-async fn require(
+pub(super) async fn require(
     k: &AppState,
     caller: &Caller,
     role: Role,
@@ -306,6 +309,8 @@ pub(crate) async fn housekeeping(k: AppState, retention: crate::audit::Retention
         .unwrap_or_else(|p| p.into_inner())
         .window()
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    // The fleet sweep: at start, then every few seconds.
+    tokio::spawn(super::fleet::sweep_loop(k.clone()));
     let mut tick = tokio::time::interval(every);
     let mut last_prune: Option<std::time::Instant> = None;
     loop {
@@ -351,7 +356,7 @@ pub(crate) async fn housekeeping(k: AppState, retention: crate::audit::Retention
 
 /// Reads a request body, after the role check: no faster than the caller sends it, but no
 /// longer than `body_timeout`, and no larger than `MAX_BODY`.
-async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Bytes> {
+pub(super) async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Bytes> {
     match tokio::time::timeout(k.body_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => {

@@ -167,7 +167,8 @@ pub(super) fn serve(
             "no socket to serve on: pass --listen ADDR, or start through kloigos.socket".into(),
         ));
     }
-    let k = open(&local)?;
+    let mut k = open(&local)?;
+    k.set_apply_timeout(secs(guard.apply_timeout));
     if !no_reconcile {
         // Whatever reconcile could not repair is reported (and units marked and audited);
         // the API stays up so an admin can see and fix it.

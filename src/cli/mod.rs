@@ -119,6 +119,10 @@ pub struct Guard {
     /// summarized in one row.
     #[arg(long, env = "KLOIGOS_AUDIT_DENIAL_WINDOW", default_value_t = 60)]
     pub(crate) audit_denial_window: u64,
+    /// Seconds a hub waits for a joined host to apply an operation and report (then the
+    /// operation is rolled back, or finished by the host's next report: see README, "Fleet").
+    #[arg(long, env = "KLOIGOS_APPLY_TIMEOUT", default_value_t = 30.0)]
+    pub(crate) apply_timeout: f64,
 }
 
 #[derive(Subcommand, Debug)]
