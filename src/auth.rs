@@ -508,7 +508,10 @@ mod tests {
         assert_ne!(a, b);
         let rest = a.strip_prefix(HOST_TOKEN_PREFIX).unwrap();
         assert_eq!(rest.len(), 43);
-        assert!(rest.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(
+            rest.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
         assert!(Role::Host < Role::Readonly);
         assert_eq!(Role::Host.to_string(), "host");
         // Not a role a token file may grant.

@@ -87,7 +87,12 @@ fn join(s: &Server, name: &str, token: &str, poke_url: Option<&str>) {
 }
 
 fn state(s: &Server, name: &str, token: &str) -> Value {
-    let (code, v) = s.tcp_call(Some(token), "GET", &format!("/api/hosts/{name}/state"), None);
+    let (code, v) = s.tcp_call(
+        Some(token),
+        "GET",
+        &format!("/api/hosts/{name}/state"),
+        None,
+    );
     assert_eq!(code, 200, "{v}");
     v
 }
@@ -148,12 +153,18 @@ fn pull_when(s: &Server, name: &str, token: &str, status: &str, answer: Answer) 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let st = state(s, name, token);
-        let units = st["server"]["units"].as_array().cloned().unwrap_or_default();
+        let units = st["server"]["units"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if st["server"]["status"] == status || units.iter().any(|u| u["status"] == status) {
             pull(s, name, token, answer);
             return;
         }
-        assert!(Instant::now() < deadline, "{name} never showed {status}: {st}");
+        assert!(
+            Instant::now() < deadline,
+            "{name} never showed {status}: {st}"
+        );
         std::thread::sleep(Duration::from_millis(30));
     }
 }
@@ -229,34 +240,80 @@ fn host_tokens_open_only_their_own_host() {
     join(&s, "h1", &t1, None);
 
     // A host token is the lowest role: nothing but its own /api/hosts/NAME/....
-    for path in ["/api/compute_units", "/api/admin/servers", "/api/admin/hosts", "/api/whoami"] {
+    for path in [
+        "/api/compute_units",
+        "/api/admin/servers",
+        "/api/admin/hosts",
+        "/api/whoami",
+    ] {
         assert_eq!(s.tcp_call(Some(&t1), "GET", path, None).0, 403, "{path}");
     }
     assert_eq!(
-        s.tcp_call(Some(&t1), "POST", "/api/compute_units/allocate", Some(&alloc_body(json!(2), &ssh_key("x"), Value::Null))).0,
+        s.tcp_call(
+            Some(&t1),
+            "POST",
+            "/api/compute_units/allocate",
+            Some(&alloc_body(json!(2), &ssh_key("x"), Value::Null))
+        )
+        .0,
         403
     );
     // Another host's token: 403 on state, report and join.
-    assert_eq!(s.tcp_call(Some(&t2), "GET", "/api/hosts/h1/state", None).0, 403);
+    assert_eq!(
+        s.tcp_call(Some(&t2), "GET", "/api/hosts/h1/state", None).0,
+        403
+    );
     let report = json!({"as_of": "2026-11-23T20:00:00Z", "version": "0.1.0", "facts": facts(),
                         "server": null, "units": [], "drift": []})
     .to_string();
-    assert_eq!(s.tcp_call(Some(&t2), "POST", "/api/hosts/h1/report", Some(&report)).0, 403);
-    assert_eq!(s.tcp_call(Some(&t1), "POST", "/api/hosts/h1/report", Some(&report)).0, 200);
+    assert_eq!(
+        s.tcp_call(Some(&t2), "POST", "/api/hosts/h1/report", Some(&report))
+            .0,
+        403
+    );
+    assert_eq!(
+        s.tcp_call(Some(&t1), "POST", "/api/hosts/h1/report", Some(&report))
+            .0,
+        200
+    );
     // An admin may read a host's state, not report for it; a reader neither.
-    assert_eq!(s.tcp_call(Some(&admin), "GET", "/api/hosts/h1/state", None).0, 200);
-    assert_eq!(s.tcp_call(Some(&admin), "POST", "/api/hosts/h1/report", Some(&report)).0, 403);
-    assert_eq!(s.tcp_call(Some(&reader), "GET", "/api/hosts/h1/state", None).0, 403);
+    assert_eq!(
+        s.tcp_call(Some(&admin), "GET", "/api/hosts/h1/state", None)
+            .0,
+        200
+    );
+    assert_eq!(
+        s.tcp_call(Some(&admin), "POST", "/api/hosts/h1/report", Some(&report))
+            .0,
+        403
+    );
+    assert_eq!(
+        s.tcp_call(Some(&reader), "GET", "/api/hosts/h1/state", None)
+            .0,
+        403
+    );
     // Bodies are checked strictly.
-    let (code, v) = s.tcp_call(Some(&t1), "POST", "/api/hosts/h1/report", Some(r#"{"as_of": 1}"#));
+    let (code, v) = s.tcp_call(
+        Some(&t1),
+        "POST",
+        "/api/hosts/h1/report",
+        Some(r#"{"as_of": 1}"#),
+    );
     assert_eq!(code, 422, "{v}");
     assert!(v["detail"][0]["loc"].is_array(), "{v}");
     let bad_time = report.replace("2026-11-23T20:00:00Z", "yesterday");
     let (code, v) = s.tcp_call(Some(&t1), "POST", "/api/hosts/h1/report", Some(&bad_time));
-    assert_eq!((code, v["detail"][0]["loc"].clone()), (422, json!(["body", "as_of"])));
-    let bad_poke = json!({"facts": facts(), "poke_url": "file:///etc/passwd", "version": "1"}).to_string();
+    assert_eq!(
+        (code, v["detail"][0]["loc"].clone()),
+        (422, json!(["body", "as_of"]))
+    );
+    let bad_poke =
+        json!({"facts": facts(), "poke_url": "file:///etc/passwd", "version": "1"}).to_string();
     let (code, v) = s.tcp_call(Some(&t1), "POST", "/api/hosts/h1/join", Some(&bad_poke));
-    assert_eq!((code, v["detail"][0]["loc"].clone()), (422, json!(["body", "poke_url"])));
+    assert_eq!(
+        (code, v["detail"][0]["loc"].clone()),
+        (422, json!(["body", "poke_url"]))
+    );
 
     // Hosts as the hub sees them.
     let (code, hosts) = s.tcp_call(Some(&reader), "GET", "/api/admin/hosts", None);
@@ -273,13 +330,26 @@ fn host_tokens_open_only_their_own_host() {
     let (code, v) = s.call("POST", "/api/admin/hosts", Some(r#"{"hostname": "h1"}"#));
     assert_eq!(code, 200, "{v}");
     let t1b = v["token"].as_str().unwrap().to_string();
-    assert_eq!(s.tcp_call(Some(&t1), "GET", "/api/hosts/h1/state", None).0, 401);
-    assert_eq!(s.tcp_call(Some(&t1b), "GET", "/api/hosts/h1/state", None).0, 200);
+    assert_eq!(
+        s.tcp_call(Some(&t1), "GET", "/api/hosts/h1/state", None).0,
+        401
+    );
+    assert_eq!(
+        s.tcp_call(Some(&t1b), "GET", "/api/hosts/h1/state", None).0,
+        200
+    );
     // Only admins manage hosts; a removed host's token stops working.
-    assert_eq!(s.tcp_call(Some(&reader), "DELETE", "/api/admin/hosts/h1", None).0, 403);
+    assert_eq!(
+        s.tcp_call(Some(&reader), "DELETE", "/api/admin/hosts/h1", None)
+            .0,
+        403
+    );
     assert_eq!(s.call("DELETE", "/api/admin/hosts/h1", None).0, 200);
     assert_eq!(s.call("DELETE", "/api/admin/hosts/h1", None).0, 404);
-    assert_eq!(s.tcp_call(Some(&t1b), "GET", "/api/hosts/h1/state", None).0, 401);
+    assert_eq!(
+        s.tcp_call(Some(&t1b), "GET", "/api/hosts/h1/state", None).0,
+        401
+    );
 }
 
 #[test]
@@ -287,9 +357,18 @@ fn allocate_and_deallocate_on_a_joined_host_wait_for_its_reports() {
     let s = start("2");
     let poke = poke_listener();
     let token = joined_server(&s, "h1", Some(&poke.url), &["0-1", "2-3"]);
-    assert!(poke.count.load(Ordering::SeqCst) >= 1, "init poked the host");
+    assert!(
+        poke.count.load(Ordering::SeqCst) >= 1,
+        "init poked the host"
+    );
     let (_, servers) = s.get("/api/admin/servers");
-    let h1 = servers.as_array().unwrap().iter().find(|x| x["hostname"] == "h1").unwrap().clone();
+    let h1 = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["hostname"] == "h1")
+        .unwrap()
+        .clone();
     assert_eq!(h1["status"], "READY");
     assert_eq!(h1["inventory_only"], false);
     assert_eq!(h1["host"]["joined"], true);
@@ -301,12 +380,21 @@ fn allocate_and_deallocate_on_a_joined_host_wait_for_its_reports() {
     assert_eq!(code, 200, "{u}");
     assert_eq!(u["status"], "ALLOCATED");
     assert_eq!(u["compute_id"], "h1_0-1");
-    assert!(poke.count.load(Ordering::SeqCst) > before, "allocate poked the host");
+    assert!(
+        poke.count.load(Ordering::SeqCst) > before,
+        "allocate poked the host"
+    );
 
     // Failed and rolled back by the host: 500, the unit is FREE again.
     let (code, v) = allocate_played(&s, "h1", &token, Answer::FailRolledBack);
     assert_eq!(code, 500, "{v}");
-    assert!(v["detail"].as_str().unwrap().contains("failed on host h1: useradd failed"), "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("failed on host h1: useradd failed"),
+        "{v}"
+    );
     assert_eq!(unit(&s, "h1_2-3")["status"], "FREE");
 
     // Failed and not released: ALLOCATION_FAIL, until the host reports it released it.
@@ -319,7 +407,13 @@ fn allocate_and_deallocate_on_a_joined_host_wait_for_its_reports() {
     // No report in time: 504, the unit is FREE, and the host is poked again.
     let (code, v) = allocate(&s);
     assert_eq!(code, 504, "{v}");
-    assert!(v["detail"].as_str().unwrap().contains("did not apply the allocation of h1_2-3 within 2 s"), "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not apply the allocation of h1_2-3 within 2 s"),
+        "{v}"
+    );
     assert_eq!(unit(&s, "h1_2-3")["status"], "FREE");
 
     // Deallocate: FREE once the host reports the unit released.
@@ -335,7 +429,11 @@ fn allocate_and_deallocate_on_a_joined_host_wait_for_its_reports() {
     let (code, u) = allocate_played(&s, "h1", &token, Answer::Apply);
     assert_eq!(code, 200, "{u}");
     let id = u["compute_id"].as_str().unwrap().to_string();
-    let (code, v) = s.call("DELETE", &format!("/api/compute_units/deallocate/{id}"), None);
+    let (code, v) = s.call(
+        "DELETE",
+        &format!("/api/compute_units/deallocate/{id}"),
+        None,
+    );
     assert_eq!(code, 504, "{v}");
     assert_eq!(unit(&s, &id)["status"], "DEALLOCATION_FAIL");
     pull(&s, "h1", &token, Answer::Apply);
@@ -349,7 +447,13 @@ fn allocate_and_deallocate_on_a_joined_host_wait_for_its_reports() {
         assert_eq!(code, 200, "{v}");
     });
     let (_, servers) = s.get("/api/admin/servers");
-    let h1 = servers.as_array().unwrap().iter().find(|x| x["hostname"] == "h1").unwrap().clone();
+    let h1 = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["hostname"] == "h1")
+        .unwrap()
+        .clone();
     assert_eq!(h1["status"], "DECOMMISSIONED");
     assert!(state(&s, "h1", &token)["server"].is_null());
 }
@@ -358,15 +462,29 @@ fn allocate_and_deallocate_on_a_joined_host_wait_for_its_reports() {
 fn init_server_reads_the_hosts_facts_and_waits_for_it() {
     let s = start("1");
     // Neither this host nor a joined one: refused unless explicitly inventory-only.
-    let (code, v) = s.call("POST", "/api/admin/init_server", Some(&init_body("nowhere", &["0-1"])));
+    let (code, v) = s.call(
+        "POST",
+        "/api/admin/init_server",
+        Some(&init_body("nowhere", &["0-1"])),
+    );
     assert_eq!(code, 422, "{v}");
     assert_eq!(v["detail"][0]["loc"], json!(["body", "hostname"]));
-    assert!(v["detail"][0]["msg"].as_str().unwrap().contains("has not joined"), "{v}");
+    assert!(
+        v["detail"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("has not joined"),
+        "{v}"
+    );
 
     let token = add_host(&s, "h1");
     join(&s, "h1", &token, None);
     // CPUs the host does not have (its facts say 0-7), not this hub's 16.
-    let (code, v) = s.call("POST", "/api/admin/init_server", Some(&init_body("h1", &["6-9"])));
+    let (code, v) = s.call(
+        "POST",
+        "/api/admin/init_server",
+        Some(&init_body("h1", &["6-9"])),
+    );
     assert_eq!(code, 422, "{v}");
     assert_eq!(v["detail"][0]["loc"], json!(["body", "cpu_ranges", 0]));
     // Ports beyond the host's ephemeral range start.
@@ -376,13 +494,30 @@ fn init_server_reads_the_hosts_facts_and_waits_for_it() {
     assert_eq!(s.call("POST", "/api/admin/init_server", Some(&high)).0, 422);
 
     // The host never reports: 504, and the record is gone (the host tears down what it made).
-    let (code, v) = s.call("POST", "/api/admin/init_server", Some(&init_body("h1", &["0-1"])));
+    let (code, v) = s.call(
+        "POST",
+        "/api/admin/init_server",
+        Some(&init_body("h1", &["0-1"])),
+    );
     assert_eq!(code, 504, "{v}");
-    assert!(s.get("/api/admin/servers").1.as_array().unwrap().iter().all(|x| x["hostname"] != "h1"));
+    assert!(
+        s.get("/api/admin/servers")
+            .1
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["hostname"] != "h1")
+    );
 
     // The host fails to set it up: 500, record gone.
     std::thread::scope(|sc| {
-        let init = sc.spawn(|| s.call("POST", "/api/admin/init_server", Some(&init_body("h1", &["0-1"]))));
+        let init = sc.spawn(|| {
+            s.call(
+                "POST",
+                "/api/admin/init_server",
+                Some(&init_body("h1", &["0-1"])),
+            )
+        });
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let st = state(&s, "h1", &token);
@@ -390,7 +525,12 @@ fn init_server_reads_the_hosts_facts_and_waits_for_it() {
                 let report = json!({"as_of": st["as_of"], "version": "0.1.0", "facts": facts(),
                     "server": {"created_at": st["server"]["created_at"], "ok": false, "error": "disk full"},
                     "units": [], "drift": []});
-                let (code, _) = s.tcp_call(Some(&token), "POST", "/api/hosts/h1/report", Some(&report.to_string()));
+                let (code, _) = s.tcp_call(
+                    Some(&token),
+                    "POST",
+                    "/api/hosts/h1/report",
+                    Some(&report.to_string()),
+                );
                 assert_eq!(code, 200);
                 break;
             }
@@ -401,7 +541,14 @@ fn init_server_reads_the_hosts_facts_and_waits_for_it() {
         assert_eq!(code, 500, "{v}");
         assert!(v["detail"].as_str().unwrap().contains("disk full"), "{v}");
     });
-    assert!(s.get("/api/admin/servers").1.as_array().unwrap().iter().all(|x| x["hostname"] != "h1"));
+    assert!(
+        s.get("/api/admin/servers")
+            .1
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["hostname"] != "h1")
+    );
 }
 
 #[test]
@@ -415,10 +562,20 @@ fn a_host_that_cannot_be_poked_is_skipped_for_the_next() {
     let (code, u) = allocate_played(&s, "h2", &t2, Answer::Apply);
     assert_eq!(code, 200, "{u}");
     assert_eq!(u["compute_id"], "h2_0-1");
-    assert_eq!(unit(&s, "h1_0-1")["status"], "FREE", "h1's claim went back at once");
+    assert_eq!(
+        unit(&s, "h1_0-1")["status"],
+        "FREE",
+        "h1's claim went back at once"
+    );
     let (_, hosts) = s.get("/api/admin/hosts");
     assert!(hosts[0]["unreachable_since"].is_string(), "{hosts}");
-    assert!(hosts[0]["unreachable_reason"].as_str().unwrap().contains("poke"), "{hosts}");
+    assert!(
+        hosts[0]["unreachable_reason"]
+            .as_str()
+            .unwrap()
+            .contains("poke"),
+        "{hosts}"
+    );
     // Unreachable hosts are not chosen; its next report clears the mark.
     assert_eq!(allocate(&s).0, 409);
     pull(&s, "h1", &t1, Answer::Apply);
@@ -434,9 +591,28 @@ fn inventory_only_servers_are_explicit_and_picked_only_on_request() {
     let (code, v) = s.call("POST", "/api/admin/init_server", Some(&body.to_string()));
     assert_eq!(code, 200, "{v}");
     let (_, servers) = s.get("/api/admin/servers");
-    let r9 = servers.as_array().unwrap().iter().find(|x| x["hostname"] == "rack9").unwrap().clone();
-    assert_eq!((r9["status"].clone(), r9["inventory_only"].clone(), r9["host"].clone()), (json!("READY"), json!(true), Value::Null));
-    let local = servers.as_array().unwrap().iter().find(|x| x["hostname"] == HOST).unwrap().clone();
+    let r9 = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["hostname"] == "rack9")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            r9["status"].clone(),
+            r9["inventory_only"].clone(),
+            r9["host"].clone()
+        ),
+        (json!("READY"), json!(true), Value::Null)
+    );
+    let local = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["hostname"] == HOST)
+        .unwrap()
+        .clone();
     assert_eq!(local["inventory_only"], false);
 
     // Without the flag, only this host's unit; then none.
@@ -444,14 +620,33 @@ fn inventory_only_servers_are_explicit_and_picked_only_on_request() {
     assert_eq!((code, u["hostname"].clone()), (200, json!(HOST)), "{u}");
     assert_eq!(allocate(&s).0, 409);
     // With it, only inventory-only units, and nothing is applied anywhere.
-    let mut req: Value = serde_json::from_str(&alloc_body(json!(2), &ssh_key("t"), Value::Null)).unwrap();
+    let mut req: Value =
+        serde_json::from_str(&alloc_body(json!(2), &ssh_key("t"), Value::Null)).unwrap();
     req["inventory_only"] = json!(true);
-    let (code, u) = s.call("POST", "/api/compute_units/allocate", Some(&req.to_string()));
-    assert_eq!((code, u["hostname"].clone(), u["status"].clone()), (200, json!("rack9"), json!("ALLOCATED")), "{u}");
-    assert!(u.get("inventory_only").is_none(), "unit responses are unchanged");
+    let (code, u) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&req.to_string()),
+    );
+    assert_eq!(
+        (code, u["hostname"].clone(), u["status"].clone()),
+        (200, json!("rack9"), json!("ALLOCATED")),
+        "{u}"
+    );
+    assert!(
+        u.get("inventory_only").is_none(),
+        "unit responses are unchanged"
+    );
     req["inventory_only"] = json!("maybe");
-    let (code, v) = s.call("POST", "/api/compute_units/allocate", Some(&req.to_string()));
-    assert_eq!((code, v["detail"][0]["loc"].clone()), (422, json!(["body", "inventory_only"])));
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&req.to_string()),
+    );
+    assert_eq!(
+        (code, v["detail"][0]["loc"].clone()),
+        (422, json!(["body", "inventory_only"]))
+    );
 }
 
 #[test]
@@ -485,9 +680,125 @@ fn the_sweep_frees_a_unit_a_killed_hub_left_allocating() {
     assert_eq!(unit(&s, "h1_0-1")["status"], "ALLOCATING");
     wait_status(&s, "h1_0-1", "FREE", Duration::from_secs(20));
     let (_, events) = s.get("/api/events?compute_id=h1_0-1&actor=hub");
-    assert!(!events.as_array().unwrap().is_empty(), "the sweep's move is audited: {events}");
+    assert!(
+        !events.as_array().unwrap().is_empty(),
+        "the sweep's move is audited: {events}"
+    );
     // The host, pulling later, is asked to own nothing.
     let st = state(&s, "h1", &token);
     assert_eq!(st["server"]["units"][0]["status"], "FREE");
     assert!(st["server"]["units"][0]["claim"].is_null());
+}
+
+#[test]
+fn the_cli_manages_hosts_and_shows_who_applies_each_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = start("2");
+    let out_file = s.dir.path().join("h9.token");
+    let out = s.cli(&[
+        "host",
+        "add",
+        "h9",
+        "--token-file",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("kh_"),
+        "the token is not printed"
+    );
+    let mode = std::fs::metadata(&out_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    join(&s, "h9", &token, None);
+    pull(&s, "h9", &token, Answer::Apply);
+
+    let mut body: Value = serde_json::from_str(&init_body("rack9", &["0-1"])).unwrap();
+    body["inventory_only"] = json!(true);
+    assert_eq!(
+        s.call("POST", "/api/admin/init_server", Some(&body.to_string()))
+            .0,
+        200
+    );
+    let out = s.cli(&[
+        "init-server",
+        "--hostname",
+        "rack8",
+        "--ip",
+        "192.0.2.8",
+        "--region",
+        "eu",
+        "--zone",
+        "a",
+        "0-1",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a host that never joined needs --inventory-only"
+    );
+    let out = s.cli(&[
+        "init-server",
+        "--inventory-only",
+        "--hostname",
+        "rack8",
+        "--ip",
+        "192.0.2.8",
+        "--region",
+        "eu",
+        "--zone",
+        "a",
+        "0-1",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let out = s.cli(&["host", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let h9 = text
+        .lines()
+        .find(|l| l.starts_with("h9"))
+        .expect("h9 listed");
+    assert!(
+        h9.contains("report ")
+            && h9.contains("s ago")
+            && h9.contains("v0.1.0")
+            && h9.contains("drift 1"),
+        "{h9}"
+    );
+
+    let out = s.cli(&["servers"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rack9 = text
+        .lines()
+        .find(|l| l.starts_with("rack9"))
+        .expect("rack9 listed");
+    assert!(rack9.contains("inventory only"), "{rack9}");
+
+    let key = ssh_key("cli");
+    let out = s.cli(&["allocate", "--cpu-count", "2", "--ssh-key", &key]);
+    assert!(
+        !out.status.success(),
+        "no unit without --inventory-only: {out:?}"
+    );
+    let out = s.cli(&[
+        "allocate",
+        "--inventory-only",
+        "--cpu-count",
+        "2",
+        "--ssh-key",
+        &key,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rack8_0-1"));
+
+    let out = s.cli(&["host", "remove", "h9"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        s.tcp_call(Some(&token), "GET", "/api/hosts/h9/state", None)
+            .0,
+        401
+    );
 }

@@ -131,7 +131,10 @@ async fn poke_once(url: &str) -> Result<(), String> {
         .authority()
         .ok_or_else(|| format!("poke URL {url:?}: no host"))?
         .clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(80);
     let stream = tokio::net::TcpStream::connect((host, port))
         .await
@@ -175,7 +178,10 @@ fn poke_later(k: &AppState, hostname: String) {
 async fn poke_host(k: &AppState, hostname: &str) -> Result<(), String> {
     let h = hostname.to_string();
     let k2 = k.clone();
-    let host = blocking(move || Ok(k2.store.host(&h)?)).await.ok().flatten();
+    let host = blocking(move || Ok(k2.store.host(&h)?))
+        .await
+        .ok()
+        .flatten();
     let Some(url) = host.and_then(|h| h.poke_url) else {
         return Ok(());
     };
@@ -386,7 +392,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 }
 
 fn invalid(field: &[&str], input: Value, reason: impl Into<String>) -> ApiError {
-    let loc = std::iter::once("body").chain(field.iter().copied()).map(|f| json!(f)).collect();
+    let loc = std::iter::once("body")
+        .chain(field.iter().copied())
+        .map(|f| json!(f))
+        .collect();
     ApiError::invalid(vec![FieldError::value(loc, input, reason)])
 }
 
@@ -395,7 +404,10 @@ async fn require_host(k: &AppState, caller: &Caller, hostname: &str, op: &str) -
     if caller.role == Role::Host && caller.host.as_deref() == Some(hostname) {
         return Ok(());
     }
-    let detail = format!("{op} of host {hostname} needs that host's token; {} may not", caller.actor);
+    let detail = format!(
+        "{op} of host {hostname} needs that host's token; {} may not",
+        caller.actor
+    );
     super::handlers::audit_denied(k, caller, op, &detail).await;
     Err(ApiError::detail(StatusCode::FORBIDDEN, detail))
 }
@@ -458,16 +470,36 @@ pub(super) async fn create_host(
     }
     let token = crate::auth::new_host_token()
         .map_err(|e| ApiError::detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let (k2, h, hash) = (k.clone(), req.hostname.clone(), crate::auth::sha256_hex(&token));
+    let (k2, h, hash) = (
+        k.clone(),
+        req.hostname.clone(),
+        crate::auth::sha256_hex(&token),
+    );
     let actor = caller.actor.clone();
     let new = blocking(move || {
         let new = k2.store.put_host(&h, &hash)?;
-        let what = if new { "host added" } else { "host token replaced" };
-        k2.record(&actor, "create_host", None, Some(&h), Ok(()), None, Some(json!({"detail": what})));
+        let what = if new {
+            "host added"
+        } else {
+            "host token replaced"
+        };
+        k2.record(
+            &actor,
+            "create_host",
+            None,
+            Some(&h),
+            Ok(()),
+            None,
+            Some(json!({"detail": what})),
+        );
         Ok(new)
     })
     .await?;
-    let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
         status,
         Json(HostTokenResponse {
@@ -487,7 +519,9 @@ pub(super) async fn list_hosts(
     super::handlers::require(&k, &caller, Role::Readonly, "list_hosts", None).await?;
     let k2 = k.clone();
     let hosts = blocking(move || Ok(k2.store.hosts()?)).await?;
-    Ok(Json(hosts.into_iter().map(|h| host_response(&k, h)).collect()))
+    Ok(Json(
+        hosts.into_iter().map(|h| host_response(&k, h)).collect(),
+    ))
 }
 
 /// Forget a fleet host: its token stops working (its servers stay in the inventory).
@@ -553,7 +587,15 @@ pub(super) async fn join(
     blocking(move || {
         k2.store
             .host_joined(&h, &facts, req.poke_url.as_deref(), &req.version)?;
-        k2.record(&a, "join", None, Some(&h), Ok(()), None, Some(json!({"poke_url": req.poke_url, "version": req.version})));
+        k2.record(
+            &a,
+            "join",
+            None,
+            Some(&h),
+            Ok(()),
+            None,
+            Some(json!({"poke_url": req.poke_url, "version": req.version})),
+        );
         Ok(())
     })
     .await?;
@@ -579,7 +621,10 @@ pub(super) async fn state(
         // change made before `as_of`.
         let as_of = crate::time::now();
         let server = k2.store.server(&h)?.filter(|s| {
-            !matches!(s.status, ServerStatus::Decommissioned | ServerStatus::InitFail)
+            !matches!(
+                s.status,
+                ServerStatus::Decommissioned | ServerStatus::InitFail
+            )
         });
         let server = match server {
             Some(s) => {
@@ -660,7 +705,11 @@ fn check_facts(f: &crate::service::Facts, at: &[&str]) -> ApiResult<()> {
     }
     if let Some(nodes) = &f.numa_nodes {
         if nodes.len() > 1024 {
-            return Err(invalid(&field("numa_nodes"), json!(nodes.len()), "too many nodes"));
+            return Err(invalid(
+                &field("numa_nodes"),
+                json!(nodes.len()),
+                "too many nodes",
+            ));
         }
         for (n, cpus) in nodes {
             if n.parse::<u32>().is_err() || cpus.parse::<CpuList>().is_err() {
@@ -711,7 +760,11 @@ fn check_report(r: &Report) -> ApiResult<()> {
         }
     }
     if r.drift.len() > MAX_DRIFT {
-        return Err(invalid(&["drift"], json!(r.drift.len()), "too many drift lines"));
+        return Err(invalid(
+            &["drift"],
+            json!(r.drift.len()),
+            "too many drift lines",
+        ));
     }
     for d in &r.drift {
         check_text(d, &["drift"], MAX_TEXT)?;

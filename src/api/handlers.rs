@@ -172,10 +172,8 @@ pub(super) async fn list_servers(
 ) -> ApiResult<Json<Vec<ServerResponse>>> {
     let k2 = k.clone();
     let (servers, hosts) = blocking(move || Ok((k2.servers()?, k2.store.hosts()?))).await?;
-    let hosts: std::collections::HashMap<String, crate::store::HostRecord> = hosts
-        .into_iter()
-        .map(|h| (h.hostname.clone(), h))
-        .collect();
+    let hosts: std::collections::HashMap<String, crate::store::HostRecord> =
+        hosts.into_iter().map(|h| (h.hostname.clone(), h)).collect();
     let topology: Vec<NumaNode> = crate::model::numa::topology(k.host().root())
         .into_iter()
         .map(|(node, cpus)| NumaNode {

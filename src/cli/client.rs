@@ -1,9 +1,9 @@
 //! The client side of the command line: one API request per command, over the unix socket or
 //! TCP (`--url`), with the reply printed as a table or `--json` and errors explained.
 
-use super::{Command, HostAction};
 use super::error::{CliError, Result};
 use super::output::{print_table, print_units, printable, text};
+use super::{Command, HostAction};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -219,7 +219,10 @@ fn host_state(h: &Value) -> String {
         parts.push(format!("v{v}"));
     }
     if h["unreachable_since"].is_string() {
-        parts.push(format!("UNREACHABLE since {}", text(&h["unreachable_since"])));
+        parts.push(format!(
+            "UNREACHABLE since {}",
+            text(&h["unreachable_since"])
+        ));
     }
     if h["stale"] == json!(true) {
         parts.push("STALE".into());
@@ -235,7 +238,11 @@ fn host_state(h: &Value) -> String {
 fn age(t: &str) -> Option<i64> {
     let then =
         time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((time::OffsetDateTime::now_utc() - then).whole_seconds().max(0))
+    Some(
+        (time::OffsetDateTime::now_utc() - then)
+            .whole_seconds()
+            .max(0),
+    )
 }
 
 /// Writes a secret to `path`, mode 0600, atomically (a temporary file renamed over it).
@@ -318,7 +325,11 @@ pub(super) fn client(
             if *inventory_only {
                 body["inventory_only"] = json!(true);
             }
-            ("POST", "/api/compute_units/allocate".to_string(), Some(body))
+            (
+                "POST",
+                "/api/compute_units/allocate".to_string(),
+                Some(body),
+            )
         }
         Command::Deallocate { compute_id } => (
             "DELETE",
@@ -377,11 +388,9 @@ pub(super) fn client(
                 Some(json!({ "hostname": name })),
             ),
             HostAction::List => ("GET", "/api/admin/hosts".to_string(), None),
-            HostAction::Remove { name } => (
-                "DELETE",
-                format!("/api/admin/hosts/{}", encode(name)),
-                None,
-            ),
+            HostAction::Remove { name } => {
+                ("DELETE", format!("/api/admin/hosts/{}", encode(name)), None)
+            }
         },
         Command::Events {
             compute_id,
@@ -421,11 +430,10 @@ pub(super) fn client(
     }
     // A host's token goes to the file asked for, never to the terminal too.
     if let Command::Host {
-        action:
-            HostAction::Add {
-                name,
-                token_file: Some(out),
-            },
+        action: HostAction::Add {
+            name,
+            token_file: Some(out),
+        },
     } = &cmd
     {
         let token = reply.body["token"].as_str().unwrap_or_default();
@@ -507,7 +515,9 @@ pub(super) fn client(
         } => {
             // The token alone on stdout (for scripts); the note on stderr.
             println!("{}", text(&reply.body["token"]));
-            eprintln!("token of host {name}: shown only once; give it to `kloigos join --token-file`");
+            eprintln!(
+                "token of host {name}: shown only once; give it to `kloigos join --token-file`"
+            );
         }
         Command::Host {
             action: HostAction::Remove { name },

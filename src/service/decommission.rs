@@ -32,7 +32,12 @@ impl Kloigos {
         r
     }
 
-    fn decommission_locked(&self, hostname: &str, force: bool, actor: &str) -> Result<Begun<Server>> {
+    fn decommission_locked(
+        &self,
+        hostname: &str,
+        force: bool,
+        actor: &str,
+    ) -> Result<Begun<Server>> {
         let _lock = self.lock()?;
         let server = self
             .store
@@ -58,7 +63,13 @@ impl Kloigos {
         self.store
             .set_server_status(hostname, ServerStatus::Decommissioning, None)?;
         if self.is_remote(&server) {
-            info!(hostname, operation = "decommission_server", actor, force, "recorded; the host tears it down");
+            info!(
+                hostname,
+                operation = "decommission_server",
+                actor,
+                force,
+                "recorded; the host tears it down"
+            );
             let now = self
                 .store
                 .server(hostname)?

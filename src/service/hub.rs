@@ -92,7 +92,13 @@ impl Report {
         self.units
             .iter()
             .filter(|u| !u.ok)
-            .map(|u| format!("{}: {}", u.compute_id, u.error.as_deref().unwrap_or("failed")))
+            .map(|u| {
+                format!(
+                    "{}: {}",
+                    u.compute_id,
+                    u.error.as_deref().unwrap_or("failed")
+                )
+            })
             .collect()
     }
 }
@@ -247,9 +253,7 @@ impl Kloigos {
         audit: (&str, &str, std::result::Result<(), &str>),
     ) -> Result<Transition> {
         let (actor, operation, result) = audit;
-        let t = self
-            .store
-            .transition(&unit.compute_id, from, to, change)?;
+        let t = self.store.transition(&unit.compute_id, from, to, change)?;
         if let Transition::Done(after) = &t {
             self.record(
                 actor,
@@ -270,7 +274,9 @@ impl Kloigos {
         let now = self.unit(&unit.compute_id)?;
         let ok = match operation {
             "allocate" => {
-                now.status == UnitStatus::Allocated && now.claim.is_some() && now.claim == unit.claim
+                now.status == UnitStatus::Allocated
+                    && now.claim.is_some()
+                    && now.claim == unit.claim
             }
             _ => now.status == UnitStatus::Free,
         };
@@ -291,7 +297,11 @@ impl Kloigos {
             return self.concluded_by_other(unit, "allocate");
         }
         let claim = unit.claim.as_deref().unwrap_or_default();
-        let report = self.store.host(&unit.hostname)?.as_ref().and_then(last_report);
+        let report = self
+            .store
+            .host(&unit.hostname)?
+            .as_ref()
+            .and_then(last_report);
         let Some(outcome) = report
             .as_ref()
             .and_then(|r| allocation_outcome(r, &unit.compute_id, claim))
@@ -396,7 +406,11 @@ impl Kloigos {
                 .concluded_by_other(unit, "deallocate")
                 .map(|_| Concluded::Done(()));
         }
-        let report = self.store.host(&unit.hostname)?.as_ref().and_then(last_report);
+        let report = self
+            .store
+            .host(&unit.hostname)?
+            .as_ref()
+            .and_then(last_report);
         let Some(outcome) = report
             .as_ref()
             .and_then(|r| release_outcome(r, &unit.compute_id, &unit.updated_at))
@@ -490,7 +504,15 @@ impl Kloigos {
                 self.store
                     .set_server_status(h, ServerStatus::Ready, Some(UnitStatus::Free))?;
                 info!(hostname = %h, operation = "init_server", "server ready on its host");
-                self.record(actor, "init_server", None, Some(h), Ok(()), None, Some(after));
+                self.record(
+                    actor,
+                    "init_server",
+                    None,
+                    Some(h),
+                    Ok(()),
+                    None,
+                    Some(after),
+                );
                 Ok(Concluded::Done(()))
             }
             None if !timed_out => Ok(Concluded::Pending),
@@ -513,7 +535,15 @@ impl Kloigos {
                     ),
                 };
                 self.store.delete_server(h)?;
-                self.record(actor, "init_server", None, Some(h), Err(&msg), None, Some(after));
+                self.record(
+                    actor,
+                    "init_server",
+                    None,
+                    Some(h),
+                    Err(&msg),
+                    None,
+                    Some(after),
+                );
                 Err(err(msg))
             }
         }
@@ -701,7 +731,13 @@ mod tests {
         }
     }
 
-    fn unit(id: &str, claim: Option<&str>, owned: bool, ok: bool, rolled_back: bool) -> UnitOutcome {
+    fn unit(
+        id: &str,
+        claim: Option<&str>,
+        owned: bool,
+        ok: bool,
+        rolled_back: bool,
+    ) -> UnitOutcome {
         UnitOutcome {
             compute_id: id.into(),
             claim: claim.map(Into::into),
@@ -725,44 +761,82 @@ mod tests {
 
     #[test]
     fn an_allocation_is_decided_only_by_its_own_claim() {
-        let ok = report(T1, srv(T0, true), vec![unit("h_0-1", Some("c1"), true, true, false)]);
+        let ok = report(
+            T1,
+            srv(T0, true),
+            vec![unit("h_0-1", Some("c1"), true, true, false)],
+        );
         assert_eq!(allocation_outcome(&ok, "h_0-1", "c1"), Some(Ok(())));
-        assert_eq!(allocation_outcome(&ok, "h_0-1", "c2"), None, "another claim");
+        assert_eq!(
+            allocation_outcome(&ok, "h_0-1", "c2"),
+            None,
+            "another claim"
+        );
         assert_eq!(allocation_outcome(&ok, "h_2-3", "c1"), None, "another unit");
-        let failed = report(T1, srv(T0, true), vec![unit("h_0-1", Some("c1"), false, false, true)]);
+        let failed = report(
+            T1,
+            srv(T0, true),
+            vec![unit("h_0-1", Some("c1"), false, false, true)],
+        );
         assert_eq!(
             allocation_outcome(&failed, "h_0-1", "c1"),
             Some(Err((true, "boom".into())))
         );
-        let not_yet = report(T1, srv(T0, true), vec![unit("h_0-1", Some("c1"), false, true, false)]);
+        let not_yet = report(
+            T1,
+            srv(T0, true),
+            vec![unit("h_0-1", Some("c1"), false, true, false)],
+        );
         assert_eq!(allocation_outcome(&not_yet, "h_0-1", "c1"), None);
     }
 
     #[test]
     fn a_release_needs_a_report_made_after_it_was_asked() {
-        let released = report(T1, srv(T0, true), vec![unit("h_0-1", None, false, true, false)]);
+        let released = report(
+            T1,
+            srv(T0, true),
+            vec![unit("h_0-1", None, false, true, false)],
+        );
         assert_eq!(release_outcome(&released, "h_0-1", T0), Some(Ok(())));
         assert_eq!(
             release_outcome(&released, "h_0-1", "2026-11-23T20:00:02Z"),
             None,
             "an older report says nothing of a later release"
         );
-        let still = report(T1, srv(T0, true), vec![unit("h_0-1", Some("c"), true, true, false)]);
+        let still = report(
+            T1,
+            srv(T0, true),
+            vec![unit("h_0-1", Some("c"), true, true, false)],
+        );
         assert_eq!(release_outcome(&still, "h_0-1", T0), None);
-        let failed = report(T1, srv(T0, true), vec![unit("h_0-1", Some("c"), true, false, false)]);
-        assert_eq!(release_outcome(&failed, "h_0-1", T0), Some(Err("boom".into())));
+        let failed = report(
+            T1,
+            srv(T0, true),
+            vec![unit("h_0-1", Some("c"), true, false, false)],
+        );
+        assert_eq!(
+            release_outcome(&failed, "h_0-1", T0),
+            Some(Err("boom".into()))
+        );
         let gone = report(T1, None, vec![]);
         assert_eq!(release_outcome(&gone, "h_0-1", T0), Some(Ok(())));
     }
 
     #[test]
     fn init_and_decommission_read_the_server_outcome() {
-        assert_eq!(init_outcome(&report(T1, srv(T0, true), vec![]), T0), Some(Ok(())));
+        assert_eq!(
+            init_outcome(&report(T1, srv(T0, true), vec![]), T0),
+            Some(Ok(()))
+        );
         assert_eq!(
             init_outcome(&report(T1, srv(T0, false), vec![]), T0),
             Some(Err("no disk".into()))
         );
-        assert_eq!(init_outcome(&report(T1, srv(T1, true), vec![]), T0), None, "another record");
+        assert_eq!(
+            init_outcome(&report(T1, srv(T1, true), vec![]), T0),
+            None,
+            "another record"
+        );
         assert_eq!(init_outcome(&report(T1, None, vec![]), T0), None);
         assert!(torn_down(&report(T1, None, vec![]), T0));
         assert!(!torn_down(&report(T0, None, vec![]), T1));
@@ -773,7 +847,10 @@ mod tests {
     fn times_compare_as_times_not_strings() {
         // As strings "…00Z" > "…00.5Z"; as times it is earlier.
         assert!(not_before("2026-11-23T20:00:00.5Z", "2026-11-23T20:00:00Z"));
-        assert!(!not_before("2026-11-23T20:00:00Z", "2026-11-23T20:00:00.5Z"));
+        assert!(!not_before(
+            "2026-11-23T20:00:00Z",
+            "2026-11-23T20:00:00.5Z"
+        ));
         assert!(!not_before("garbage", "2026-11-23T20:00:00Z"));
         assert!(older_than("2020-01-01T00:00:00Z", Duration::from_secs(1)));
         assert!(!older_than(&crate::time::now(), Duration::from_secs(60)));

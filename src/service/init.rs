@@ -3,8 +3,7 @@
 //! what was created.
 
 use super::{
-    Begun, InitServer, Invalid, InvalidList, Kloigos, LocPart, OpError, Result, all_ok,
-    test_pause,
+    Begun, InitServer, Invalid, InvalidList, Kloigos, LocPart, OpError, Result, all_ok, test_pause,
 };
 use crate::model::{self, names};
 use crate::store::{NewUnit, Server, ServerStatus, UnitStatus};

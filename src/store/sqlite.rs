@@ -708,19 +708,35 @@ impl Inventory for Store {
         self.conn().execute(
             "UPDATE hosts SET facts = ?2, poke_url = ?3, version = ?4, \
              joined_at = COALESCE(joined_at, ?5) WHERE hostname = ?1",
-            params![hostname, json_text(facts)?, poke_url, version, crate::time::now()],
+            params![
+                hostname,
+                json_text(facts)?,
+                poke_url,
+                version,
+                crate::time::now()
+            ],
         )?;
         Ok(())
     }
 
     fn host_reported(&self, hostname: &str, report: &Value, version: &str) -> Result<()> {
         // The report carries the host's facts too: keep them current.
-        let facts = report.get("facts").filter(|f| f.is_object()).map(json_text).transpose()?;
+        let facts = report
+            .get("facts")
+            .filter(|f| f.is_object())
+            .map(json_text)
+            .transpose()?;
         self.conn().execute(
             "UPDATE hosts SET last_report = ?2, last_report_at = ?3, version = ?4, \
              facts = COALESCE(?5, facts), unreachable_since = NULL, unreachable_reason = NULL \
              WHERE hostname = ?1",
-            params![hostname, json_text(report)?, crate::time::now(), version, facts],
+            params![
+                hostname,
+                json_text(report)?,
+                crate::time::now(),
+                version,
+                facts
+            ],
         )?;
         Ok(())
     }
@@ -1003,8 +1019,15 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         assert!(s.host("h2").unwrap().is_none());
         assert!(s.put_host("h2", "aa").unwrap(), "a new host");
-        assert!(!s.put_host("h2", "bb").unwrap(), "a known host gets a new token");
-        assert_eq!(s.host_by_token("aa").unwrap(), None, "the old token stops working");
+        assert!(
+            !s.put_host("h2", "bb").unwrap(),
+            "a known host gets a new token"
+        );
+        assert_eq!(
+            s.host_by_token("aa").unwrap(),
+            None,
+            "the old token stops working"
+        );
         assert_eq!(s.host_by_token("bb").unwrap().as_deref(), Some("h2"));
         // Two hosts cannot share a token hash.
         assert!(s.put_host("h3", "bb").is_err());
@@ -1013,18 +1036,28 @@ mod tests {
         assert_eq!((h.joined_at, h.facts, h.last_report), (None, None, None));
 
         let facts = serde_json::json!({"cpus_online": "0-3"});
-        s.host_joined("h2", &facts, Some("http://127.0.0.1:1/api/host/poke"), "0.1.0")
-            .unwrap();
+        s.host_joined(
+            "h2",
+            &facts,
+            Some("http://127.0.0.1:1/api/host/poke"),
+            "0.1.0",
+        )
+        .unwrap();
         let joined = s.host("h2").unwrap().unwrap();
         assert_eq!(joined.facts.as_ref(), Some(&facts));
         assert_eq!(joined.version.as_deref(), Some("0.1.0"));
         let first_join = joined.joined_at.clone().unwrap();
         s.host_joined("h2", &facts, None, "0.1.1").unwrap();
         let again = s.host("h2").unwrap().unwrap();
-        assert_eq!(again.joined_at.as_deref(), Some(first_join.as_str()), "joined_at stays");
+        assert_eq!(
+            again.joined_at.as_deref(),
+            Some(first_join.as_str()),
+            "joined_at stays"
+        );
         assert_eq!(again.poke_url, None);
 
-        s.host_unreachable("h2", Some("connection refused")).unwrap();
+        s.host_unreachable("h2", Some("connection refused"))
+            .unwrap();
         let down = s.host("h2").unwrap().unwrap();
         let since = down.unreachable_since.clone().unwrap();
         s.host_unreachable("h2", Some("timed out")).unwrap();
@@ -1032,7 +1065,8 @@ mod tests {
         assert_eq!(still.unreachable_since.as_deref(), Some(since.as_str()));
         assert_eq!(still.unreachable_reason.as_deref(), Some("timed out"));
 
-        let report = serde_json::json!({"as_of": "x", "facts": {"cpus_online": "0-7"}, "units": []});
+        let report =
+            serde_json::json!({"as_of": "x", "facts": {"cpus_online": "0-7"}, "units": []});
         s.host_reported("h2", &report, "0.2.0").unwrap();
         let r = s.host("h2").unwrap().unwrap();
         assert_eq!(r.last_report.as_ref(), Some(&report));
@@ -1073,13 +1107,19 @@ mod tests {
         };
         assert!(pick("1970-01-01T00:00:00Z").is_none(), "h2 never joined");
         s.put_host("h2", "t").unwrap();
-        s.host_joined("h2", &serde_json::json!({}), None, "0.1.0").unwrap();
+        s.host_joined("h2", &serde_json::json!({}), None, "0.1.0")
+            .unwrap();
         assert!(pick("1970-01-01T00:00:00Z").is_none(), "h2 never reported");
-        s.host_reported("h2", &serde_json::json!({}), "0.1.0").unwrap();
+        s.host_reported("h2", &serde_json::json!({}), "0.1.0")
+            .unwrap();
         s.host_unreachable("h2", Some("refused")).unwrap();
         assert!(pick("1970-01-01T00:00:00Z").is_none(), "h2 is unreachable");
-        s.host_reported("h2", &serde_json::json!({}), "0.1.0").unwrap();
-        assert!(pick("2999-01-01T00:00:00Z").is_none(), "h2's report is stale");
+        s.host_reported("h2", &serde_json::json!({}), "0.1.0")
+            .unwrap();
+        assert!(
+            pick("2999-01-01T00:00:00Z").is_none(),
+            "h2's report is stale"
+        );
         let u = pick("1970-01-01T00:00:00Z").unwrap();
         assert_eq!(u.hostname, "h2");
         assert_eq!(u.claim.as_ref().map(String::len), Some(32));
