@@ -299,8 +299,25 @@ fn host_tokens_open_only_their_own_host() {
         "/api/hosts/h1/report",
         Some(r#"{"as_of": 1}"#),
     );
-    assert_eq!(code, 422, "{v}");
-    assert!(v["detail"][0]["loc"].is_array(), "{v}");
+    assert_eq!(
+        (code, v["detail"][0]["loc"].clone()),
+        (422, json!(["body", "as_of"])),
+        "{v}"
+    );
+    let mut extra: Value = serde_json::from_str(&report).unwrap();
+    extra["units"] = json!([{"compute_id": "h1_0-1", "claim": null, "owned": false, "ok": true,
+                             "error": null, "rolled_back": false, "sneaky": 1}]);
+    let (code, v) = s.tcp_call(
+        Some(&t1),
+        "POST",
+        "/api/hosts/h1/report",
+        Some(&extra.to_string()),
+    );
+    assert_eq!(
+        (code, v["detail"][0]["loc"].clone()),
+        (422, json!(["body", "units", 0, "sneaky"])),
+        "{v}"
+    );
     let bad_time = report.replace("2026-11-23T20:00:00Z", "yesterday");
     let (code, v) = s.tcp_call(Some(&t1), "POST", "/api/hosts/h1/report", Some(&bad_time));
     assert_eq!(

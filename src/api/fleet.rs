@@ -378,16 +378,28 @@ async fn sweep(k: &AppState, only: Option<String>) {
 
 // ---- endpoints ------------------------------------------------------------------------------
 
-/// A body as `T`, strictly: a 422 in FastAPI's shape when it is not.
+/// A body as `T`, strictly: a 422 in FastAPI's shape, at the offending field, when it is not.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| {
-        let kind = if e.is_syntax() || e.is_eof() {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let r: Result<T, _> = serde_path_to_error::deserialize(de);
+    r.map_err(|e| {
+        use serde_path_to_error::Segment;
+        let kind = if e.inner().is_syntax() || e.inner().is_eof() {
             "json_invalid"
         } else {
             "value_error"
         };
+        let loc = std::iter::once(json!("body"))
+            .chain(e.path().iter().filter_map(|s| match s {
+                Segment::Seq { index } => Some(json!(index)),
+                Segment::Map { key } => Some(json!(key)),
+                Segment::Enum { variant } => Some(json!(variant)),
+                Segment::Unknown => None,
+            }))
+            .collect();
         let input = serde_json::from_slice(body).unwrap_or(Value::Null);
-        ApiError::invalid(vec![err(kind, vec![json!("body")], &e.to_string(), input)])
+        let msg = e.inner().to_string();
+        ApiError::invalid(vec![err(kind, loc, &msg, input)])
     })
 }
 

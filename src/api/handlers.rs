@@ -27,7 +27,8 @@ pub(super) fn peer_of(ext: &axum::http::Extensions) -> Peer {
 /// Allocate a FREE compute unit with exactly `cpu_count` CPUs.
 #[utoipa::path(post, path = "/api/compute_units/allocate", tag = "compute_units",
     request_body = ComputeUnitRequest,
-    responses((status = 200, body = ComputeUnitResponse), (status = 409, description = "No FREE unit matches", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = ComputeUnitResponse), (status = 409, description = "No FREE unit matches", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not apply it within the apply timeout; the unit was released", body = ErrorDetail)))]
 pub(super) async fn allocate(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -43,7 +44,8 @@ pub(super) async fn allocate(
 /// Deallocate a unit: its owner's key, processes and files are gone; it is FREE again.
 #[utoipa::path(delete, path = "/api/compute_units/deallocate/{compute_id}", tag = "compute_units",
     params(("compute_id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Not in a state that can be deallocated", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Not in a state that can be deallocated", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not release it in time: DEALLOCATION_FAIL until it reports", body = ErrorDetail)))]
 pub(super) async fn deallocate(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -113,7 +115,8 @@ pub(super) async fn get_unit(
 /// Register a server and cut it into compute units; on this host, apply them.
 #[utoipa::path(post, path = "/api/admin/init_server", tag = "admin",
     request_body = InitServerRequest,
-    responses((status = 200, body = Object), (status = 409, description = "Server already initialized", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = Object), (status = 409, description = "Server already initialized", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not set it up in time; the record was removed", body = ErrorDetail)))]
 pub(super) async fn init_server(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -130,7 +133,8 @@ pub(super) async fn init_server(
 /// `force=true`.
 #[utoipa::path(delete, path = "/api/admin/decommission_server/{hostname}", tag = "admin",
     params(("hostname" = String, Path), ("force" = Option<bool>, Query)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Units still in use", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Units still in use", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not tear it down in time; it stays DECOMMISSIONING", body = ErrorDetail)))]
 pub(super) async fn decommission_server(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
