@@ -432,7 +432,7 @@ await step('auto-refresh keeps filters and does not re-render unchanged data', a
   check((await page.evaluate(() => window.kloigosStats.renders)) === renders, 'unchanged data was rendered again');
   // Change the data behind the page: the next refresh re-renders, filters and scroll kept.
   const rowsBefore = await page.evaluate(() => window.kloigosStats.rows);
-  await api('POST', '/api/compute_units/allocate', { cpu_count: 1, region: 'us', zone: 'a', tags: {}, ssh_public_key: sshKey });
+  await api('POST', '/api/compute_units/allocate', { cpu_count: 1, region: 'us', zone: 'a', tags: {}, ssh_public_key: sshKey, inventory_only: true });
   await page.waitForFunction((k) => window.kloigosStats.renders > k, renders, { timeout: 12000 });
   check((await page.inputValue('#f-rz')) === 'us-a' && (await page.inputValue('#f-status')) === 'FREE', 'filters were reset');
   const rowsAfter = await page.evaluate(() => window.kloigosStats.rows);
