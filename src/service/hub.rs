@@ -603,8 +603,12 @@ impl Kloigos {
     pub fn sweep(&self, only: Option<&str>, waited: &HashSet<String>) -> Result<Vec<String>> {
         let mut poke = Vec::new();
         let grace = self.apply_timeout + Duration::from_secs(5);
-        for server in self.store.servers()? {
-            if !self.is_remote(&server) || only.is_some_and(|h| h != server.hostname) {
+        let servers = match only {
+            Some(h) => self.store.server(h)?.into_iter().collect(),
+            None => self.store.servers()?,
+        };
+        for server in servers {
+            if !self.is_remote(&server) {
                 continue;
             }
             let h = server.hostname.clone();
