@@ -819,3 +819,97 @@ fn the_cli_manages_hosts_and_shows_who_applies_each_server() {
         401
     );
 }
+
+/// A second hub on the same inventory: a report that reaches it concludes what the first hub
+/// waits for (the waiting hub sees it and answers), and its sweep is as safe as the first's.
+#[test]
+fn a_report_to_another_hub_concludes_the_wait_of_the_first() {
+    let s = start("10");
+    let token = joined_server(&s, "h1", None, &["0-1"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let sock2 = s.dir.path().join("hub2.sock");
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let hub2 = std::process::Command::new(common::bin())
+        .args(["serve", "--listen"])
+        .arg(&sock2)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--root")
+        .arg(s.root())
+        .arg("--db")
+        .arg(s.db())
+        .args(["--templates", "/nonexistent"])
+        .arg("--tokens")
+        .arg(s.tokens())
+        .env("KLOIGOS_LOG", "warn")
+        .env("KLOIGOS_APPLY_TIMEOUT", "10")
+        .spawn()
+        .unwrap();
+    let hub2 = KillOnDrop(hub2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock2).is_err() {
+        assert!(Instant::now() < deadline, "hub 2 did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The played host talks to hub 2 only.
+    let to_hub2 = |method: &str, path: &str, body: Option<&str>| -> (u16, Value) {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let body = body.unwrap_or("");
+        write!(
+            c,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        c.read_to_end(&mut raw).unwrap();
+        common::parse_response(&raw)
+    };
+    let started = Instant::now();
+    let (code, u) = std::thread::scope(|sc| {
+        let a = sc.spawn(|| allocate(&s));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            let (code, st) = to_hub2("GET", "/api/hosts/h1/state", None);
+            assert_eq!(code, 200, "{st}");
+            if st["server"]["units"][0]["status"] == "ALLOCATING" {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "never ALLOCATING");
+            std::thread::sleep(Duration::from_millis(30));
+        };
+        let unit = &st["server"]["units"][0];
+        let report = json!({"as_of": st["as_of"], "version": "0.1.0", "facts": facts(),
+            "server": {"created_at": st["server"]["created_at"], "ok": true, "error": null},
+            "units": [{"compute_id": unit["compute_id"], "claim": unit["claim"], "owned": true,
+                       "ok": true, "error": null, "rolled_back": false}], "drift": []});
+        let (code, v) = to_hub2("POST", "/api/hosts/h1/report", Some(&report.to_string()));
+        assert_eq!(code, 200, "{v}");
+        a.join().unwrap()
+    });
+    drop(hub2);
+    assert_eq!(code, 200, "{u}");
+    assert_eq!(u["status"], "ALLOCATED");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "hub 1 saw it by polling, not at its timeout"
+    );
+    // Audited once, as the caller that allocated.
+    let (_, events) = s.get("/api/events?compute_id=h1_0-1&operation=allocate");
+    let ok: Vec<&Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["result"] == "ok")
+        .collect();
+    assert_eq!(ok.len(), 1, "{events}");
+    assert_eq!(ok[0]["actor"], u["allocated_by"]);
+}
