@@ -20,11 +20,12 @@ impl Kloigos {
         match self.allocate_begin(req, actor)? {
             Begun::Done(u) => Ok(u),
             Begun::Remote(u) => {
-                let _ = self.remote_allocate_unreachable(&u, "allocated outside a hub's API");
-                Err(OpError::Conflict(format!(
+                let msg = format!(
                     "{} is on joined host {}: allocate through a hub's API",
                     u.compute_id, u.hostname
-                )))
+                );
+                self.release_claim(&u, &msg)?;
+                Err(OpError::Conflict(msg))
             }
         }
     }

@@ -359,17 +359,24 @@ impl Kloigos {
     /// goes back to FREE at once (the caller tries another host).
     pub fn remote_allocate_unreachable(&self, unit: &Unit, reason: &str) -> Result<()> {
         self.store.host_unreachable(&unit.hostname, Some(reason))?;
-        let msg = format!(
-            "host {} is unreachable ({reason}); {} released, trying another host",
-            unit.hostname, unit.compute_id
-        );
         warn!(compute_id = %unit.compute_id, hostname = %unit.hostname, reason, "poke failed");
+        self.release_claim(
+            unit,
+            &format!(
+                "host {} is unreachable ({reason}); {} released, trying another host",
+                unit.hostname, unit.compute_id
+            ),
+        )
+    }
+
+    /// A claim given back before the host was asked to apply it: FREE again, audited.
+    pub(super) fn release_claim(&self, unit: &Unit, why: &str) -> Result<()> {
         self.conclude_unit(
             unit,
             &[UnitStatus::Allocating],
             UnitStatus::Free,
             UnitChange::cleared(),
-            ("hub", "allocate", Err(&msg)),
+            ("hub", "allocate", Err(why)),
         )?;
         Ok(())
     }
