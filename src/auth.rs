@@ -16,6 +16,8 @@ const ADMIN_GROUP: &str = "kloigos";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// A fleet host (its token lives in the inventory): only its own `/api/hosts/{name}/...`.
+    Host,
     /// Reads only.
     Readonly,
     /// Reads, allocates, and deallocates the units it allocated.
@@ -27,6 +29,7 @@ pub enum Role {
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Role::Host => "host",
             Role::Readonly => "readonly",
             Role::User => "user",
             Role::Admin => "admin",
@@ -61,6 +64,9 @@ pub(crate) struct Caller {
     /// `token:NAME` with a valid token, the address (without port) for other TCP callers.
     #[serde(skip)]
     pub(crate) source: String,
+    /// The hostname a host token belongs to (role [`Role::Host`]).
+    #[serde(skip)]
+    pub(crate) host: Option<String>,
 }
 
 impl Caller {
@@ -133,7 +139,7 @@ pub(crate) struct TokenEntry {
     pub(crate) created: String,
 }
 
-fn sha256_hex(s: &str) -> String {
+pub(crate) fn sha256_hex(s: &str) -> String {
     Sha256::digest(s.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -263,6 +269,21 @@ impl Tokens {
     }
 }
 
+/// The prefix of a fleet host's token.
+pub(crate) const HOST_TOKEN_PREFIX: &str = "kh_";
+
+/// A new fleet host token: `kh_` and 43 base64url characters (32 random bytes). Only its
+/// SHA-256 ([`sha256_hex`]) is stored, in the inventory.
+pub(crate) fn new_host_token() -> Result<String, TokenError> {
+    use base64::Engine;
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(TokenError::Random)?;
+    Ok(format!(
+        "{HOST_TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    ))
+}
+
 /// The host part of a `Host` header or an origin's authority, lowercased: `name` of
 /// `name:port`, `::1` of `[::1]:port`.
 fn host_name(authority: &str) -> Option<String> {
@@ -339,6 +360,7 @@ pub(crate) fn unix_caller(uid: u32, gid: u32) -> Caller {
             })
     });
     Caller {
+        host: None,
         actor: format!("unix:{name}"),
         anonymous: false,
         source: format!("uid {uid}"),
@@ -480,17 +502,36 @@ mod tests {
     }
 
     #[test]
+    fn host_tokens_are_kh_and_43_base64url_chars_and_rank_lowest() {
+        let a = new_host_token().unwrap();
+        let b = new_host_token().unwrap();
+        assert_ne!(a, b);
+        let rest = a.strip_prefix(HOST_TOKEN_PREFIX).unwrap();
+        assert_eq!(rest.len(), 43);
+        assert!(
+            rest.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
+        assert!(Role::Host < Role::Readonly);
+        assert_eq!(Role::Host.to_string(), "host");
+        // Not a role a token file may grant.
+        assert!("host".parse::<Role>().is_err());
+    }
+
+    #[test]
     fn anonymous_callers_own_nothing() {
         let named = Caller {
             actor: "token:ci".into(),
             role: Role::User,
             anonymous: false,
             source: "127.0.0.1".into(),
+            host: None,
         };
         assert!(named.owns(Some("token:ci")));
         assert!(!named.owns(Some("token:other")) && !named.owns(None));
         let anon = Caller {
             actor: "anonymous(tcp 127.0.0.1)".into(),
+            host: None,
             anonymous: true,
             ..named
         };

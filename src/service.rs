@@ -22,8 +22,14 @@ use tracing::{error, info, warn};
 mod allocate;
 mod decommission;
 mod fleet;
+mod hub;
 mod init;
 mod reconcile;
+
+pub(crate) use hub::older_than;
+pub use hub::{
+    Begun, Concluded, Facts, JoinRequest, Report, ServerOutcome, UnitOutcome, last_report,
+};
 
 /// One step of the path to an invalid part of a request: a field or a list index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +87,9 @@ pub enum OpError {
     Forbidden(String),
     #[error("{0}")]
     Failed(String),
+    /// A joined host did not report in time (HTTP 504).
+    #[error("{0}")]
+    Timeout(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -194,6 +203,8 @@ pub struct Kloigos {
     kill_grace: Duration,
     facts: HostFacts,
     host_stale_after: Duration,
+    /// How long a hub waits for a joined host's report (`--apply-timeout`).
+    apply_timeout: Duration,
 }
 
 /// The hostname of the machine (or of the fake root's /etc/hostname).
@@ -300,7 +311,13 @@ impl Kloigos {
             kill_grace: cfg.kill_grace,
             facts,
             host_stale_after: cfg.host_stale_after,
+            apply_timeout: Duration::from_secs(30),
         })
+    }
+
+    /// A joined host whose last report is older is not chosen for allocations.
+    pub(crate) fn host_stale_after(&self) -> Duration {
+        self.host_stale_after
     }
 
     pub(crate) fn local_hostname(&self) -> &str {

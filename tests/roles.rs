@@ -103,7 +103,7 @@ fn every_role_against_every_endpoint() {
     );
 
     // init_server: admin only.
-    let remote = json!({"ip": "192.0.2.99", "region": "eu", "zone": "b", "hostname": "remote1", "cpu_ranges": ["0-1"]}).to_string();
+    let remote = json!({"ip": "192.0.2.99", "region": "eu", "zone": "b", "hostname": "remote1", "cpu_ranges": ["0-1"], "inventory_only": true}).to_string();
     for tok in [None, Some("klg_forged")] {
         assert_eq!(
             t(tok, "POST", "/api/admin/init_server", Some(&remote)).0,

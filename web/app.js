@@ -523,10 +523,30 @@ function renderServers(force = false) {
   if (cur) sel.value = cur;
 }
 
+/** A fleet host's state on its server card: reachable or not, stale, last report, drift. */
+function hostState(s) {
+  if (s.local || s.inventory_only) return '';
+  const h = s.host;
+  if (!h || !h.joined) return '<span class="tag host-bad" data-testid="host-state">not joined</span>';
+  const bad = h.unreachable_since || h.stale;
+  const words = [];
+  if (h.unreachable_since) words.push(`unreachable since ${startedShort(h.unreachable_since)}`);
+  else words.push('reachable');
+  if (h.stale) words.push('stale');
+  words.push(h.last_report_at ? `report ${startedShort(h.last_report_at)}` : 'no report');
+  if (h.version) words.push(`v${h.version}`);
+  const drift = (h.drift || []).length;
+  if (drift) words.push(`drift ${drift}`);
+  const title = drift ? `Repaired at the last pull:\n${h.drift.join('\n')}` : 'No drift at the last pull';
+  return `<span class="tag ${bad ? 'host-bad' : 'host-ok'}" data-testid="host-state" title="${esc(title)}">${esc(words.join(' · '))}</span>`;
+}
+
 function serverCard(s, units) {
   const head =
     `<header class="server-head"><h2>${esc(s.hostname)}</h2>` +
     `<span class="badge sv-${esc(s.status)}">${esc(s.status)}</span>${s.local ? '<span class="tag">this host</span>' : ''}` +
+    (s.inventory_only ? '<span class="tag inv" data-testid="inventory-only" title="Recorded only: Kloigos does not configure this host">inventory only</span>' : '') +
+    hostState(s) +
     `<span class="mono">${esc(s.ip)}</span><span>${esc(s.region)}-${esc(s.zone)}</span>`;
   if (s.status === 'DECOMMISSIONED') {
     return `<article class="server retired" data-host="${esc(s.hostname)}" data-testid="server-card">${head}` +
@@ -988,6 +1008,7 @@ function init() {
         const v = $(id).value.trim();
         if (v) body[f] = +v;
       }
+      if ($('#init-inventory-only').checked) body.inventory_only = true;
       await api('POST', '/api/admin/init_server', body);
       toast(`Server <strong>${esc(body.hostname)}</strong> initialized with ${body.cpu_ranges.length} units.`);
       $('#init-form').reset();

@@ -47,6 +47,7 @@ impl From<OpError> for ApiError {
                     format!("database unavailable: {why}"),
                 )
             }
+            OpError::Timeout(m) => ApiError::detail(StatusCode::GATEWAY_TIMEOUT, m),
             other => {
                 tracing::error!(error = %crate::error::Chain(&other), "request failed");
                 ApiError::detail(

@@ -114,20 +114,14 @@ pub(super) async fn authenticate(
                 role: Role::Readonly,
                 anonymous: false,
                 source: source.clone(),
+                host: None,
             };
             let what = format!("{} {}", req.method(), req.uri().path());
             match credential {
                 crate::auth::Credential::Bearer(secret) => {
-                    let tokens = k.tokens.clone();
-                    match tokio::task::spawn_blocking(move || tokens.verify(&secret)).await {
-                        // A token is its own source: one noisy client does not
-                        // hide the refusals of others on the same address.
-                        Ok(Ok(Some(entry))) => Some(Caller {
-                            actor: format!("token:{}", entry.name),
-                            role: entry.role,
-                            anonymous: false,
-                            source: format!("token:{}", entry.name),
-                        }),
+                    let k2 = k.clone();
+                    match tokio::task::spawn_blocking(move || bearer_caller(&k2, &secret)).await {
+                        Ok(Ok(Some(c))) => Some(c),
                         Ok(Ok(None)) => {
                             let who = refused();
                             audit_denied(
@@ -139,14 +133,7 @@ pub(super) async fn authenticate(
                             .await;
                             return unauthorized("invalid bearer token");
                         }
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %crate::error::Chain(&e), "cannot read the token file");
-                            return ApiError::detail(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                format!("cannot check tokens: {}", crate::error::Chain(&e)),
-                            )
-                            .into_response();
-                        }
+                        Ok(Err(e)) => return e.into_response(),
                         Err(_) => None,
                     }
                 }
@@ -160,12 +147,23 @@ pub(super) async fn authenticate(
                     role,
                     anonymous: true,
                     source: source.clone(),
+                    host: None,
                 }),
             }
         }
         Peer::Unknown => None,
     };
     match caller {
+        // A host token opens only the fleet endpoints (each handler checks the hostname).
+        Some(c) if c.role == Role::Host && !req.uri().path().starts_with("/api/hosts/") => {
+            let detail = format!(
+                "{} is a host token: it may only use /api/hosts/{}/...",
+                c.actor,
+                c.host.as_deref().unwrap_or_default()
+            );
+            audit_denied(&k, &c, "authenticate", &detail).await;
+            return ApiError::detail(StatusCode::FORBIDDEN, detail).into_response();
+        }
         Some(c) => {
             req.extensions_mut().insert(c);
         }
@@ -177,4 +175,46 @@ pub(super) async fn authenticate(
         None => {}
     }
     next.run(req).await
+}
+
+/// The caller a bearer token stands for: an entry of the token file, or else a fleet host
+/// whose token hash is in the inventory. `Ok(None)`: no such token.
+fn bearer_caller(k: &App, secret: &str) -> Result<Option<Caller>, ApiError> {
+    let secret = secret.trim();
+    match k.tokens.verify(secret) {
+        // A token is its own source: one noisy client does not hide the refusals of others
+        // on the same address.
+        Ok(Some(entry)) => {
+            return Ok(Some(Caller {
+                actor: format!("token:{}", entry.name),
+                role: entry.role,
+                anonymous: false,
+                source: format!("token:{}", entry.name),
+                host: None,
+            }));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %crate::error::Chain(&e), "cannot read the token file");
+            return Err(ApiError::detail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot check tokens: {}", crate::error::Chain(&e)),
+            ));
+        }
+    }
+    if !secret.starts_with(crate::auth::HOST_TOKEN_PREFIX) {
+        return Ok(None);
+    }
+    let hash = crate::auth::sha256_hex(secret);
+    match k.store.host_by_token(&hash) {
+        Ok(Some(host)) => Ok(Some(Caller {
+            actor: format!("host:{host}"),
+            role: Role::Host,
+            anonymous: false,
+            source: format!("host:{host}"),
+            host: Some(host),
+        })),
+        Ok(None) => Ok(None),
+        Err(e) => Err(ApiError::from(crate::service::OpError::from(e))),
+    }
 }

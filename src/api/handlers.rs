@@ -27,7 +27,8 @@ pub(super) fn peer_of(ext: &axum::http::Extensions) -> Peer {
 /// Allocate a FREE compute unit with exactly `cpu_count` CPUs.
 #[utoipa::path(post, path = "/api/compute_units/allocate", tag = "compute_units",
     request_body = ComputeUnitRequest,
-    responses((status = 200, body = ComputeUnitResponse), (status = 409, description = "No FREE unit matches", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = ComputeUnitResponse), (status = 409, description = "No FREE unit matches", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not apply it within the apply timeout; the unit was released", body = ErrorDetail)))]
 pub(super) async fn allocate(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -37,15 +38,15 @@ pub(super) async fn allocate(
     super::host::refuse_if_joined(&k)?;
     let body = read_body(&k, body).await?;
     let req = parse_allocate(&body).map_err(ApiError::invalid)?;
-    let actor = caller.actor.clone();
-    let unit = blocking(move || k.allocate(req, &actor)).await?;
+    let unit = super::fleet::allocate(&k, req, &caller.actor).await?;
     Ok(Json((&unit).into()))
 }
 
 /// Deallocate a unit: its owner's key, processes and files are gone; it is FREE again.
 #[utoipa::path(delete, path = "/api/compute_units/deallocate/{compute_id}", tag = "compute_units",
     params(("compute_id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Not in a state that can be deallocated", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Not in a state that can be deallocated", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not release it in time: DEALLOCATION_FAIL until it reports", body = ErrorDetail)))]
 pub(super) async fn deallocate(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -53,23 +54,20 @@ pub(super) async fn deallocate(
 ) -> ApiResult<Json<Value>> {
     require(&k, &caller, Role::User, "deallocate", Some(&id)).await?;
     super::host::refuse_if_joined(&k)?;
-    let k2 = k.clone();
     let who = caller.clone();
-    let r = blocking(move || {
-        k2.deallocate(&id, &who.actor, &|unit| {
-            // A user may give back only what it allocated.
-            // Anonymous callers all look alike: none of them owns a unit.
-            if who.role >= Role::Admin || who.owns(unit.allocated_by.as_deref()) {
-                Ok(())
-            } else {
-                Err(OpError::Forbidden(format!(
-                    "{} may only deallocate units it allocated; {} was allocated by {}",
-                    who.actor,
-                    unit.compute_id,
-                    unit.allocated_by.as_deref().unwrap_or("someone else")
-                )))
-            }
-        })
+    let r = super::fleet::deallocate(&k, &id, &caller, move |unit| {
+        // A user may give back only what it allocated.
+        // Anonymous callers all look alike: none of them owns a unit.
+        if who.role >= Role::Admin || who.owns(unit.allocated_by.as_deref()) {
+            Ok(())
+        } else {
+            Err(OpError::Forbidden(format!(
+                "{} may only deallocate units it allocated; {} was allocated by {}",
+                who.actor,
+                unit.compute_id,
+                unit.allocated_by.as_deref().unwrap_or("someone else")
+            )))
+        }
     })
     .await;
     if let Err(ApiError(StatusCode::FORBIDDEN, v)) = &r {
@@ -119,7 +117,8 @@ pub(super) async fn get_unit(
 /// Register a server and cut it into compute units; on this host, apply them.
 #[utoipa::path(post, path = "/api/admin/init_server", tag = "admin",
     request_body = InitServerRequest,
-    responses((status = 200, body = Object), (status = 409, description = "Server already initialized", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = Object), (status = 409, description = "Server already initialized", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not set it up in time; the record was removed", body = ErrorDetail)))]
 pub(super) async fn init_server(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -128,9 +127,8 @@ pub(super) async fn init_server(
     require(&k, &caller, Role::Admin, "init_server", None).await?;
     super::host::refuse_if_joined(&k)?;
     let body = read_body(&k, body).await?;
-    let actor = caller.actor.clone();
     let req = parse_init_server(&body).map_err(ApiError::invalid)?;
-    blocking(move || k.init_server(req, &actor)).await?;
+    super::fleet::init_server(&k, req, &caller.actor).await?;
     Ok(Json(json!({})))
 }
 
@@ -138,7 +136,8 @@ pub(super) async fn init_server(
 /// `force=true`.
 #[utoipa::path(delete, path = "/api/admin/decommission_server/{hostname}", tag = "admin",
     params(("hostname" = String, Path), ("force" = Option<bool>, Query)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Units still in use", body = ErrorDetail), (status = 422, body = HTTPValidationError)))]
+    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "Units still in use", body = ErrorDetail), (status = 422, body = HTTPValidationError),
+        (status = 504, description = "The joined host did not tear it down in time; it stays DECOMMISSIONING", body = ErrorDetail)))]
 pub(super) async fn decommission_server(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -148,8 +147,7 @@ pub(super) async fn decommission_server(
     require(&k, &caller, Role::Admin, "decommission_server", None).await?;
     super::host::refuse_if_joined(&k)?;
     let force = decommission_force(&mut Query::new(raw.as_deref())).map_err(ApiError::invalid)?;
-    let actor = caller.actor.clone();
-    blocking(move || k.decommission(&hostname, force, &actor)).await?;
+    super::fleet::decommission(&k, hostname, force, &caller.actor).await?;
     Ok(Json(json!({})))
 }
 
@@ -168,6 +166,8 @@ fn server_response(s: &Server, local: &str) -> ServerResponse {
         created_at: s.created_at.clone(),
         local: s.hostname == local,
         numa_nodes: Vec::new(),
+        inventory_only: s.inventory_only,
+        host: None,
     }
 }
 
@@ -179,7 +179,9 @@ pub(super) async fn list_servers(
     Extension(_caller): Extension<Caller>,
 ) -> ApiResult<Json<Vec<ServerResponse>>> {
     let k2 = k.clone();
-    let servers = blocking(move || k2.servers()).await?;
+    let (servers, hosts) = blocking(move || Ok((k2.servers()?, k2.store.hosts()?))).await?;
+    let hosts: std::collections::HashMap<String, crate::store::HostRecord> =
+        hosts.into_iter().map(|h| (h.hostname.clone(), h)).collect();
     let topology: Vec<NumaNode> = crate::model::numa::topology(k.host().root())
         .into_iter()
         .map(|(node, cpus)| NumaNode {
@@ -195,6 +197,9 @@ pub(super) async fn list_servers(
                 if r.local {
                     r.numa_nodes = topology.clone();
                 }
+                r.host = hosts
+                    .get(&s.hostname)
+                    .map(|h| super::fleet::server_host(&k, h));
                 r
             })
             .collect(),
@@ -228,7 +233,7 @@ pub(super) async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmI>
 }
 
 /// Refuses (403, audited) a caller whose role is below `role`.
-async fn require(
+pub(super) async fn require(
     k: &AppState,
     caller: &Caller,
     role: Role,
@@ -310,6 +315,8 @@ pub(crate) async fn housekeeping(k: AppState, retention: crate::audit::Retention
         .unwrap_or_else(|p| p.into_inner())
         .window()
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    // The fleet sweep: at start, then every few seconds.
+    tokio::spawn(super::fleet::sweep_loop(k.clone()));
     let mut tick = tokio::time::interval(every);
     let mut last_prune: Option<std::time::Instant> = None;
     loop {
@@ -355,7 +362,7 @@ pub(crate) async fn housekeeping(k: AppState, retention: crate::audit::Retention
 
 /// Reads a request body, after the role check: no faster than the caller sends it, but no
 /// longer than `body_timeout`, and no larger than `MAX_BODY`.
-async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Bytes> {
+pub(super) async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Bytes> {
     match tokio::time::timeout(k.body_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => {

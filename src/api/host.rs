@@ -16,7 +16,7 @@ pub(super) fn is_poke(req: &axum::extract::Request) -> bool {
 
 /// `POST /api/host/poke`: schedules a pull (coalesced, rate-limited) and answers at once.
 pub(super) async fn poke(State(k): State<AppState>) -> Response {
-    match &k.fleet {
+    match &k.puller {
         None => ApiError::detail(StatusCode::NOT_FOUND, "this host has not joined a hub")
             .into_response(),
         Some(p) => {
@@ -32,7 +32,7 @@ pub(super) async fn poke(State(k): State<AppState>) -> Response {
 
 /// 409 for the write endpoints of a joined host.
 pub(super) fn refuse_if_joined(k: &App) -> Result<(), ApiError> {
-    match &k.fleet {
+    match &k.puller {
         None => Ok(()),
         Some(p) => Err(ApiError::detail(
             StatusCode::CONFLICT,

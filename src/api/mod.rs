@@ -11,6 +11,7 @@
 //! - `errors`: [`ApiError`] and the middleware that makes every error `{"detail": ...}`.
 
 mod errors;
+mod fleet;
 mod guard;
 mod handlers;
 mod host;
@@ -67,7 +68,9 @@ pub(crate) struct App {
     /// Refusals recorded per source and window (the rest are counted, then summarized).
     pub(crate) denials: std::sync::Mutex<crate::audit::DenialLimiter>,
     /// A host joined to hubs: its pulls (pokes), and writes refused with 409.
-    pub(crate) fleet: Option<Arc<crate::fleet::Puller>>,
+    pub(crate) puller: Option<Arc<crate::fleet::Puller>>,
+    /// Waits on fleet hosts under way, and the wake-ups of their reports.
+    pub(crate) fleet: fleet::Fleet,
 }
 
 impl App {
@@ -82,7 +85,8 @@ impl App {
                 Duration::from_secs(60),
                 crate::audit::DENIALS_PER_WINDOW,
             )),
-            fleet: None,
+            puller: None,
+            fleet: fleet::Fleet::default(),
         }
     }
 }
@@ -134,6 +138,14 @@ pub(crate) fn router(state: AppState) -> Router {
             delete(decommission_server),
         )
         .route("/api/admin/servers", get(list_servers))
+        .route(
+            "/api/admin/hosts",
+            post(fleet::create_host).get(fleet::list_hosts),
+        )
+        .route("/api/admin/hosts/{hostname}", delete(fleet::delete_host))
+        .route("/api/hosts/{hostname}/join", post(fleet::join))
+        .route("/api/hosts/{hostname}/state", get(fleet::state))
+        .route("/api/hosts/{hostname}/report", post(fleet::report))
         .route("/api/events", get(list_events))
         .route("/api/whoami", get(whoami))
         .route(host::POKE_PATH, post(host::poke))

@@ -169,6 +169,35 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// pydantic's lax boolean: JSON booleans, 0/1, and the strings true/false, yes/no, on/off,
+    /// 1/0; absent or null is `false`.
+    fn boolean(&mut self, name: &str) -> bool {
+        let Some(v) = self.get(name, false) else {
+            return false;
+        };
+        let b = match v {
+            Value::Null => Some(false),
+            Value::Bool(b) => Some(*b),
+            Value::Number(n) if n.as_i64() == Some(0) => Some(false),
+            Value::Number(n) if n.as_i64() == Some(1) => Some(true),
+            Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" | "t" | "y" => Some(true),
+                "false" | "0" | "no" | "off" | "f" | "n" => Some(false),
+                _ => None,
+            },
+            _ => None,
+        };
+        b.unwrap_or_else(|| {
+            self.errors.push(err(
+                "bool_parsing",
+                Self::loc(name),
+                "Input should be a valid boolean",
+                v.clone(),
+            ));
+            false
+        })
+    }
+
     /// Adds a semantic error for a field.
     fn check(&mut self, name: &str, input: &str, r: Result<(), String>) {
         if let Err(reason) = r {
@@ -313,6 +342,7 @@ pub(super) fn read_allocate(f: &mut Fields<'_>) -> Result<Allocate, Vec<FieldErr
     }
     let tags = parse_tags(f);
     let key = f.string("ssh_public_key", true);
+    let inventory_only = f.boolean("inventory_only");
     let ssh_key = key
         .as_ref()
         .and_then(|k| match validate::ssh_public_key(k) {
@@ -333,7 +363,7 @@ pub(super) fn read_allocate(f: &mut Fields<'_>) -> Result<Allocate, Vec<FieldErr
             zone,
             tags,
             ssh_key,
-            inventory_only: false,
+            inventory_only,
         }),
         _ => Err(std::mem::take(&mut f.errors)),
     }
@@ -470,6 +500,7 @@ pub(super) fn read_init_server(f: &mut Fields<'_>) -> Result<InitServer, Vec<Fie
         ));
     }
     let limits = parse_limits(f);
+    let inventory_only = f.boolean("inventory_only");
     let plan = PortPlan::new(port_base as u16, per_cpu as u16);
     if let Err(e) = &plan {
         f.errors.push(FieldError::value(
@@ -487,7 +518,7 @@ pub(super) fn read_init_server(f: &mut Fields<'_>) -> Result<InitServer, Vec<Fie
             cpu_ranges,
             ports,
             uid_base: uid_base as u32,
-            inventory_only: false,
+            inventory_only,
             limits,
         }),
         _ => Err(std::mem::take(&mut f.errors)),

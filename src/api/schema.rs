@@ -32,6 +32,10 @@ pub(crate) struct ComputeUnitRequest {
     pub(crate) tags: Option<BTreeMap<String, TagValue>>,
     /// One OpenSSH public key (`ssh-ed25519 AAAA... comment`), no options.
     pub(crate) ssh_public_key: String,
+    /// Additive: pick among inventory-only servers' units, and only among them (allocation
+    /// then changes only the inventory). Default false.
+    #[schema(default = false)]
+    pub(crate) inventory_only: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -106,6 +110,10 @@ pub(crate) struct InitServerRequest {
     pub(crate) uid_base: Option<u32>,
     /// Additive: resource limits for every unit of this server.
     pub(crate) limits: Option<Limits>,
+    /// Additive: record a server Kloigos does not configure (a host that never joined). A
+    /// hostname that is neither this host nor a joined one is refused without it. Default false.
+    #[schema(default = false)]
+    pub(crate) inventory_only: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -125,6 +133,95 @@ pub(crate) struct ServerResponse {
     pub(crate) local: bool,
     /// NUMA nodes and their CPUs (the local host only; empty when unknown).
     pub(crate) numa_nodes: Vec<NumaNode>,
+    /// Recorded without being configured (a host that never joined).
+    pub(crate) inventory_only: bool,
+    /// The fleet host's state, for a server of a host known to the hub; null otherwise.
+    pub(crate) host: Option<ServerHost>,
+}
+
+/// A fleet host's state as `GET /api/admin/servers` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct ServerHost {
+    pub(crate) joined: bool,
+    pub(crate) last_report_at: Option<String>,
+    pub(crate) version: Option<String>,
+    /// No report within `--host-stale-after`: its units are not chosen.
+    pub(crate) stale: bool,
+    pub(crate) unreachable_since: Option<String>,
+    /// What the host repaired at its last pull.
+    pub(crate) drift: Vec<String>,
+}
+
+/// A fleet host (`GET /api/admin/hosts`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct HostResponse {
+    pub(crate) hostname: String,
+    pub(crate) joined: bool,
+    pub(crate) poke_url: Option<String>,
+    pub(crate) version: Option<String>,
+    pub(crate) joined_at: Option<String>,
+    pub(crate) last_report_at: Option<String>,
+    pub(crate) stale: bool,
+    pub(crate) unreachable_since: Option<String>,
+    pub(crate) unreachable_reason: Option<String>,
+    pub(crate) drift: Vec<String>,
+    /// `compute_id: error` of each unit the host could not apply at its last pull.
+    pub(crate) units_failed: Vec<String>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) facts: Option<Value>,
+}
+
+/// `POST /api/admin/hosts`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct HostCreateRequest {
+    pub(crate) hostname: String,
+}
+
+/// A host's token, shown only once.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct HostTokenResponse {
+    pub(crate) hostname: String,
+    /// `kh_` and 43 base64url characters; give it to `kloigos join --token-file`.
+    pub(crate) token: String,
+}
+
+/// `POST /api/hosts/{hostname}/join` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct JoinResponse {
+    pub(crate) hostname: String,
+}
+
+/// The desired state of a fleet host, from the hub's inventory.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DesiredHostState {
+    pub(crate) hostname: String,
+    /// The hub's time when it read the inventory (echoed in the host's report).
+    pub(crate) as_of: String,
+    /// Null when the hub has no server of that hostname, or it is DECOMMISSIONED or INIT_FAIL.
+    pub(crate) server: Option<DesiredServer>,
+}
+
+/// A server in [`DesiredHostState`]: INITIALIZING/READY is present, DECOMMISSIONING is torn
+/// down. A unit ALLOCATING or ALLOCATED is owned (by its `claim` and `ssh_public_key`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DesiredServer {
+    pub(crate) hostname: String,
+    pub(crate) ip: String,
+    pub(crate) region: String,
+    pub(crate) zone: String,
+    pub(crate) status: String,
+    pub(crate) cpu_ranges: Vec<String>,
+    pub(crate) port_base: u16,
+    pub(crate) ports_per_cpu: u16,
+    pub(crate) uid_base: u32,
+    pub(crate) limits: Limits,
+    pub(crate) inventory_only: bool,
+    pub(crate) created_at: String,
+    pub(crate) updated_at: String,
+    /// Every field of each unit as the inventory holds it (`compute_id`, `status`, `claim`,
+    /// `ssh_public_key`, `tags`, `allocated_by`, `problem`, ...).
+    #[schema(value_type = Vec<Object>)]
+    pub(crate) units: Vec<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -181,9 +278,12 @@ pub(crate) struct ErrorDetail {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Κλοηγός / Kloigos API", description = "Compute units cut from Linux hosts with systemd and nftables. Compatible with upstream Kloigos v0.2 under /api."),
-    paths(allocate, deallocate, list_units, get_unit, init_server, decommission_server, list_servers, list_events, whoami, healthz),
-    components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, NumaNode, WhoAmI, HTTPValidationError, ValidationError, LocItem, ErrorDetail, TagValue, Limits, crate::store::Event)),
-    tags((name = "compute_units"), (name = "admin"), (name = "audit")),
+    paths(allocate, deallocate, list_units, get_unit, init_server, decommission_server, list_servers, list_events, whoami, healthz,
+        super::fleet::create_host, super::fleet::list_hosts, super::fleet::delete_host, super::fleet::join, super::fleet::state, super::fleet::report),
+    components(schemas(ComputeUnitRequest, ComputeUnitResponse, InitServerRequest, ServerResponse, ServerHost, NumaNode, WhoAmI, HTTPValidationError, ValidationError, LocItem, ErrorDetail, TagValue, Limits, crate::store::Event,
+        HostResponse, HostCreateRequest, HostTokenResponse, JoinResponse, DesiredHostState, DesiredServer,
+        crate::service::Facts, crate::service::JoinRequest, crate::service::Report, crate::service::ServerOutcome, crate::service::UnitOutcome)),
+    tags((name = "compute_units"), (name = "admin"), (name = "audit"), (name = "fleet")),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearer" = []))
 )]

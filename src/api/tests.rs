@@ -243,11 +243,17 @@ fn request_schemas_agree_with_the_parser() {
                 types.contains(&"null"),
                 "{name}.{field} ({types:?}): null gives {refused:?}"
             );
+            // A value of a type the field does not declare is refused at that field.
             let mut wrong = good.clone();
-            wrong[field] = json!(true);
+            let (bad, what) = if types.contains(&"boolean") {
+                (json!({"not": "a boolean"}), "an object")
+            } else {
+                (json!(true), "a boolean")
+            };
+            wrong[field] = bad;
             assert!(
-                !types.contains(&"boolean") && !errors_at(run(&wrong).0, field).is_empty(),
-                "{name}.{field} ({types:?}): a boolean is accepted"
+                !errors_at(run(&wrong).0, field).is_empty(),
+                "{name}.{field} ({types:?}): {what} is accepted"
             );
         }
     }

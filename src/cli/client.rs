@@ -1,9 +1,9 @@
 //! The client side of the command line: one API request per command, over the unix socket or
 //! TCP (`--url`), with the reply printed as a table or `--json` and errors explained.
 
-use super::Command;
 use super::error::{CliError, Result};
 use super::output::{print_table, print_units, printable, text};
+use super::{Command, HostAction};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -206,6 +206,87 @@ fn parse_tags(tags: &[String]) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// Who applies a server: this host, a joined fleet host (with its state), or nobody
+/// (inventory only).
+fn applied_by(s: &Value) -> String {
+    if s["inventory_only"] == json!(true) {
+        return "inventory only".into();
+    }
+    if s["local"] == json!(true) {
+        return "this host".into();
+    }
+    if s["host"].is_null() {
+        return "unknown host".into();
+    }
+    host_state(&s["host"])
+}
+
+/// A fleet host's state in a few words: joined, age of its last report, version,
+/// unreachable, stale, drift count.
+fn host_state(h: &Value) -> String {
+    if h["joined"] != json!(true) {
+        return "not joined".into();
+    }
+    let mut parts = vec![match h["last_report_at"].as_str().and_then(age) {
+        Some(secs) => format!("report {secs}s ago"),
+        None => "no report".into(),
+    }];
+    if let Some(v) = h["version"].as_str() {
+        parts.push(format!("v{v}"));
+    }
+    if h["unreachable_since"].is_string() {
+        parts.push(format!(
+            "UNREACHABLE since {}",
+            text(&h["unreachable_since"])
+        ));
+    }
+    if h["stale"] == json!(true) {
+        parts.push("STALE".into());
+    }
+    let drift = h["drift"].as_array().map(Vec::len).unwrap_or(0);
+    if drift > 0 {
+        parts.push(format!("drift {drift}"));
+    }
+    parts.join(", ")
+}
+
+/// Whole seconds since an RFC 3339 time.
+fn age(t: &str) -> Option<i64> {
+    let then =
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(
+        (time::OffsetDateTime::now_utc() - then)
+            .whole_seconds()
+            .max(0),
+    )
+}
+
+/// Writes a secret to `path`, mode 0600, atomically (a temporary file renamed over it).
+fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(".kloigos-token.{}", std::process::id()));
+    let what = format!("cannot write {}", path.display());
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CliError::io(what)(e)
+    })
+}
+
 pub(super) fn client(
     socket: &std::path::Path,
     url: Option<&str>,
@@ -248,17 +329,24 @@ pub(super) fn client(
             zone,
             tags,
             ssh_key,
-        } => (
-            "POST",
-            "/api/compute_units/allocate".to_string(),
-            Some(json!({
+            inventory_only,
+        } => {
+            let mut body = json!({
                 "cpu_count": cpu_count,
                 "region": region,
                 "zone": zone,
                 "tags": if tags.is_empty() { Value::Null } else { parse_tags(tags)? },
                 "ssh_public_key": read_key(ssh_key)?.trim(),
-            })),
-        ),
+            });
+            if *inventory_only {
+                body["inventory_only"] = json!(true);
+            }
+            (
+                "POST",
+                "/api/compute_units/allocate".to_string(),
+                Some(body),
+            )
+        }
         Command::Deallocate { compute_id } => (
             "DELETE",
             format!("/api/compute_units/deallocate/{}", encode(compute_id)),
@@ -275,10 +363,14 @@ pub(super) fn client(
             ports_per_cpu,
             uid_base,
             limits,
+            inventory_only,
         } => {
             let mut body = json!({
                 "ip": ip, "region": region, "zone": zone, "hostname": hostname, "cpu_ranges": cpu_ranges,
             });
+            if *inventory_only {
+                body["inventory_only"] = json!(true);
+            }
             for (k, v) in [
                 ("port_base", port_base.map(u32::from)),
                 ("ports_per_cpu", ports_per_cpu.map(u32::from)),
@@ -305,6 +397,17 @@ pub(super) fn client(
             ),
             None,
         ),
+        Command::Host { action } => match action {
+            HostAction::Add { name, .. } => (
+                "POST",
+                "/api/admin/hosts".to_string(),
+                Some(json!({ "hostname": name })),
+            ),
+            HostAction::List => ("GET", "/api/admin/hosts".to_string(), None),
+            HostAction::Remove { name } => {
+                ("DELETE", format!("/api/admin/hosts/{}", encode(name)), None)
+            }
+        },
         Command::Events {
             compute_id,
             hostname,
@@ -344,6 +447,19 @@ pub(super) fn client(
     if !(200..300).contains(&reply.status) {
         return Err(explain(&reply));
     }
+    // A host's token goes to the file asked for, never to the terminal too.
+    if let Command::Host {
+        action: HostAction::Add {
+            name,
+            token_file: Some(out),
+        },
+    } = &cmd
+    {
+        let token = reply.body["token"].as_str().unwrap_or_default();
+        write_secret(out, &format!("{token}\n"))?;
+        println!("host {name}: token written to {}", out.display());
+        return Ok(());
+    }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&reply.body)?);
         return Ok(());
@@ -364,6 +480,7 @@ pub(super) fn client(
                 "STATUS",
                 "CPU RANGES",
                 "LOCAL",
+                "APPLIED BY",
             ],
             reply
                 .body
@@ -383,10 +500,47 @@ pub(super) fn client(
                             .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
                             .unwrap_or_default(),
                         text(&s["local"]),
+                        applied_by(s),
                     ]
                 })
                 .collect(),
         ),
+        Command::Host {
+            action: HostAction::List,
+        } => print_table(
+            &["HOSTNAME", "JOINED", "STATE", "POKE URL", "FAILED UNITS"],
+            reply
+                .body
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .map(|h| {
+                    vec![
+                        text(&h["hostname"]),
+                        text(&h["joined_at"]),
+                        host_state(h),
+                        text(&h["poke_url"]),
+                        h["units_failed"]
+                            .as_array()
+                            .map(|a| a.len().to_string())
+                            .unwrap_or_else(|| "0".into()),
+                    ]
+                })
+                .collect(),
+        ),
+        Command::Host {
+            action: HostAction::Add { name, .. },
+        } => {
+            // The token alone on stdout (for scripts); the note on stderr.
+            println!("{}", text(&reply.body["token"]));
+            eprintln!(
+                "token of host {name}: shown only once; give it to `kloigos join --token-file`"
+            );
+        }
+        Command::Host {
+            action: HostAction::Remove { name },
+        } => println!("host {name} removed"),
         Command::Events { .. } => print_table(
             &[
                 "ID",

@@ -294,7 +294,8 @@ pub(super) fn serve(
             "no socket to serve on: pass --listen ADDR, or start through kloigos.socket".into(),
         ));
     }
-    let k = open(&local)?;
+    let mut k = open(&local)?;
+    k.set_apply_timeout(secs(guard.apply_timeout));
     if !no_reconcile {
         // Whatever reconcile could not repair is reported (and units marked and audited);
         // the API stays up so an admin can see and fix it.
@@ -333,7 +334,7 @@ pub(super) fn serve(
     let joined = crate::fleet::JoinConfig::load(&local.root)?;
     let puller =
         joined.map(|j| crate::fleet::Puller::new(j, crate::fleet::min_interval_from_env()));
-    app.fleet = puller.clone();
+    app.puller = puller.clone();
     app.denials = std::sync::Mutex::new(crate::audit::DenialLimiter::new(
         Duration::from_secs(guard.audit_denial_window.max(1)),
         crate::audit::DENIALS_PER_WINDOW,

@@ -122,6 +122,10 @@ pub struct Guard {
     /// summarized in one row.
     #[arg(long, env = "KLOIGOS_AUDIT_DENIAL_WINDOW", default_value_t = 60)]
     pub(crate) audit_denial_window: u64,
+    /// Seconds a hub waits for a joined host to apply an operation and report (then the
+    /// operation is rolled back, or finished by the host's next report: see README, "Fleet").
+    #[arg(long, env = "KLOIGOS_APPLY_TIMEOUT", default_value_t = 30.0)]
+    pub(crate) apply_timeout: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -245,6 +249,9 @@ pub enum Command {
         /// The owner's public key: a file, `-` for stdin, or the key itself.
         #[arg(long)]
         ssh_key: String,
+        /// Pick among inventory-only servers' units (and only among them).
+        #[arg(long)]
+        inventory_only: bool,
     },
     /// Deallocate a compute unit.
     Deallocate { compute_id: String },
@@ -272,6 +279,14 @@ pub enum Command {
         /// Limits as JSON, e.g. '{"tasks_max": 512, "memory_max_per_cpu": 1073741824}'.
         #[arg(long)]
         limits: Option<String>,
+        /// Record a server Kloigos does not configure (a host that never joined).
+        #[arg(long)]
+        inventory_only: bool,
+    },
+    /// Manage the fleet hosts of a hub (their tokens, for `kloigos join`).
+    Host {
+        #[command(subcommand)]
+        action: HostAction,
     },
     /// Remove a server and everything Kloigos made on it.
     Decommission {
@@ -296,6 +311,21 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostAction {
+    /// Allow a host to join (or give a known one a new token) and print its token, shown only
+    /// once; with --token-file, write it there (mode 0600) instead.
+    Add {
+        name: String,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// List hosts: joined, last report, version, reachability, drift.
+    List,
+    /// Forget a host (its token stops working).
+    Remove { name: String },
 }
 
 #[derive(Subcommand, Debug)]

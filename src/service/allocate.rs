@@ -1,7 +1,7 @@
 //! Allocation and deallocation of a unit: the owner's key, lingering, and the release that
 //! leaves the unit as nobody's (processes ended, directories back to the skeleton).
 
-use super::{Allocate, Kloigos, Op, OpError, Result, test_pause, unit_json};
+use super::{Allocate, Begun, Kloigos, Op, OpError, Result, test_pause, unit_json};
 use crate::apply::{Scope, converge};
 use crate::render::UnitPlan;
 use crate::store::{Claim, Transition, Unit, UnitChange, UnitStatus};
@@ -14,13 +14,32 @@ impl Kloigos {
 
     /// Allocates a FREE unit; what a failed allocation's release moved aside is removed after
     /// the host lock is released.
+    /// A unit of a joined host is refused here (it needs a hub's wait: see
+    /// [`Kloigos::allocate_begin`]).
     pub fn allocate(&self, req: Allocate, actor: &str) -> Result<Unit> {
+        match self.allocate_begin(req, actor)? {
+            Begun::Done(u) => Ok(u),
+            Begun::Remote(u) => {
+                let msg = format!(
+                    "{} is on joined host {}: allocate through a hub's API",
+                    u.compute_id, u.hostname
+                );
+                self.release_claim(&u, &msg)?;
+                Err(OpError::Conflict(msg))
+            }
+        }
+    }
+
+    /// Claims a unit; on this host (or an inventory-only server) allocates it completely. A
+    /// unit of a joined host is left ALLOCATING with its claim (`Begun::Remote`): the caller
+    /// pokes the host and waits for its report, holding no lock.
+    pub fn allocate_begin(&self, req: Allocate, actor: &str) -> Result<Begun<Unit>> {
         let r = self.allocate_locked(req, actor);
         self.host.purge_trash();
         r
     }
 
-    fn allocate_locked(&self, req: Allocate, actor: &str) -> Result<Unit> {
+    fn allocate_locked(&self, req: Allocate, actor: &str) -> Result<Begun<Unit>> {
         let _lock = self.lock()?;
         let key = req.ssh_key.to_line();
         let reported_since = crate::time::ago(self.host_stale_after);
@@ -49,6 +68,9 @@ impl Kloigos {
         };
         let id = unit.compute_id.clone();
         info!(compute_id = %id, operation = "allocate", actor, "allocating");
+        if !req.inventory_only && !self.is_local(&unit.hostname) {
+            return Ok(Begun::Remote(unit));
+        }
         let applied = if self.is_local(&unit.hostname) {
             self.apply_allocate(&unit, &key)
         } else {
@@ -78,7 +100,7 @@ impl Kloigos {
                     return Err(OpError::Failed(format!("{id} changed state under us")));
                 };
                 let after = unit_json(&done);
-                Ok((*done, Some(after)))
+                Ok((Begun::Done(*done), Some(after)))
             },
             |e| {
                 let e = crate::error::Chain(e);
@@ -167,6 +189,24 @@ impl Kloigos {
         actor: &str,
         check: &dyn Fn(&Unit) -> Result<()>,
     ) -> Result<()> {
+        match self.deallocate_begin(id, actor, check)? {
+            Begun::Done(_) => Ok(()),
+            Begun::Remote(u) => Err(OpError::Conflict(format!(
+                "{} is on joined host {}: it is DEALLOCATING; a hub finishes it when the host reports",
+                u.compute_id, u.hostname
+            ))),
+        }
+    }
+
+    /// Deallocates a unit of this host (or of an inventory-only server) completely; a unit of
+    /// a joined host is left DEALLOCATING (`Begun::Remote`, with the time of that move in
+    /// `updated_at`) for the caller to poke the host and wait.
+    pub fn deallocate_begin(
+        &self,
+        id: &str,
+        actor: &str,
+        check: &dyn Fn(&Unit) -> Result<()>,
+    ) -> Result<Begun<Unit>> {
         let r = self.deallocate_locked(id, actor, check);
         self.host.purge_trash();
         r
@@ -177,7 +217,7 @@ impl Kloigos {
         id: &str,
         actor: &str,
         check: &dyn Fn(&Unit) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Begun<Unit>> {
         let _lock = self.lock()?;
         let before = self.unit(id)?;
         check(&before)?;
@@ -203,6 +243,11 @@ impl Kloigos {
             }
         };
         info!(compute_id = %id, operation = "deallocate", actor, "deallocating");
+        if let Some(server) = self.store.server(&unit.hostname)?
+            && self.is_remote(&server)
+        {
+            return Ok(Begun::Remote(unit));
+        }
         let applied = if self.is_local(&unit.hostname) {
             self.store
                 .server(&unit.hostname)?
@@ -228,7 +273,10 @@ impl Kloigos {
                 UnitStatus::Free,
                 UnitChange::cleared(),
             )? {
-                Transition::Done(u) => Ok(((), Some(unit_json(&u)))),
+                Transition::Done(u) => {
+                    let after = unit_json(&u);
+                    Ok((Begun::Done(*u), Some(after)))
+                }
                 _ => Err(OpError::Failed(format!("{id} changed state under us"))),
             },
             |e| {

@@ -1,6 +1,6 @@
 //! Retiring a server: its units taken off the host, the server kept as DECOMMISSIONED.
 
-use super::{Kloigos, Op, OpError, Result, all_ok};
+use super::{Begun, Kloigos, Op, OpError, Result, all_ok};
 use crate::store::{Server, ServerStatus, Unit, UnitStatus};
 use serde_json::json;
 use tracing::info;
@@ -10,12 +10,34 @@ impl Kloigos {
 
     /// Retires a server; its units' files are removed after the host lock is released.
     pub fn decommission(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
+        match self.decommission_begin(hostname, force, actor)? {
+            Begun::Done(_) => Ok(()),
+            Begun::Remote(_) => Err(OpError::Conflict(format!(
+                "{hostname} is a joined host: it is DECOMMISSIONING; a hub finishes it when the host reports"
+            ))),
+        }
+    }
+
+    /// Decommissions a server of this host (or an inventory-only one) completely; a joined
+    /// host's goes DECOMMISSIONING (`Begun::Remote` with the server as recorded then) for the
+    /// caller to poke the host and wait for its report.
+    pub fn decommission_begin(
+        &self,
+        hostname: &str,
+        force: bool,
+        actor: &str,
+    ) -> Result<Begun<Server>> {
         let r = self.decommission_locked(hostname, force, actor);
         self.host.purge_trash();
         r
     }
 
-    fn decommission_locked(&self, hostname: &str, force: bool, actor: &str) -> Result<()> {
+    fn decommission_locked(
+        &self,
+        hostname: &str,
+        force: bool,
+        actor: &str,
+    ) -> Result<Begun<Server>> {
         let _lock = self.lock()?;
         let server = self
             .store
@@ -40,6 +62,20 @@ impl Kloigos {
         }
         self.store
             .set_server_status(hostname, ServerStatus::Decommissioning, None)?;
+        if self.is_remote(&server) {
+            info!(
+                hostname,
+                operation = "decommission_server",
+                actor,
+                force,
+                "recorded; the host tears it down"
+            );
+            let now = self
+                .store
+                .server(hostname)?
+                .ok_or_else(|| OpError::NotFound(format!("server {hostname:?} not found")))?;
+            return Ok(Begun::Remote(now));
+        }
         info!(
             hostname,
             operation = "decommission_server",
@@ -57,7 +93,7 @@ impl Kloigos {
         self.conclude(
             op,
             self.finish_decommission(&server, &units),
-            || Ok(((), Some(json!({"status": "DECOMMISSIONED"})))),
+            || Ok((Begun::Done(server.clone()), Some(json!({"status": "DECOMMISSIONED"})))),
             |e| {
                 let e = crate::error::Chain(e);
                 let msg = format!(

@@ -3,7 +3,7 @@
 //! what was created.
 
 use super::{
-    InitServer, Invalid, InvalidList, Kloigos, LocPart, OpError, Result, all_ok, test_pause,
+    Begun, InitServer, Invalid, InvalidList, Kloigos, LocPart, OpError, Result, all_ok, test_pause,
 };
 use crate::model::{self, names};
 use crate::store::{NewUnit, Server, ServerStatus, UnitStatus};
@@ -22,16 +22,18 @@ impl Kloigos {
             input: input.to_string(),
             reason,
         };
-        let local = self.is_local(&req.hostname);
-        let online = if local {
-            model::numa::online_cpus(self.host.root())
+        // This host's facts from its /sys and /proc; a joined host's from what it reported;
+        // an inventory-only server is recorded as given.
+        let (online, ephemeral) = if self.is_local(&req.hostname) {
+            (
+                model::numa::online_cpus(self.host.root()),
+                model::ports::ephemeral_range(self.host.root()).map(|(lo, _)| lo),
+            )
+        } else if req.inventory_only {
+            (None, None)
         } else {
-            None
-        };
-        let ephemeral = if local {
-            model::ports::ephemeral_range(self.host.root()).map(|(lo, _)| lo)
-        } else {
-            None
+            let f = self.remote_facts(&req.hostname)?;
+            (f.online, f.ephemeral_low)
         };
         let mut units = Vec::new();
         for (i, cpus) in req.cpu_ranges.iter().enumerate() {
@@ -95,6 +97,22 @@ impl Kloigos {
     }
 
     pub fn init_server(&self, req: InitServer, actor: &str) -> Result<()> {
+        match self.init_server_begin(req, actor)? {
+            Begun::Done(_) => Ok(()),
+            Begun::Remote(s) => {
+                self.store.delete_server(&s.hostname)?;
+                Err(OpError::Conflict(format!(
+                    "{} is a joined host: initialize it through a hub's API",
+                    s.hostname
+                )))
+            }
+        }
+    }
+
+    /// Initializes a server of this host (or records an inventory-only one) completely; a
+    /// joined host's is recorded INITIALIZING (`Begun::Remote`) for the caller to poke the host
+    /// and wait for its report.
+    pub fn init_server_begin(&self, req: InitServer, actor: &str) -> Result<Begun<Server>> {
         let _lock = self.lock()?;
         let units = self.plan_server(&req)?;
         // A unit's SSH logins must land in its slice, or they escape the CPU fence (doctor.rs).
@@ -132,6 +150,10 @@ impl Kloigos {
                 "server {} is already known ({status}); decommission it first",
                 req.hostname
             )));
+        }
+        if !self.is_local(&req.hostname) && !req.inventory_only {
+            info!(hostname = %req.hostname, operation = "init_server", units = units.len(), "recorded; the host applies it");
+            return Ok(Begun::Remote(server));
         }
         test_pause("init_server");
         let after = json!({"hostname": server.hostname, "cpu_ranges": server.cpu_ranges});
@@ -174,7 +196,7 @@ impl Kloigos {
             .set_server_status(&req.hostname, ServerStatus::Ready, Some(UnitStatus::Free))?;
         info!(hostname = %req.hostname, operation = "init_server", "server ready");
         self.record(actor, "init_server", None, host, Ok(()), None, Some(after));
-        Ok(())
+        Ok(Begun::Done(server))
     }
 
     /// Removes what a failed init created for `server`, leaving the other units as they are.

@@ -24,7 +24,8 @@ impl Kloigos {
         let mut report = ReconcileReport::default();
         // Servers half decommissioned: finish the job first, so their units are not re-rendered.
         for server in self.store.servers()? {
-            if server.status == ServerStatus::Decommissioning {
+            // A joined host's servers are its hub's sweep's (from the host's reports).
+            if server.status == ServerStatus::Decommissioning && !self.is_remote(&server) {
                 let units = self.store.units_of(&server.hostname)?;
                 self.finish_decommission(&server, &units)?;
                 self.server_fixed(
@@ -52,7 +53,8 @@ impl Kloigos {
             if !matches!(
                 server.status,
                 ServerStatus::Initializing | ServerStatus::Ready
-            ) {
+            ) || self.is_remote(&server)
+            {
                 continue;
             }
             let units = self.store.units_of(&server.hostname)?;
@@ -67,7 +69,7 @@ impl Kloigos {
             }
         }
         for server in self.store.servers()? {
-            if server.status == ServerStatus::Initializing {
+            if server.status == ServerStatus::Initializing && !self.is_remote(&server) {
                 self.store.set_server_status(
                     &server.hostname,
                     ServerStatus::Ready,

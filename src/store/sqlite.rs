@@ -285,6 +285,29 @@ fn insert_event(conn: &Connection, e: NewEvent<'_>) -> Result<i64> {
     Ok(conn.last_insert_rowid())
 }
 
+const HOST_SELECT: &str = "SELECT hostname, token_sha256, facts, poke_url, version, joined_at, \
+    last_report_at, last_report, unreachable_since, unreachable_reason, created_at FROM hosts";
+
+fn host_from_row(row: &Row) -> rusqlite::Result<HostRecord> {
+    Ok(HostRecord {
+        hostname: row.get(0)?,
+        token_sha256: row.get(1)?,
+        facts: json_col(row, 2)?,
+        poke_url: row.get(3)?,
+        version: row.get(4)?,
+        joined_at: row.get(5)?,
+        last_report_at: row.get(6)?,
+        last_report: json_col(row, 7)?,
+        unreachable_since: row.get(8)?,
+        unreachable_reason: row.get(9)?,
+        created_at: row.get(10)?,
+    })
+}
+
+fn json_text(v: &Value) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub(crate) fn open(path: &Path) -> Result<Store> {
@@ -654,6 +677,125 @@ impl Inventory for Store {
         let rows = stmt.query_map(rusqlite::params_from_iter(args), event_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+
+    // ---- fleet hosts ---------------------------------------------------------------------
+
+    fn put_host(&self, hostname: &str, token_sha256: &str) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE hosts SET token_sha256 = ?2 WHERE hostname = ?1",
+            params![hostname, token_sha256],
+        )?;
+        if changed == 0 {
+            tx.execute(
+                "INSERT INTO hosts (hostname, token_sha256, created_at) VALUES (?1, ?2, ?3)",
+                params![hostname, token_sha256, crate::time::now()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed == 0)
+    }
+
+    fn delete_host(&self, hostname: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM hosts WHERE hostname = ?1", [hostname])?
+            > 0)
+    }
+
+    fn host(&self, hostname: &str) -> Result<Option<HostRecord>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("{HOST_SELECT} WHERE hostname = ?1"),
+                [hostname],
+                host_from_row,
+            )
+            .optional()?)
+    }
+
+    fn hosts(&self) -> Result<Vec<HostRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{HOST_SELECT} ORDER BY hostname"))?;
+        let rows = stmt.query_map([], host_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn host_by_token(&self, token_sha256: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT hostname FROM hosts WHERE token_sha256 = ?1",
+                [token_sha256],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn host_joined(
+        &self,
+        hostname: &str,
+        facts: &Value,
+        poke_url: Option<&str>,
+        version: &str,
+    ) -> Result<()> {
+        self.conn().execute(
+            "UPDATE hosts SET facts = ?2, poke_url = ?3, version = ?4, \
+             joined_at = COALESCE(joined_at, ?5) WHERE hostname = ?1",
+            params![
+                hostname,
+                json_text(facts)?,
+                poke_url,
+                version,
+                crate::time::now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn host_reported(&self, hostname: &str, report: &Value, version: &str) -> Result<()> {
+        // The report carries the host's facts too: keep them current.
+        let facts = report
+            .get("facts")
+            .filter(|f| f.is_object())
+            .map(json_text)
+            .transpose()?;
+        self.conn().execute(
+            "UPDATE hosts SET last_report = ?2, last_report_at = ?3, version = ?4, \
+             facts = COALESCE(?5, facts), unreachable_since = NULL, unreachable_reason = NULL \
+             WHERE hostname = ?1",
+            params![
+                hostname,
+                json_text(report)?,
+                crate::time::now(),
+                version,
+                facts
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn host_unreachable(&self, hostname: &str, reason: Option<&str>) -> Result<()> {
+        let conn = self.conn();
+        match reason {
+            Some(r) => conn.execute(
+                "UPDATE hosts SET unreachable_since = COALESCE(unreachable_since, ?2), \
+                 unreachable_reason = ?3 WHERE hostname = ?1",
+                params![
+                    hostname,
+                    crate::time::now(),
+                    crate::audit::clip(r, crate::audit::MAX_TEXT).as_ref()
+                ],
+            )?,
+            None => conn.execute(
+                "UPDATE hosts SET unreachable_since = NULL, unreachable_reason = NULL \
+                 WHERE hostname = ?1",
+                [hostname],
+            )?,
+        };
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -953,5 +1095,116 @@ mod tests {
         assert_eq!(ids, vec![10, 9, 8, 7]);
         assert_eq!(s.prune_events(None, Some(4)).unwrap(), 0);
         assert_eq!(s.prune_events(None, None).unwrap(), 0);
+    }
+
+    #[test]
+    fn fleet_hosts_tokens_joins_reports_and_reachability() {
+        let s = Store::open_in_memory().unwrap();
+        assert!(s.host("h2").unwrap().is_none());
+        assert!(s.put_host("h2", "aa").unwrap(), "a new host");
+        assert!(
+            !s.put_host("h2", "bb").unwrap(),
+            "a known host gets a new token"
+        );
+        assert_eq!(
+            s.host_by_token("aa").unwrap(),
+            None,
+            "the old token stops working"
+        );
+        assert_eq!(s.host_by_token("bb").unwrap().as_deref(), Some("h2"));
+        // Two hosts cannot share a token hash.
+        assert!(s.put_host("h3", "bb").is_err());
+        assert!(s.put_host("h3", "cc").unwrap());
+        let h = s.host("h2").unwrap().unwrap();
+        assert_eq!((h.joined_at, h.facts, h.last_report), (None, None, None));
+
+        let facts = serde_json::json!({"cpus_online": "0-3"});
+        s.host_joined(
+            "h2",
+            &facts,
+            Some("http://127.0.0.1:1/api/host/poke"),
+            "0.1.0",
+        )
+        .unwrap();
+        let joined = s.host("h2").unwrap().unwrap();
+        assert_eq!(joined.facts.as_ref(), Some(&facts));
+        assert_eq!(joined.version.as_deref(), Some("0.1.0"));
+        let first_join = joined.joined_at.clone().unwrap();
+        s.host_joined("h2", &facts, None, "0.1.1").unwrap();
+        let again = s.host("h2").unwrap().unwrap();
+        assert_eq!(
+            again.joined_at.as_deref(),
+            Some(first_join.as_str()),
+            "joined_at stays"
+        );
+        assert_eq!(again.poke_url, None);
+
+        s.host_unreachable("h2", Some("connection refused"))
+            .unwrap();
+        let down = s.host("h2").unwrap().unwrap();
+        let since = down.unreachable_since.clone().unwrap();
+        s.host_unreachable("h2", Some("timed out")).unwrap();
+        let still = s.host("h2").unwrap().unwrap();
+        assert_eq!(still.unreachable_since.as_deref(), Some(since.as_str()));
+        assert_eq!(still.unreachable_reason.as_deref(), Some("timed out"));
+
+        let report =
+            serde_json::json!({"as_of": "x", "facts": {"cpus_online": "0-7"}, "units": []});
+        s.host_reported("h2", &report, "0.2.0").unwrap();
+        let r = s.host("h2").unwrap().unwrap();
+        assert_eq!(r.last_report.as_ref(), Some(&report));
+        assert!(r.last_report_at.is_some());
+        assert_eq!(r.version.as_deref(), Some("0.2.0"));
+        assert_eq!(r.facts, Some(serde_json::json!({"cpus_online": "0-7"})));
+        assert_eq!((r.unreachable_since, r.unreachable_reason), (None, None));
+        s.host_unreachable("h2", Some("down")).unwrap();
+        s.host_unreachable("h2", None).unwrap();
+        assert_eq!(s.host("h2").unwrap().unwrap().unreachable_since, None);
+
+        let names: Vec<String> = s.hosts().unwrap().into_iter().map(|h| h.hostname).collect();
+        assert_eq!(names, ["h2", "h3"]);
+        assert!(s.delete_host("h2").unwrap());
+        assert!(!s.delete_host("h2").unwrap());
+        assert_eq!(s.host_by_token("bb").unwrap(), None);
+    }
+
+    #[test]
+    fn claims_skip_stale_unreachable_and_unjoined_hosts() {
+        let s = Store::open_in_memory().unwrap();
+        s.begin_init(&server("h2"), &units("h2")).unwrap().unwrap();
+        s.set_server_status("h2", ServerStatus::Ready, Some(UnitStatus::Free))
+            .unwrap();
+        let pick = |since: &str| {
+            s.claim_free(&Claim {
+                cpu_count: 2,
+                region: None,
+                zone: None,
+                tags: None,
+                ssh_public_key: "k",
+                actor: "a",
+                inventory_only: false,
+                local_hostname: "h1",
+                reported_since: since,
+            })
+            .unwrap()
+        };
+        assert!(pick("1970-01-01T00:00:00Z").is_none(), "h2 never joined");
+        s.put_host("h2", "t").unwrap();
+        s.host_joined("h2", &serde_json::json!({}), None, "0.1.0")
+            .unwrap();
+        assert!(pick("1970-01-01T00:00:00Z").is_none(), "h2 never reported");
+        s.host_reported("h2", &serde_json::json!({}), "0.1.0")
+            .unwrap();
+        s.host_unreachable("h2", Some("refused")).unwrap();
+        assert!(pick("1970-01-01T00:00:00Z").is_none(), "h2 is unreachable");
+        s.host_reported("h2", &serde_json::json!({}), "0.1.0")
+            .unwrap();
+        assert!(
+            pick("2999-01-01T00:00:00Z").is_none(),
+            "h2's report is stale"
+        );
+        let u = pick("1970-01-01T00:00:00Z").unwrap();
+        assert_eq!(u.hostname, "h2");
+        assert_eq!(u.claim.as_ref().map(String::len), Some(32));
     }
 }

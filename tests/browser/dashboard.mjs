@@ -207,12 +207,15 @@ await step('inits an inventory-only server through the dialog', async () => {
   await page.fill('#init-ranges', '0-3, 4-7 8-15');
   const preview = await page.textContent('#init-preview');
   check(/3 units/.test(preview), `preview says ${preview}`);
+  await page.check('#init-inventory-only');
   await shot('08-init-server-dialog');
   await page.click('#init-submit');
   await closed('init-dialog');
   await page.waitForSelector('[data-testid="server-card"][data-host="browserhost"] .cpu');
   const cells = await page.locator('[data-host="browserhost"] .cpu').count();
   check(cells === 16, `browserhost shows ${cells} CPU cells, expected 16`);
+  const badge = await page.locator('[data-host="browserhost"] [data-testid="inventory-only"]').count();
+  check(badge === 1, 'browserhost is not shown as inventory-only');
 });
 
 await step('server view draws the CPU map by NUMA node', async () => {
@@ -358,12 +361,14 @@ await step('renders 2,000 units', async () => {
     const hostname = `h${String(h).padStart(2, '0')}`;
     await api('POST', '/api/admin/init_server', {
       hostname, ip: `10.1.0.${h + 1}`, region: h < 10 ? 'eu' : 'us', zone: h % 2 ? 'b' : 'a', cpu_ranges: ranges,
+      inventory_only: true,
     });
   }
   // Some variety in the statuses and tags.
   for (let i = 0; i < 40; i++) {
     await api('POST', '/api/compute_units/allocate', {
       cpu_count: 1, region: 'us', tags: { deployment_id: `load-${i % 4}`, owner: `user${i % 7}` }, ssh_public_key: sshKey,
+      inventory_only: true,
     });
   }
   const total = before + 2000;
@@ -427,7 +432,7 @@ await step('auto-refresh keeps filters and does not re-render unchanged data', a
   check((await page.evaluate(() => window.kloigosStats.renders)) === renders, 'unchanged data was rendered again');
   // Change the data behind the page: the next refresh re-renders, filters and scroll kept.
   const rowsBefore = await page.evaluate(() => window.kloigosStats.rows);
-  await api('POST', '/api/compute_units/allocate', { cpu_count: 1, region: 'us', zone: 'a', tags: {}, ssh_public_key: sshKey });
+  await api('POST', '/api/compute_units/allocate', { cpu_count: 1, region: 'us', zone: 'a', tags: {}, ssh_public_key: sshKey, inventory_only: true });
   await page.waitForFunction((k) => window.kloigosStats.renders > k, renders, { timeout: 12000 });
   check((await page.inputValue('#f-rz')) === 'us-a' && (await page.inputValue('#f-status')) === 'FREE', 'filters were reset');
   const rowsAfter = await page.evaluate(() => window.kloigosStats.rows);

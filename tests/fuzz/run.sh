@@ -34,7 +34,7 @@ curl -sf "${auth[@]}" -X POST "$url/api/admin/init_server" -H 'content-type: app
   -d "{\"ip\": \"192.0.2.10\", \"region\": \"eu\", \"zone\": \"a\", \"hostname\": \"$host\",
        \"cpu_ranges\": [\"0-3\", \"4-7\", \"8-11\", \"12-13\", \"14\", \"15\"]}" >/dev/null
 curl -sf "${auth[@]}" -X POST "$url/api/admin/init_server" -H 'content-type: application/json' \
-  -d '{"ip": "192.0.2.11", "region": "eu", "zone": "b", "hostname": "remotehost", "cpu_ranges": ["0-7", "8-15"]}' >/dev/null
+  -d '{"ip": "192.0.2.11", "region": "eu", "zone": "b", "hostname": "remotehost", "cpu_ranges": ["0-7", "8-15"], "inventory_only": true}' >/dev/null
 key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGetNAjig/WY5cl56CGIJLY+2C2xw+XspV+LHtdWkWmo fuzz"
 curl -sf "${auth[@]}" -X POST "$url/api/compute_units/allocate" -H 'content-type: application/json' \
   -d "{\"cpu_count\": 4, \"tags\": {\"owner\": \"fuzz\"}, \"ssh_public_key\": \"$key\"}" >/dev/null
