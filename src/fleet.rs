@@ -551,6 +551,9 @@ where
             )
         }
     };
+    if let Some(d) = crate::service::test_pause_for("report") {
+        tokio::time::sleep(d).await;
+    }
     let report = Report {
         as_of,
         version: VERSION.to_string(),

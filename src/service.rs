@@ -246,7 +246,8 @@ pub(crate) fn unit_json(u: &Unit) -> Value {
 }
 
 /// Seconds to sleep at pause point `point`, given the value of `KLOIGOS_TEST_PAUSE`
-/// (`allocate:5` sleeps 5 s mid-allocation; points: allocate, init_server). Test builds only:
+/// (`allocate:5` sleeps 5 s mid-allocation; points: allocate, init_server, and report: a
+/// fleet host's pull between applying and reporting). Test builds only:
 /// without the `test-hooks` feature there is no pause, whatever the environment says.
 #[cfg(feature = "test-hooks")]
 fn pause_secs(point: &str, setting: Option<&str>) -> Option<u64> {
@@ -263,14 +264,20 @@ fn pause_secs(_point: &str, _setting: Option<&str>) -> Option<u64> {
 /// variable is read only in builds with the `test-hooks` feature (the release binary has not
 /// even the name).
 fn test_pause(point: &str) {
+    if let Some(d) = test_pause_for(point) {
+        std::thread::sleep(d);
+    }
+}
+
+/// How long to pause at `point` (see [`test_pause`]), for async code that sleeps itself.
+pub(crate) fn test_pause_for(point: &str) -> Option<Duration> {
     #[cfg(feature = "test-hooks")]
     let setting = std::env::var("KLOIGOS_TEST_PAUSE").ok();
     #[cfg(not(feature = "test-hooks"))]
     let setting: Option<String> = None;
-    if let Some(secs) = pause_secs(point, setting.as_deref()) {
-        warn!(point, secs, "test pause point");
-        std::thread::sleep(Duration::from_secs(secs));
-    }
+    let secs = pause_secs(point, setting.as_deref())?;
+    warn!(point, secs, "test pause point");
+    Some(Duration::from_secs(secs))
 }
 
 impl Kloigos {

@@ -549,6 +549,19 @@ pub(super) async fn delete_host(
     let (k2, actor) = (k.clone(), caller.actor.clone());
     let h = hostname.clone();
     let found = blocking(move || {
+        // Its server would be left with nobody to apply it: decommission first.
+        if let Some(s) = k2.store.server(&h)?
+            && !matches!(
+                s.status,
+                crate::store::ServerStatus::Decommissioned | crate::store::ServerStatus::InitFail
+            )
+            && !s.inventory_only
+        {
+            return Err(crate::service::OpError::Conflict(format!(
+                "host {h} still has server {h} ({}); decommission it first",
+                s.status
+            )));
+        }
         let found = k2.store.delete_host(&h)?;
         if found {
             k2.record(&actor, "delete_host", None, Some(&h), Ok(()), None, None);

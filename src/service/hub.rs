@@ -253,19 +253,23 @@ impl Kloigos {
         audit: (&str, &str, std::result::Result<(), &str>),
     ) -> Result<Transition> {
         let (actor, operation, result) = audit;
-        let t = self.store.transition(&unit.compute_id, from, to, change)?;
-        if let Transition::Done(after) = &t {
-            self.record(
+        // The move and its audit row commit together: what the audit says happened, happened.
+        let after = unit_json(&changed(unit, to, &change));
+        Ok(self.store.transition_logged(
+            &unit.compute_id,
+            from,
+            to,
+            change,
+            crate::store::NewEvent {
                 actor,
                 operation,
-                Some(&unit.compute_id),
-                Some(&unit.hostname),
+                compute_id: Some(&unit.compute_id),
+                hostname: Some(&unit.hostname),
                 result,
-                Some(unit_json(unit)),
-                Some(unit_json(after)),
-            );
-        }
-        Ok(t)
+                before: Some(unit_json(unit)),
+                after: Some(after),
+            },
+        )?)
     }
 
     /// The unit as it is now, after someone else concluded it: the answer the waiting caller
@@ -718,6 +722,31 @@ impl Kloigos {
         }
         Ok(false)
     }
+}
+
+/// `unit` as a transition to `to` with `change` leaves it (what its audit row records).
+fn changed(unit: &Unit, to: UnitStatus, change: &UnitChange) -> Unit {
+    let mut u = unit.clone();
+    u.status = to;
+    if let Some(v) = &change.started_at {
+        u.started_at.clone_from(v);
+    }
+    if let Some(v) = &change.tags {
+        u.tags.clone_from(v);
+    }
+    if let Some(v) = &change.ssh_public_key {
+        u.ssh_public_key.clone_from(v);
+    }
+    if let Some(v) = &change.allocated_by {
+        u.allocated_by.clone_from(v);
+    }
+    if let Some(v) = &change.problem {
+        u.problem.clone_from(v);
+    }
+    if let Some(v) = &change.claim {
+        u.claim.clone_from(v);
+    }
+    u
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ impl Kloigos {
     fn reconcile_locked(&self, actor: &str) -> Result<ReconcileReport> {
         let _lock = self.lock()?;
         let mut report = ReconcileReport::default();
+        self.adopt_unjoined(actor, &mut report)?;
         // Servers half decommissioned: finish the job first, so their units are not re-rendered.
         for server in self.store.servers()? {
             // A joined host's servers are its hub's sweep's (from the host's reports).
@@ -88,6 +89,42 @@ impl Kloigos {
             info!(operation = "reconcile", ?report, "reconciled");
         }
         Ok(report)
+    }
+
+    /// Servers of other hosts that never joined were inventory-only without saying so before
+    /// the fleet (an inventory from an earlier version): they are marked so, explicitly, as
+    /// init_server now requires. Without it their units would never be chosen and their
+    /// deallocation would wait for a host that will never report.
+    fn adopt_unjoined(&self, actor: &str, report: &mut ReconcileReport) -> Result<()> {
+        for server in self.store.servers()? {
+            if !self.is_remote(&server)
+                || matches!(
+                    server.status,
+                    ServerStatus::Decommissioned | ServerStatus::InitFail
+                )
+                || self
+                    .store
+                    .host(&server.hostname)?
+                    .is_some_and(|h| h.joined_at.is_some())
+            {
+                continue;
+            }
+            self.store.set_inventory_only(&server.hostname, true)?;
+            report.servers_fixed.push(format!(
+                "{}: marked inventory-only (never joined)",
+                server.hostname
+            ));
+            self.record(
+                actor,
+                "reconcile",
+                None,
+                Some(&server.hostname),
+                Ok(()),
+                Some(json!({"inventory_only": false})),
+                Some(json!({"inventory_only": true})),
+            );
+        }
+        Ok(())
     }
 
     /// Marks (or clears the mark of) a unit after reconcile tried to repair it; a failure is

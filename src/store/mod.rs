@@ -352,6 +352,8 @@ pub trait Inventory: Send + Sync {
         status: ServerStatus,
         units: Option<UnitStatus>,
     ) -> Result<()>;
+    /// Marks a server inventory-only (or not).
+    fn set_inventory_only(&self, hostname: &str, on: bool) -> Result<()>;
     /// Deletes a server's units (its record stays, with the status given).
     fn retire_server(&self, hostname: &str, status: ServerStatus) -> Result<()>;
     fn delete_server(&self, hostname: &str) -> Result<()>;
@@ -406,28 +408,14 @@ pub trait Inventory: Send + Sync {
 
     /// Records a host allowed to join, with its token's hash, or gives a known host a new
     /// token. Returns true when the host is new.
-    fn put_host(&self, hostname: &str, token_sha256: &str) -> Result<bool> {
-        let _ = (hostname, token_sha256);
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
+    fn put_host(&self, hostname: &str, token_sha256: &str) -> Result<bool>;
     /// Forgets a host (its token stops working). Returns false when it was not known.
-    fn delete_host(&self, hostname: &str) -> Result<bool> {
-        let _ = hostname;
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
-    fn host(&self, hostname: &str) -> Result<Option<HostRecord>> {
-        let _ = hostname;
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
+    fn delete_host(&self, hostname: &str) -> Result<bool>;
+    fn host(&self, hostname: &str) -> Result<Option<HostRecord>>;
     /// Every known host, by hostname.
-    fn hosts(&self) -> Result<Vec<HostRecord>> {
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
+    fn hosts(&self) -> Result<Vec<HostRecord>>;
     /// The hostname whose token has this hash.
-    fn host_by_token(&self, token_sha256: &str) -> Result<Option<String>> {
-        let _ = token_sha256;
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
+    fn host_by_token(&self, token_sha256: &str) -> Result<Option<String>>;
     /// Records what a host reported when it joined (sets `joined_at` the first time).
     fn host_joined(
         &self,
@@ -435,19 +423,10 @@ pub trait Inventory: Send + Sync {
         facts: &Value,
         poke_url: Option<&str>,
         version: &str,
-    ) -> Result<()> {
-        let _ = (hostname, facts, poke_url, version);
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
+    ) -> Result<()>;
     /// Records a host's report (`last_report`, `last_report_at` = now, its version) and
     /// clears its unreachable mark.
-    fn host_reported(&self, hostname: &str, report: &Value, version: &str) -> Result<()> {
-        let _ = (hostname, report, version);
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
+    fn host_reported(&self, hostname: &str, report: &Value, version: &str) -> Result<()>;
     /// Marks a host unreachable (keeping the first `since`), or with `None` clears the mark.
-    fn host_unreachable(&self, hostname: &str, reason: Option<&str>) -> Result<()> {
-        let _ = (hostname, reason);
-        Err(StoreError::Unsupported("fleet hosts"))
-    }
+    fn host_unreachable(&self, hostname: &str, reason: Option<&str>) -> Result<()>;
 }

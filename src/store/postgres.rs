@@ -884,6 +884,18 @@ impl Inventory for PgStore {
         })
     }
 
+    fn set_inventory_only(&self, hostname: &str, on: bool) -> Result<()> {
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "UPDATE servers SET inventory_only = $2, updated_at = $3 WHERE hostname = $1",
+                &[&hostname, &on, &crate::time::now()],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
     fn set_server_status(
         &self,
         hostname: &str,

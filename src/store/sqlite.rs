@@ -438,6 +438,14 @@ impl Inventory for Store {
     }
 
     /// Sets a server's status; with `units`, also sets every unit of it in one transaction.
+    fn set_inventory_only(&self, hostname: &str, on: bool) -> Result<()> {
+        self.conn().execute(
+            "UPDATE servers SET inventory_only = ?2, updated_at = ?3 WHERE hostname = ?1",
+            params![hostname, on, crate::time::now()],
+        )?;
+        Ok(())
+    }
+
     fn set_server_status(
         &self,
         hostname: &str,

@@ -51,6 +51,30 @@ impl PgDb {
         Some(PgDb { base, name })
     }
 
+    /// A new empty database whatever backend the API suite runs on (tests that are about
+    /// PostgreSQL itself, like the fleet's). `None` (the test skips) without the cluster of
+    /// scripts/lib/pg.sh, which is a failure under `KLOIGOS_REQUIRE_PRIVILEGED=1`.
+    pub fn fresh() -> Option<PgDb> {
+        let Ok(base) = std::env::var("KLOIGOS_TEST_PG") else {
+            let test = std::thread::current().name().unwrap_or("test").to_string();
+            let why = format!("SKIP {test}: needs KLOIGOS_TEST_PG (scripts/lib/pg.sh)");
+            assert!(
+                std::env::var_os("KLOIGOS_REQUIRE_PRIVILEGED").is_none_or(|v| v != "1"),
+                "{why} (KLOIGOS_REQUIRE_PRIVILEGED=1)"
+            );
+            eprintln!("{why}");
+            return None;
+        };
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "kloigos_f_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        psql(&base, &format!("CREATE DATABASE {name}"));
+        Some(PgDb { base, name })
+    }
+
     /// The `--db` URL: TCP with TLS, the server's certificate checked against the cluster's
     /// CA (`KLOIGOS_TEST_PG_CA`) when there is one.
     pub fn url(&self) -> String {
