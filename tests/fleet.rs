@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 const HOSTS: usize = 5;
 const UNITS_PER_HOST: usize = 20;
-/// Short, so timeouts are tested in seconds.
-const APPLY_TIMEOUT: &str = "6";
+/// How long hubs wait for a host: long enough for 200 concurrent allocations on a slow
+/// machine, short enough to test timeouts.
+const APPLY_TIMEOUT: &str = "15";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -622,16 +623,17 @@ fn a_fleet_on_loopback() {
         "node4 kept a key of a released claim"
     );
 
-    // 4b. A host that applies the claim but reports too late (it pauses 9 s before its report;
-    //     the hubs wait 6 s): 504, the unit is FREE, and the host undoes what it applied.
+    // 4b. A host that applies the claim but reports too late (it pauses 18 s before its
+    //     report; the hubs wait 15 s): 504, the unit is FREE, and the host undoes what it applied.
+    let reported = host_record(&f, "node4")["last_report_at"].clone();
     f.hosts[4].proc.kill9();
-    f.hosts[4].proc.env = vec![("KLOIGOS_TEST_PAUSE".into(), "report:9".into())];
+    f.hosts[4].proc.env = vec![("KLOIGOS_TEST_PAUSE".into(), "report:18".into())];
     f.hosts[4].proc.spawn();
-    // Its start-up pull (paused too) must be over, or the hub sees it as busy.
+    // Its start-up pull (paused too) must be over first.
     assert!(
-        wait_for(20, || host_record(&f, "node4")["unreachable_since"]
-            .is_null()),
-        "node4 did not report"
+        wait_for(40, || host_record(&f, "node4")["last_report_at"]
+            != reported),
+        "node4 did not report after its start"
     );
     let t = Instant::now();
     let (code, v) = allocate(
@@ -641,7 +643,7 @@ fn a_fleet_on_loopback() {
     );
     assert_eq!(code, 504, "late host: {v}");
     assert!(
-        t.elapsed() >= Duration::from_secs(5),
+        t.elapsed() >= Duration::from_secs(14),
         "answered before the apply timeout"
     );
     assert_eq!(f.units("zone=z4&status=FREE").len(), UNITS_PER_HOST);
@@ -660,7 +662,7 @@ fn a_fleet_on_loopback() {
     // 5. A hub killed with -9 while it waits for a host (node1 pauses before reporting): the
     //    unit is not stuck; the other hub's sweep settles it, and node1 converges.
     f.hosts[1].proc.kill9();
-    f.hosts[1].proc.env = vec![("KLOIGOS_TEST_PAUSE".into(), "report:20".into())];
+    f.hosts[1].proc.env = vec![("KLOIGOS_TEST_PAUSE".into(), "report:35".into())];
     f.hosts[1].proc.spawn();
     let port = f.hub(0);
     let admin = f.admin.clone();
