@@ -272,16 +272,19 @@ fn full_lifecycle_over_the_api() {
         .iter()
         .map(|e| e["operation"].as_str().unwrap())
         .collect();
-    assert_eq!(ops, ["deallocate", "allocate"]);
+    // The claim's row was written with the claim, in its transaction.
+    assert_eq!(ops, ["deallocate", "allocate", "claim"]);
+    assert_eq!(ev[2]["after"]["status"], "ALLOCATING");
+    assert_eq!(ev[2]["actor"], ev[1]["actor"]);
     assert!(ev[0]["actor"].as_str().unwrap().contains("uid"), "{ev}");
     assert_eq!(ev[0]["before"]["status"], "ALLOCATED");
     assert_eq!(ev[0]["after"]["status"], "FREE");
     // Time and actor filters.
-    let t0 = ev[1]["time"].as_str().unwrap();
+    let t0 = ev[2]["time"].as_str().unwrap();
     let (_, since) = s.get(&format!("/api/events?compute_id=testhost_0-3&since={t0}"));
     assert_eq!(
         since.as_array().unwrap().len(),
-        2,
+        3,
         "since is inclusive: {since}"
     );
     let (_, until) = s.get(&format!("/api/events?compute_id=testhost_0-3&until={t0}"));

@@ -283,7 +283,11 @@ pub(super) async fn deallocate(
     };
     let _w = k.fleet.wait_on(&unit.compute_id);
     let deadline = Instant::now() + k.apply_timeout();
-    let _ = poke_host(k, &unit.hostname).await;
+    if let Err(why) = poke_host(k, &unit.hostname).await {
+        // The host is down: waiting gains nothing; it releases the unit when it next pulls.
+        let (k2, u, a) = (k.clone(), unit.clone(), caller.actor.clone());
+        return blocking(move || k2.remote_deallocate_timeout(&u, &a, Some(&why))).await;
+    }
     let (u, a) = (unit.clone(), caller.actor.clone());
     let done = wait_for(k, &unit.hostname, deadline, move |k| {
         k.conclude_remote_deallocate(&u, &a)
@@ -293,7 +297,7 @@ pub(super) async fn deallocate(
         return Ok(());
     }
     let (k2, u, a) = (k.clone(), unit.clone(), caller.actor.clone());
-    blocking(move || k2.remote_deallocate_timeout(&u, &a)).await
+    blocking(move || k2.remote_deallocate_timeout(&u, &a, None)).await
 }
 
 /// Initializes a server: this host's or an inventory-only one at once; a joined host's is

@@ -463,13 +463,22 @@ impl Kloigos {
 
     /// The host did not release the unit in time: DEALLOCATION_FAIL (the sweep makes it FREE
     /// once the host reports it released); 504.
-    pub fn remote_deallocate_timeout(&self, unit: &Unit, actor: &str) -> Result<()> {
+    pub fn remote_deallocate_timeout(
+        &self,
+        unit: &Unit,
+        actor: &str,
+        unreachable: Option<&str>,
+    ) -> Result<()> {
         let secs = self.apply_timeout.as_secs_f64();
-        let msg = format!(
-            "host {} did not release {} within {secs} s; it releases the unit when it next \
-             pulls; the unit then becomes FREE",
-            unit.hostname, unit.compute_id
-        );
+        let why = match unreachable {
+            Some(why) => format!("host {} cannot be reached ({why})", unit.hostname),
+            None => format!(
+                "host {} did not release {} within {secs} s",
+                unit.hostname, unit.compute_id
+            ),
+        };
+        let msg =
+            format!("{why}; it releases the unit when it next pulls; the unit then becomes FREE");
         match self.conclude_unit(
             unit,
             &[UnitStatus::Deallocating],

@@ -1009,10 +1009,16 @@ impl Inventory for PgStore {
                FOR UPDATE OF u SKIP LOCKED), \
              u AS (UPDATE compute_units c SET status = 'ALLOCATING', tags = $7, \
                ssh_public_key = $8, allocated_by = $9, started_at = NULL, updated_at = $10, \
-               claim = $11 FROM pick WHERE c.compute_id = pick.compute_id RETURNING c.*) \
+               claim = $11 FROM pick WHERE c.compute_id = pick.compute_id RETURNING c.*), \
+             ev AS (INSERT INTO events (time, actor, operation, compute_id, hostname, result, \
+               before, after) SELECT $10, $12, 'claim', u.compute_id, u.hostname, 'ok', \
+               json_build_object('status', 'FREE'), \
+               json_build_object('status', 'ALLOCATING', 'claim', u.claim, 'allocated_by', u.allocated_by) \
+               FROM u) \
              SELECT {UNIT_COLS} FROM u JOIN servers s ON s.hostname = u.hostname"
         );
         let tags: Option<Value> = c.tags.cloned();
+        let actor = crate::audit::clip(c.actor, crate::audit::MAX_NAME).into_owned();
         Ok(self
             .rows(
                 &sql,
@@ -1028,6 +1034,7 @@ impl Inventory for PgStore {
                     &c.actor,
                     &now,
                     &claim,
+                    &actor,
                 ],
                 unit_from_row,
             )?

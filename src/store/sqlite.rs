@@ -568,6 +568,7 @@ impl Inventory for Store {
             )
             .optional()?;
         let Some(id) = id else { return Ok(None) };
+        let claim = super::new_claim();
         let tags = c
             .tags
             .map(|t| serde_json::to_string(t).map_err(corrupt))
@@ -575,12 +576,27 @@ impl Inventory for Store {
         tx.execute(
             "UPDATE compute_units SET status = 'ALLOCATING', tags = ?2, ssh_public_key = ?3, \
              allocated_by = ?4, started_at = NULL, updated_at = ?5, claim = ?6 WHERE compute_id = ?1",
-            params![id, tags, c.ssh_public_key, c.actor, crate::time::now(), super::new_claim()],
+            params![id, tags, c.ssh_public_key, c.actor, crate::time::now(), claim],
         )?;
         let unit = tx.query_row(
             &format!("{UNIT_SELECT} WHERE u.compute_id = ?1"),
             [&id],
             unit_from_row,
+        )?;
+        // The claim's audit row commits with it.
+        insert_event(
+            &tx,
+            NewEvent {
+                actor: c.actor,
+                operation: "claim",
+                compute_id: Some(&unit.compute_id),
+                hostname: Some(&unit.hostname),
+                result: Ok(()),
+                before: Some(serde_json::json!({"status": "FREE"})),
+                after: Some(serde_json::json!({
+                    "status": "ALLOCATING", "claim": claim, "allocated_by": c.actor,
+                })),
+            },
         )?;
         tx.commit()?;
         Ok(Some(unit))
@@ -989,9 +1005,11 @@ mod tests {
             before: None,
             after: None,
         };
+        // The moves' rows (the claim has its own).
         let count = || {
             s.events(&EventFilter {
                 limit: 10,
+                operation: Some("allocate".into()),
                 ..Default::default()
             })
             .unwrap()
