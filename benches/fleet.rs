@@ -18,7 +18,7 @@
 //! `KLOIGOS_BENCH_RUNS` (list runs per figure, 10), `KLOIGOS_BENCH_HOSTS` (50),
 //! `KLOIGOS_BENCH_CPUS` (CPUs, hence single-CPU units, per fleet host, 32),
 //! `KLOIGOS_BENCH_CLIENTS` (64), `KLOIGOS_BENCH_FILL_CLIENTS` (parallel fill calls, 16),
-//! `KLOIGOS_BENCH_FILL_BUDGET` (seconds of filling per backend before it stops growing, 150),
+//! `KLOIGOS_BENCH_FILL_BUDGET` (seconds of filling per backend before it stops growing, 240),
 //! `KLOIGOS_BENCH_PHASES` (`sqlite,pg,fleet`), `KLOIGOS_BENCH_BIN` (the `kloigos` binary).
 //! PostgreSQL comes from `KLOIGOS_TEST_PG` (scripts/lib/pg.sh); each phase makes its own
 //! database and drops it.
@@ -237,8 +237,8 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline || matches!(p.child.try_wait(), Ok(Some(_))) {
-                let log = std::fs::read_to_string(dir.join(format!("{name}.log")))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
                 let _ = p.child.kill();
                 return Err(format!("{name} did not come up: {}", log.trim()));
             }
@@ -297,7 +297,10 @@ fn psql(base: &str, sql: &str) -> Res<()> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -436,7 +439,13 @@ impl Filler {
                     "inventory_only": true,
                 });
                 let port = self.ports[i % self.ports.len()];
-                let a = call(port, &self.token, "POST", "/api/admin/init_server", Some(&body));
+                let a = call(
+                    port,
+                    &self.token,
+                    "POST",
+                    "/api/admin/init_server",
+                    Some(&body),
+                );
                 if a.code != 200 {
                     failed.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut e) = first_error.lock() {
@@ -446,7 +455,10 @@ impl Filler {
             });
             if failed.load(Ordering::Relaxed) > 0 {
                 let e = first_error.into_inner().ok().flatten().unwrap_or_default();
-                return Err(format!("{} init_server calls failed; first: {e}", failed.into_inner()));
+                return Err(format!(
+                    "{} init_server calls failed; first: {e}",
+                    failed.into_inner()
+                ));
             }
             self.servers = end;
             // 40% of all units allocated, spread over the regions.
@@ -464,7 +476,13 @@ impl Filler {
                     "inventory_only": true,
                 });
                 let port = self.ports[n % self.ports.len()];
-                let a = call(port, &self.token, "POST", "/api/compute_units/allocate", Some(&body));
+                let a = call(
+                    port,
+                    &self.token,
+                    "POST",
+                    "/api/compute_units/allocate",
+                    Some(&body),
+                );
                 if a.code != 200 {
                     failed.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut e) = first_error.lock() {
@@ -474,7 +492,10 @@ impl Filler {
             });
             if failed.load(Ordering::Relaxed) > 0 {
                 let e = first_error.into_inner().ok().flatten().unwrap_or_default();
-                return Err(format!("{} allocate calls failed; first: {e}", failed.into_inner()));
+                return Err(format!(
+                    "{} allocate calls failed; first: {e}",
+                    failed.into_inner()
+                ));
             }
             self.allocated = want_alloc;
             s = end;
@@ -484,14 +505,28 @@ impl Filler {
 }
 
 /// Times `runs` GETs of `path` (after one warm-up, which also checks the row count).
-fn time_list(port: u16, token: &str, path: &str, runs: usize) -> Res<(Vec<Duration>, usize, usize)> {
+fn time_list(
+    port: u16,
+    token: &str,
+    path: &str,
+    runs: usize,
+) -> Res<(Vec<Duration>, usize, usize)> {
     let a = call(port, token, "GET", path, None);
     if a.code != 200 {
-        return Err(format!("GET {path}: {} {}", a.code, String::from_utf8_lossy(&a.body)));
+        return Err(format!(
+            "GET {path}: {} {}",
+            a.code,
+            String::from_utf8_lossy(&a.body)
+        ));
     }
     let rows = match a.json() {
         Value::Array(v) => v.len(),
-        other => return Err(format!("GET {path}: not a list: {:.200}", other.to_string())),
+        other => {
+            return Err(format!(
+                "GET {path}: not a list: {:.200}",
+                other.to_string()
+            ));
+        }
     };
     let bytes = a.body.len();
     let mut t = Vec::with_capacity(runs);
@@ -522,7 +557,7 @@ fn list_phase(
         .collect();
     let runs = env_num("KLOIGOS_BENCH_RUNS", 10).max(1);
     let workers = env_num("KLOIGOS_BENCH_FILL_CLIENTS", 16);
-    let budget = Duration::from_secs(env_num("KLOIGOS_BENCH_FILL_BUDGET", 150) as u64);
+    let budget = Duration::from_secs(env_num("KLOIGOS_BENCH_FILL_BUDGET", 240) as u64);
     let deadline = Instant::now() + budget;
     let mut f = Filler {
         ports: ports.to_vec(),
@@ -565,9 +600,9 @@ fn list_phase(
         };
         let (full, rows, bytes) = time_list(ports[0], token, "/api/compute_units/", runs)?;
         if rows != reached {
-            table
-                .notes
-                .push(format!("{backend}: the full list at {label} returned {rows} rows"));
+            table.notes.push(format!(
+                "{backend}: the full list at {label} returned {rows} rows"
+            ));
         }
         let goal = if backend.starts_with("PostgreSQL") && size == 100_000 {
             goal_full_100k
@@ -575,14 +610,19 @@ fn list_phase(
             ""
         };
         table.row(
-            format!("{backend}: full list, {label} units ({:.1} MB), median / p95", bytes as f64 / 1e6),
+            format!(
+                "{backend}: full list, {label} units ({:.1} MB), median / p95",
+                bytes as f64 / 1e6
+            ),
             format!("{} / {}", ms(pct(&full, 50.0)), ms(pct(&full, 95.0))),
             goal,
         );
         let path = format!("/api/compute_units/?{FILTER}");
         let (filt, rows, _) = time_list(ports[0], token, &path, runs)?;
         table.row(
-            format!("{backend}: filtered list ({FILTER}), {label} units ({rows} rows), median / p95"),
+            format!(
+                "{backend}: filtered list ({FILTER}), {label} units ({rows} rows), median / p95"
+            ),
             format!("{} / {}", ms(pct(&filt, 50.0)), ms(pct(&filt, 95.0))),
             "",
         );
@@ -598,7 +638,10 @@ fn list_phase(
         }
     }
     table.row(
-        format!("{backend}: fill through the API ({} units, 40% allocated)", f.units()),
+        format!(
+            "{backend}: fill through the API ({} units, 40% allocated)",
+            f.units()
+        ),
         format!(
             "{:.0} s ({:.0} units/s)",
             fill_time.as_secs_f64(),
@@ -649,7 +692,10 @@ fn pg_phase(table: &mut Table) -> Res<()> {
     let r = list_phase(table, "PostgreSQL, two hubs", &ports, &token, "< 100 ms");
     if let Some(m) = hubs[0].peak_rss_mib() {
         table.row(
-            format!("{} serving the lists (PostgreSQL): peak RSS (VmHWM)", hubs[0].name),
+            format!(
+                "{} serving the lists (PostgreSQL): peak RSS (VmHWM)",
+                hubs[0].name
+            ),
             format!("{m:.0} MiB"),
             "",
         );
@@ -677,9 +723,19 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         let hdir = dir.path().join(&name);
         let root = hdir.join("root");
         fake_root(&root, &name, cpus)?;
-        let a = call(hub(i), &admin, "POST", "/api/admin/hosts", Some(&json!({"hostname": name})));
+        let a = call(
+            hub(i),
+            &admin,
+            "POST",
+            "/api/admin/hosts",
+            Some(&json!({"hostname": name})),
+        );
         if a.code != 201 {
-            return Err(format!("POST /api/admin/hosts {name}: {} {}", a.code, a.json()));
+            return Err(format!(
+                "POST /api/admin/hosts {name}: {} {}",
+                a.code,
+                a.json()
+            ));
         }
         let token_file = hdir.join("token");
         write(&token_file, a.json()["token"].as_str().unwrap_or_default())?;
@@ -702,7 +758,10 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
             .output()
             .map_err(|e| format!("kloigos join: {e}"))?;
         if !out.status.success() {
-            return Err(format!("join {name}: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "join {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         // The service listens where the hubs poke it.
         Proc::serve(
@@ -728,8 +787,29 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         let body = json!({"hostname": format!("node{i:03}"), "ip": "127.0.0.1",
             "region": REGIONS[i % REGIONS.len()], "zone": ZONES[i % ZONES.len()],
             "cpu_ranges": ranges, "ports_per_cpu": 10});
-        let a = call(hub(i), &admin, "POST", "/api/admin/init_server", Some(&body));
-        (a.code == 200).then_some(()).ok_or(format!("init_server node{i:03}: {} {}", a.code, a.json()))
+        let a = call(
+            hub(i),
+            &admin,
+            "POST",
+            "/api/admin/init_server",
+            Some(&body),
+        );
+        if a.code == 200 {
+            return Ok(());
+        }
+        let name = format!("node{i:03}");
+        let log = |p: PathBuf| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join(" / ")
+        };
+        Err(format!(
+            "init_server {name}: {} {}; its log: {}; hub0's: {}",
+            a.code,
+            a.json(),
+            log(dir.path().join(&name).join(format!("{name}.log"))),
+            log(dir.path().join("hub0.log"))
+        ))
     });
     inits.into_iter().collect::<Res<Vec<()>>>()?;
     let units = n_hosts * cpus;
@@ -738,9 +818,37 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         t0.elapsed().as_secs_f64()
     ));
 
-    // Allocate until capacity is used up: each client stops at its first 409 (nothing FREE).
     let key = ssh_key("bench-fleet");
     let key = key.as_str();
+    // One client first: the latency of an allocation without queueing behind others.
+    let mut solo = Vec::new();
+    let mut solo_ids = Vec::new();
+    for c in 0..cpus.min(units) {
+        let body = json!({"cpu_count": 1, "tags": {"client": "solo"}, "ssh_public_key": key});
+        let t = Instant::now();
+        let a = call(
+            hub(c),
+            &admin,
+            "POST",
+            "/api/compute_units/allocate",
+            Some(&body),
+        );
+        if a.code != 200 {
+            return Err(format!("allocate (one client): {} {}", a.code, a.json()));
+        }
+        solo.push(t.elapsed());
+        solo_ids.extend(a.json()["compute_id"].as_str().map(String::from));
+    }
+    solo.sort();
+    table.row(
+        format!(
+            "Fleet: allocate latency with one client ({} allocations), p50 / p99",
+            solo.len()
+        ),
+        format!("{} / {}", ms(pct(&solo, 50.0)), ms(pct(&solo, 99.0))),
+        "",
+    );
+    // Allocate until capacity is used up: each client stops at its first 409 (nothing FREE).
     let done = AtomicBool::new(false);
     let lat = Mutex::new(Vec::<Duration>::with_capacity(units));
     let ids = Mutex::new(Vec::<String>::with_capacity(units));
@@ -752,16 +860,25 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
             let (done, lat, ids, errors, admin) = (&done, &lat, &ids, &errors, admin_ref);
             s.spawn(move || {
                 while !done.load(Ordering::Relaxed) {
-                    let body = json!({"cpu_count": 1, "tags": {"client": c}, "ssh_public_key": key});
+                    let body =
+                        json!({"cpu_count": 1, "tags": {"client": c}, "ssh_public_key": key});
                     let t = Instant::now();
-                    let a = call(hub(c), &admin, "POST", "/api/compute_units/allocate", Some(&body));
+                    let a = call(
+                        hub(c),
+                        &admin,
+                        "POST",
+                        "/api/compute_units/allocate",
+                        Some(&body),
+                    );
                     let took = t.elapsed();
                     match a.code {
                         200 => {
                             if let Ok(mut l) = lat.lock() {
                                 l.push(took);
                             }
-                            if let (Ok(mut v), Some(id)) = (ids.lock(), a.json()["compute_id"].as_str()) {
+                            if let (Ok(mut v), Some(id)) =
+                                (ids.lock(), a.json()["compute_id"].as_str())
+                            {
                                 v.push(id.to_string());
                             }
                         }
@@ -782,7 +899,7 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
     let alloc_wall = t_alloc.elapsed();
     let mut lat = lat.into_inner().unwrap_or_default();
     lat.sort();
-    let ids = ids.into_inner().unwrap_or_default();
+    let mut ids = ids.into_inner().unwrap_or_default();
     let alloc_errors = errors.into_inner().unwrap_or_default();
     let rate = lat.len() as f64 / alloc_wall.as_secs_f64().max(1e-9);
     say(&format!(
@@ -795,7 +912,11 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
     ));
     let what = format!("{n_hosts} hosts, {units} units, {clients} clients");
     table.row(
-        format!("Fleet ({what}): allocations until full ({} done, {} errors)", lat.len(), alloc_errors.len()),
+        format!(
+            "Fleet ({what}): allocations until full ({} by the clients after the one-client ones, {} errors)",
+            lat.len(),
+            alloc_errors.len()
+        ),
         format!("{rate:.0} /s"),
         ">= 500 /s",
     );
@@ -805,10 +926,13 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         "p99 < 100 ms",
     );
     if let Some(e) = alloc_errors.first() {
-        table.notes.push(format!("fleet allocate: first error: {e:.300}"));
+        table
+            .notes
+            .push(format!("fleet allocate: first error: {e:.300}"));
     }
 
     // Deallocate everything that was allocated.
+    ids.extend(solo_ids);
     let t_dealloc = Instant::now();
     let results = par(ids.len(), clients, |i| {
         let t = Instant::now();
@@ -819,7 +943,11 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
             &format!("/api/compute_units/deallocate/{}", ids[i]),
             None,
         );
-        (t.elapsed(), a.code, (a.code != 200).then(|| format!("{} {}", a.code, a.json())))
+        (
+            t.elapsed(),
+            a.code,
+            (a.code != 200).then(|| format!("{} {}", a.code, a.json())),
+        )
     });
     let dealloc_wall = t_dealloc.elapsed();
     let mut dl: Vec<Duration> = results.iter().filter(|r| r.1 == 200).map(|r| r.0).collect();
@@ -835,7 +963,11 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         dealloc_errors.len()
     ));
     table.row(
-        format!("Fleet: deallocations of all of them ({} done, {} errors)", dl.len(), dealloc_errors.len()),
+        format!(
+            "Fleet: deallocations of all of them ({} done, {} errors)",
+            dl.len(),
+            dealloc_errors.len()
+        ),
         format!("{drate:.0} /s"),
         "",
     );
@@ -845,17 +977,26 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         "",
     );
     if let Some(e) = dealloc_errors.first() {
-        table.notes.push(format!("fleet deallocate: first error: {e:.300}"));
+        table
+            .notes
+            .push(format!("fleet deallocate: first error: {e:.300}"));
     }
     for h in hubs.iter().take(1) {
         if let Some(m) = h.peak_rss_mib() {
-            table.row(format!("Fleet {} after the runs: peak RSS (VmHWM)", h.name), format!("{m:.0} MiB"), "");
+            table.row(
+                format!("Fleet {} after the runs: peak RSS (VmHWM)", h.name),
+                format!("{m:.0} MiB"),
+                "",
+            );
         }
     }
     let peaks: Vec<f64> = hosts.iter().filter_map(Proc::peak_rss_mib).collect();
     if let Some(max) = peaks.iter().cloned().reduce(f64::max) {
         table.row(
-            format!("Fleet host ({cpus} units) after the runs: peak RSS (VmHWM), largest of {}", peaks.len()),
+            format!(
+                "Fleet host ({cpus} units) after the runs: peak RSS (VmHWM), largest of {}",
+                peaks.len()
+            ),
             format!("{max:.0} MiB"),
             "",
         );
@@ -888,13 +1029,22 @@ fn machine() -> (String, String, String) {
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0.0);
     let commit = Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"])
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     (
         date,
-        format!("{nproc} CPUs ({model}), {:.0} GB RAM", mem_kb / 1024.0 / 1024.0),
+        format!(
+            "{nproc} CPUs ({model}), {:.0} GB RAM",
+            mem_kb / 1024.0 / 1024.0
+        ),
         commit,
     )
 }
@@ -923,9 +1073,14 @@ fn main() {
             let t0 = Instant::now();
             if let Err(e) = run(&mut table) {
                 say(&format!("phase {name} failed: {e}"));
-                table.notes.push(format!("phase {name} not completed: {e:.400}"));
+                table
+                    .notes
+                    .push(format!("phase {name} not completed: {e:.400}"));
             }
-            say(&format!("phase {name}: {:.0} s", t0.elapsed().as_secs_f64()));
+            say(&format!(
+                "phase {name}: {:.0} s",
+                t0.elapsed().as_secs_f64()
+            ));
         }
     }
     println!("Kloigos benchmark, {date}; {host}; commit {commit}; release build.");
