@@ -174,11 +174,19 @@ fn bin() -> String {
     std::env::var("KLOIGOS_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kloigos").into())
 }
 
+/// A free TCP port below the kernel's ephemeral range (32768 and up), so that the many
+/// outgoing connections of the run cannot take it between this check and the server's bind.
 fn free_port() -> Res<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = (std::process::id() as usize).wrapping_mul(7919) % 20_000;
+    for _ in 0..20_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(10_000 + (start + n) % 20_000).unwrap_or(10_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no free port between 10000 and 30000".into())
 }
 
 fn write(path: &Path, content: &str) -> Res<()> {
