@@ -37,6 +37,8 @@ const UNITS_PER_SERVER: usize = 8;
 const FILTER: &str = "status=FREE&region=us-east";
 
 type Res<T> = Result<T, String>;
+/// One part of the run: adds its rows to the table, or says why it could not.
+type Phase = fn(&mut Table) -> Res<()>;
 
 fn env_num(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -873,7 +875,7 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
                     let t = Instant::now();
                     let a = call(
                         hub(c),
-                        &admin,
+                        admin,
                         "POST",
                         "/api/compute_units/allocate",
                         Some(&body),
@@ -1068,7 +1070,7 @@ fn main() {
             .notes
             .push("not run as root: fake roots must be root-owned; nothing measured".into());
     } else {
-        let phases: [(&str, fn(&mut Table) -> Res<()>); 3] = [
+        let phases: [(&str, Phase); 3] = [
             ("sqlite", sqlite_phase),
             ("pg", pg_phase),
             ("fleet", fleet_phase),
