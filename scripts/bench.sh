@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The fleet benchmark (issues 9 and 10): list latency at 1k/10k/100k units on SQLite (one host)
+# and PostgreSQL (two hubs), allocations per second on a fleet of 50 joined hosts, peak RSS.
+# Prints one markdown table; never fails on timing (goals are printed next to the figures).
+#
+#   sudo scripts/bench.sh            # as root: the hosts' fake roots must be root-owned
+#
+# Knobs (see benches/fleet.rs): KLOIGOS_BENCH_SIZES, KLOIGOS_BENCH_RUNS, KLOIGOS_BENCH_HOSTS,
+# KLOIGOS_BENCH_CPUS, KLOIGOS_BENCH_CLIENTS, KLOIGOS_BENCH_FILL_CLIENTS,
+# KLOIGOS_BENCH_FILL_BUDGET, KLOIGOS_BENCH_PHASES (sqlite,pg,fleet).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/deps.sh
+. scripts/lib/pg.sh
+
+cargo build --release --quiet
+# The bench profile inherits the release one: this reuses the build above.
+cargo bench --quiet --bench fleet --no-run
+pg_start
+trap pg_stop EXIT
+# More connections than the tests need: two hubs' pools, plus the fleet's.
+ulimit -n 65536 2>/dev/null || true
+KLOIGOS_BENCH_BIN=$PWD/target/release/kloigos cargo bench --quiet --bench fleet
