@@ -170,7 +170,8 @@ fleet_phase() {
   # ---- f6. Ansible over `kloigos inventory` (the hub, a readonly token), as the unit's user
   t=$EPOCHREALTIME
   mkdir -p "$FLEET_DIR/ansible"
-  out=$(PATH=$PWD/target/release:$PATH KLOIGOS_URL="http://127.0.0.1:$HUB_PORT" \
+  # (Ansible refuses a locale that is not UTF-8; deps.sh sets LC_ALL=C.)
+  out=$(LC_ALL=C.UTF-8 PATH=$PWD/target/release:$PATH KLOIGOS_URL="http://127.0.0.1:$HUB_PORT" \
     KLOIGOS_TOKEN_FILE="$FLEET_DIR/ansible-token" ANSIBLE_HOME="$FLEET_DIR/ansible" \
     ANSIBLE_LOCAL_TEMP="$FLEET_DIR/ansible/tmp" ANSIBLE_HOST_KEY_CHECKING=False ANSIBLE_NOCOLOR=1 \
     ANSIBLE_SSH_ARGS='-o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes -o IdentityAgent=none -o ControlMaster=auto -o ControlPersist=60s' \
