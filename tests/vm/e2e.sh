@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end tests of the Kloigos packages on a real systemd: builds the .deb twice (the second
 # with a higher version, for the upgrade) and the .rpm, boots a throw-away Debian 12 VM (vm.sh),
-# runs tests/vm/guest.sh's phases in it, reboots it in the middle, and prints each check with
-# its time and a closing `N passed, M failed` line. Exits non-zero if any check failed.
+# runs tests/vm/guest.sh's phases in it, reboots it in the middle, joins it to a hub running
+# here (tests/vm/fleet.sh: PostgreSQL, a hub, Ansible; one more VM reboot), and prints each check
+# with its time and a closing `N passed, M failed` line. Exits non-zero if any check failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../../scripts/lib/deps.sh
@@ -27,7 +28,9 @@ summary() {
   echo "e2e: $pass passed, $fail failed"
   ((fail == 0))
 }
-trap '$VM down >/dev/null 2>&1 || true' EXIT
+# shellcheck source=fleet.sh
+. tests/vm/fleet.sh
+trap 'fleet_cleanup; $VM down >/dev/null 2>&1 || true' EXIT
 
 # ---- packages
 t=$EPOCHREALTIME
@@ -113,6 +116,12 @@ if $VM reboot >"$LOG/reboot.log" 2>&1; then
 else
   record vm-reboot FAIL "$(elapsed "$t")" "guest did not come back"
 fi
+# The fleet (tests/vm/fleet.sh): a hub here, the guest joined to it; ends with the guest's
+# local server of the units phase set up again, for purge.
+t=$EPOCHREALTIME
+fleet_phase
+echo "e2e: the fleet phase took $(elapsed "$t") s"
+$VM ssh 'journalctl -b -u kloigos.service -u kloigos-pull.service --no-pager' >"$LOG/journal-fleet.log" 2>&1
 phase purge
 $VM ssh 'journalctl -b -u kloigos.service --no-pager' >"$LOG/journal.log" 2>&1
 t=$EPOCHREALTIME

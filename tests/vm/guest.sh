@@ -13,6 +13,15 @@
 #   guest.sh upgrade     j. upgrade from a version without a generator (run before the reboot)
 #   guest.sh reboot      n. limits from the first second of a boot, before kloigos.service runs;
 #                        h. after a reboot: slices, nftables, allocations; nftables restart
+#   guest.sh fleet-prepare        o. (the fleet phase, driven by e2e.sh through tests/vm/fleet.sh)
+#                                 decommission the local server; kloigos.socket also on the
+#                                 guest's address (qemu forwards the hub's pokes there)
+#   guest.sh fleet-join HUB POKE  p. kloigos join with /root/host-token
+#   guest.sh fleet-server         q. the server the hub asked for: users, slices, nft table
+#   guest.sh fleet-released USER [NAME]  the unit of USER released (no key, no process,
+#                                 home back to the skeleton, empty dirs)
+#   guest.sh fleet-leave          v. after the hub's decommission: users gone; leave the hub and
+#                                 set the units phase's local server up again for purge
 #   guest.sh purge       i0. apt remove with units, reinstall; i. decommission, apt purge: the
 #                        host is as before, no Kloigos drop-in loaded
 set -u
@@ -642,6 +651,108 @@ race)
   finish k-tenant-race
   ;;
 
+fleet-prepare)
+  # ---- o. a host joins a hub only without a server of its own (join refuses, else the first
+  # pull would tear it down): decommission it; and the hub's pokes, forwarded by qemu from the
+  # CI machine's 127.0.0.1:VM_POKE_PORT to this guest's :8000, must land on kloigos.socket.
+  start
+  out=$(kloigos decommission --force "$HOST" 2>&1)
+  expect "local decommission" "$?" 0
+  expect "local users gone" "$(getent passwd u0 u1 u2 u3)" ""
+  ip=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
+  expect_match "guest address" "$ip" '^[0-9.]+$'
+  printf '# e2e fleet phase: the hub pokes arrive here (qemu hostfwd to :8000)\n[Socket]\nListenStream=%s:8000\n' \
+    "${ip:-10.0.2.15}" | install -D -m 644 /dev/stdin /etc/systemd/system/kloigos.socket.d/60-e2e-fleet.conf
+  systemctl daemon-reload
+  systemctl stop kloigos.service
+  systemctl restart kloigos.socket
+  expect "socket active" "$(systemctl is-active kloigos.socket)" active
+  expect_match "socket listens on the guest's address" "$(systemctl show -p Listen --value kloigos.socket)" "${ip:-x}:8000"
+  expect_match "a poke before joining: 404" "$(curl -s -X POST --max-time 30 "http://${ip:-x}:8000/api/host/poke")" 'has not joined'
+  finish o-fleet-prepare
+  ;;
+
+fleet-join)
+  # ---- p. kloigos join (the hub made the token; e2e.sh copied it to /root/host-token)
+  start
+  hub=${2:-} poke=${3:-}
+  out=$(kloigos join --hub "$hub" --token-file /root/host-token --poke-url "$poke" 2>&1)
+  rc=$?
+  expect "kloigos join" "$rc" 0
+  [[ $rc == 0 ]] || echo "$out" | tail -20
+  expect "join.json" "$(python3 -c 'import json; d = json.load(open("/etc/kloigos/join.json")); print(d["hubs"], d["hostname"], d["poke_url"])' 2>&1)" \
+    "['$hub'] $HOST $poke"
+  expect "host-token mode" "$(stat -c '%a %U' /etc/kloigos/host-token 2>&1)" "600 root"
+  expect "host-token content" "$(cat /etc/kloigos/host-token 2>&1)" "$(cat /root/host-token)"
+  expect "pull timer enabled" "$(systemctl is-enabled kloigos-pull.timer 2>&1)" enabled
+  expect "pull timer active" "$(systemctl is-active kloigos-pull.timer 2>&1)" active
+  expect_match "a poke now schedules a pull" "$(curl -s -X POST --max-time 30 http://127.0.0.1:8000/api/host/poke)" 'pull scheduled'
+  out=$(kloigos init-server --hostname "$HOST" --ip 127.0.0.1 --region test --zone vm 0 1 2>&1)
+  expect_match "local writes refused: use a hub" "$out" 'use a hub.*HTTP 409'
+  rm -f /root/host-token
+  finish p-fleet-join
+  ;;
+
+fleet-server)
+  # ---- q. what the hub's init_server made here (cpu_ranges 0-1 and 2-3, uid_base 20000)
+  start
+  expect "user u0-1" "$(getent passwd u0-1 | cut -d: -f3,6)" "20000:/home/u0-1"
+  expect "user u2-3" "$(getent passwd u2-3 | cut -d: -f3,6)" "20002:/home/u2-3"
+  expect "AllowedCPUs of user-20000.slice" "$(systemctl show -p AllowedCPUs --value user-20000.slice)" 0-1
+  expect "AllowedCPUs of user-20002.slice" "$(systemctl show -p AllowedCPUs --value user-20002.slice)" 2-3
+  expect "the generator's drop-in" "$(dropins user-20002.slice | grep kloigos)" "$GENDIR/user-20002.slice.d/50-kloigos.conf"
+  expect_match "nft table" "$(nft list table inet kloigos 2>&1)" '20002 \. 2200-2399'
+  expect_match "local mirror of the server" "$(kloigos --json units | grep -c '"compute_id"')" '^2$'
+  for d in /opt/c0-1 /mnt/c0-1 /home/u0-1; do
+    expect "$d owner and mode" "$(stat -c '%U:%G %a' $d 2>&1)" "u0-1:u0-1 750"
+  done
+  finish q-fleet-server
+  ;;
+
+fleet-released)
+  # the unit of user $2 released: the checks of g-deallocate
+  start
+  u=${2:-none}; c=${u#u}
+  expect "no process of $u" "$(pgrep -u "$u" -c)" 0
+  expect "no authorized key" "$(cat /home/$u/.ssh/authorized_keys 2>/dev/null)" ""
+  expect "linger off" "$(ls /var/lib/systemd/linger/$u 2>/dev/null)" ""
+  expect "/opt/c$c empty" "$(ls -A /opt/c$c 2>&1)" ""
+  expect "/mnt/c$c empty" "$(ls -A /mnt/c$c 2>&1)" ""
+  expect "home back to the skeleton" "$(ls -A /home/$u | sort | tr '\n' ' ')" "$(ls -A /etc/skel | cat - <(echo .ssh) | sort | tr '\n' ' ')"
+  finish "${3:-released-$u}"
+  ;;
+
+fleet-leave)
+  # ---- v. the hub decommissioned this host's server: all of it is gone. Then the host leaves
+  # the hub (there is no `kloigos leave`: the join files go, the timer is disabled) and gets the
+  # server of the units phase again, so that the purge phase finds what it checks.
+  start
+  expect "users gone" "$(getent passwd u0-1 u2-3)" ""
+  expect "slices' drop-ins gone" "$(ls $GENDIR/user-20000.slice.d $GENDIR/user-20002.slice.d 2>/dev/null)" ""
+  expect "dirs gone" "$(ls -d /opt/c0-1 /opt/c2-3 /home/u0-1 /home/u2-3 2>/dev/null)" ""
+  expect "no process of the users" "$(pgrep -u 20000,20002 -c)" 0
+  expect "nft table empty of them" "$(nft list table inet kloigos 2>/dev/null | grep -c 2000)" 0
+  systemctl disable --now kloigos-pull.timer >/dev/null 2>&1
+  # The admin's firewall of the before phase: the catch-up boot (f8) did not start it (the image
+  # does not enable nftables.service; the reboot phase restarts it by hand); purge compares.
+  systemctl start nftables.service
+  rm -f /etc/kloigos/join.json /etc/kloigos/host-token
+  rm -r /etc/systemd/system/kloigos.socket.d
+  systemctl daemon-reload
+  systemctl stop kloigos.service
+  systemctl restart kloigos.socket
+  out=$(kloigos init-server --hostname "$HOST" --ip 127.0.0.1 --region test --zone vm \
+        --limits '{"tasks_max": 64, "memory_max_per_cpu": 268435456}' 0 1 2 3 2>&1)
+  expect "local init-server again" "$?" 0
+  [[ ${#fails[@]} == 0 ]] || echo "$out" | tail -5
+  a=$(kloigos --json allocate --cpu-count 1 --ssh-key $KEYS/k3.pub --tag owner=carol)
+  expect_match "u0 for carol" "$a" "\"compute_id\": \"${HOST}_0\""
+  b=$(kloigos --json allocate --cpu-count 1 --ssh-key $KEYS/k2.pub --tag owner=bob)
+  expect_match "u1 for bob" "$b" "\"compute_id\": \"${HOST}_1\""
+  expect "bob logs in on CPU 1" "$(as_user $U1 k2 'grep Cpus_allowed_list /proc/self/status' | awk '{print $2}')" 1
+  finish v-fleet-leave
+  ;;
+
 purge)
   # ---- i0. apt remove while units still exist: the generator leaves with the package, so the
   # units' drop-ins are no longer loaded (decided, see packaging/debian/prerm; the package
@@ -695,5 +806,5 @@ purge)
   finish i-decommission-purge
   ;;
 
-*) sed -n 2,21p "$0"; exit 2 ;;
+*) sed -n 2,26p "$0"; exit 2 ;;
 esac

@@ -23,6 +23,8 @@
 # Environment:
 #   KLOIGOS_VM_DIR   image and run directory            (/var/tmp/kloigos-vm)
 #   VM_SSH_PORT      host port forwarded to guest ssh   (2222, on 127.0.0.1 only)
+#   VM_POKE_PORT     host port forwarded to guest :8000 (2280, on 127.0.0.1 only; a fleet hub on
+#                    this machine pokes the guest there, see tests/vm/fleet.sh)
 #   VM_CPUS, VM_MEM  guest vCPUs and MiB of memory      (4, 2048)
 #   VM_BOOT_TIMEOUT  seconds to wait for ssh + systemd  (180)
 #   VM_KAPPEND       extra kernel command line          (empty)
@@ -51,6 +53,7 @@ HOSTNAME_VM=kloigos-vm
 DIR=${KLOIGOS_VM_DIR:-/var/tmp/kloigos-vm}
 BASE=$DIR/base
 PORT=${VM_SSH_PORT:-2222}
+POKE_PORT=${VM_POKE_PORT:-2280}
 CPUS=${VM_CPUS:-4}
 MEM=${VM_MEM:-2048}
 BOOT_TIMEOUT=${VM_BOOT_TIMEOUT:-180}
@@ -242,6 +245,7 @@ kill_vm() {
 # (reboot 60-90 s against 21-27 s for a cold start) on this machine kind.
 start_qemu() {
   port_free || die "127.0.0.1:$PORT is already in use; set VM_SSH_PORT"
+  port_free "$POKE_PORT" || die "127.0.0.1:$POKE_PORT is already in use; set VM_POKE_PORT"
   rm -f "$PIDFILE"
   # 9>&-: the daemon must not inherit our lock
   qemu-system-x86_64 -name kloigos-vm -nodefaults -no-user-config -no-reboot \
@@ -249,15 +253,15 @@ start_qemu() {
     -kernel "$BASE/vmlinuz" -initrd "$BASE/initrd" \
     -append "root=/dev/vda rw console=ttyS0 panic=-1 ${VM_KAPPEND:-}" \
     -drive file="$OVERLAY",format=qcow2,if=virtio,cache=unsafe,discard=unmap \
-    -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$PORT"-:22 -device virtio-net-pci,netdev=n0,romfile= \
+    -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$PORT"-:22,hostfwd=tcp:127.0.0.1:"$POKE_PORT"-:8000 -device virtio-net-pci,netdev=n0,romfile= \
     -device virtio-rng-pci \
     -display none -monitor none -chardev file,id=ser0,path="$CONSOLE",append=on -serial chardev:ser0 \
     -daemonize -pidfile "$PIDFILE" </dev/null >"$DIR/qemu.log" 2>&1 9>&- \
     || { cat "$DIR/qemu.log" >&2; die "qemu failed to start"; }
-  log "qemu started (pid $(cat "$PIDFILE"), ${CPUS} vCPUs TCG, ${MEM} MiB, ssh on 127.0.0.1:$PORT)"
+  log "qemu started (pid $(cat "$PIDFILE"), ${CPUS} vCPUs TCG, ${MEM} MiB, ssh on 127.0.0.1:$PORT, guest :8000 on 127.0.0.1:$POKE_PORT)"
 }
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/${1:-$PORT}") 2>/dev/null; }
 
 # wait up to $1 s for qemu to exit; 1 if it is still running
 wait_exit() {
