@@ -510,6 +510,22 @@ upgrade)
   if [[ -n $pregen ]]; then
     # The real last version without a generator (e2e.sh built it from its commit): back to it,
     # its reconcile writes its drop-ins to /etc/systemd/system; it never had a state file.
+    # Its inventory schema ends at migration 2 and it refuses a newer database (a downgrade
+    # past a migration is not supported), so the database is put back as that version left
+    # it; the upgrade below then runs migration 3 on it, as on a real old host.
+    systemctl stop kloigos.service
+    python3 - /var/lib/kloigos/kloigos.db <<'PY'
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+c.executescript("""
+ALTER TABLE compute_units DROP COLUMN claim;
+ALTER TABLE servers DROP COLUMN inventory_only;
+DROP TABLE hosts;
+PRAGMA user_version = 2;
+""")
+c.commit()
+PY
+    expect "database back at schema 2" "$?" 0
     out=$(deps_apt install -y --allow-downgrades -o Dpkg::Options::=--force-confold "$pregen" 2>&1)
     expect "install the pre-generator version" "$?" 0
     expect_match "pre-generator version installed" "$(dpkg-query -W -f '${Version}' kloigos)" '~pregen'
