@@ -684,8 +684,9 @@ fn audit_retention_applies_at_start() {
         let path = format!("/api/compute_units/deallocate/{id}");
         assert_eq!(s.call("DELETE", &path, None).0, 200);
     }
+    // init_server, then per round the claim, the allocation and the deallocation.
     let all = events(&s, "");
-    assert_eq!(all.len(), 11);
+    assert_eq!(all.len(), 16);
     s.kill9();
     s.extra_env
         .push(("KLOIGOS_AUDIT_MAX_ROWS".into(), "4".into()));
