@@ -543,7 +543,7 @@ pub(super) async fn list_hosts(
 /// Forget a fleet host: its token stops working (its servers stay in the inventory).
 #[utoipa::path(delete, path = "/api/admin/hosts/{hostname}", tag = "fleet",
     params(("hostname" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorDetail)))]
+    responses((status = 200, body = Object), (status = 404, body = ErrorDetail), (status = 409, description = "The host still has a server: decommission it first", body = ErrorDetail)))]
 pub(super) async fn delete_host(
     State(k): State<AppState>,
     Extension(caller): Extension<Caller>,
