@@ -641,7 +641,7 @@ fn a_fleet_on_loopback() {
         0,
         &json!({"cpu_count": 1, "zone": "z4", "ssh_public_key": ssh_key("late")}),
     );
-    assert_eq!(code, 504, "late host: {v}");
+    assert_eq!(code, 504, "late host after {:?}: {v}", t.elapsed());
     assert!(
         t.elapsed() >= Duration::from_secs(14),
         "answered before the apply timeout"

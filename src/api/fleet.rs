@@ -28,8 +28,12 @@ use tokio::sync::Notify;
 
 /// How long a poke may take.
 const POKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a waiting hub reads the inventory when no report reaches it.
+/// How often a waiting hub reads the inventory when it may not hear of its host's reports
+/// (one that reaches another hub, while the inventory does not relay them).
 const POLL: Duration = Duration::from_millis(100);
+/// How often it reads it anyway while the inventory relays every hub's reports
+/// (`Inventory::watch_reports`): a safety net for a notification lost in a reconnection.
+const POLL_HEARING: Duration = Duration::from_secs(1);
 /// How often the sweep runs.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Hosts an allocation tries when pokes fail.
@@ -42,7 +46,9 @@ const MAX_DRIFT: usize = 10_000;
 /// What waits of this hub are under way, and the wake-ups of their hosts' reports.
 #[derive(Default)]
 pub(crate) struct Fleet {
-    signals: Mutex<HashMap<String, Arc<Notify>>>,
+    signals: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    /// Set while the inventory relays reports that reach other hubs (see [`POLL_HEARING`]).
+    hearing: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
     /// Compute ids and hostnames this process waits for (the sweep and the report handler
     /// leave them to the waiter, which audits with its caller's name).
     waiting: Mutex<HashMap<String, usize>>,
@@ -77,13 +83,22 @@ impl Fleet {
     }
 
     fn wake(&self, host: &str) {
-        if let Some(n) = self
-            .signals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(host)
-        {
-            n.notify_waiters();
+        wake_in(&self.signals, host);
+    }
+
+    /// Hears of the reports that reach other hubs through the inventory, from now on.
+    fn hear_reports(&self, store: &dyn crate::store::Inventory) {
+        let signals = self.signals.clone();
+        if let Some(flag) = store.watch_reports(Arc::new(move |h: &str| wake_in(&signals, h))) {
+            let _ = self.hearing.set(flag);
+        }
+    }
+
+    /// How long a wait may sleep before it reads the inventory again.
+    fn poll(&self) -> Duration {
+        match self.hearing.get() {
+            Some(f) if f.load(std::sync::atomic::Ordering::Relaxed) => POLL_HEARING,
+            _ => POLL,
         }
     }
 
@@ -107,6 +122,12 @@ impl Fleet {
             .keys()
             .cloned()
             .collect()
+    }
+}
+
+fn wake_in(signals: &Mutex<HashMap<String, Arc<Notify>>>, host: &str) {
+    if let Some(n) = signals.lock().unwrap_or_else(|p| p.into_inner()).get(host) {
+        n.notify_waiters();
     }
 }
 
@@ -216,7 +237,7 @@ async fn wait_for<T: Send + 'static>(
         if now >= deadline {
             return Ok(None);
         }
-        let _ = tokio::time::timeout(POLL.min(deadline - now), notified).await;
+        let _ = tokio::time::timeout(k.fleet.poll().min(deadline - now), notified).await;
     }
 }
 
@@ -360,6 +381,7 @@ pub(super) async fn decommission(
 /// The sweep, at start and every [`SWEEP_EVERY`]: concludes what reports settled and what
 /// timed out on joined hosts, so a hub killed mid-wait leaves nothing stuck.
 pub(crate) async fn sweep_loop(k: AppState) {
+    k.fleet.hear_reports(&*k.store);
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     loop {
         tick.tick().await;
@@ -710,7 +732,9 @@ pub(super) async fn report(
     let (k2, h) = (k.clone(), hostname.clone());
     blocking(move || Ok(k2.store.host_reported(&h, &value, &report.version)?)).await?;
     k.fleet.wake(&hostname);
-    sweep(&k, Some(hostname)).await;
+    // What the report settles that nobody here waits for, after the host has its answer.
+    let k2 = k.clone();
+    tokio::spawn(async move { sweep(&k2, Some(hostname)).await });
     Ok(Json(json!({})))
 }
 

@@ -13,6 +13,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tracing::{info, warn};
 
+/// How old a claim or a release the host's report decided must be before the sweep concludes
+/// it for a hub that waits on it elsewhere (that hub does it within moments of the report,
+/// unless it was killed; concluding it for it would only duplicate the work).
+const ORPHANED_AFTER: Duration = Duration::from_secs(3);
+
 /// What a host reports about itself (all read under its `--root`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Facts {
@@ -272,6 +277,15 @@ impl Kloigos {
         )?)
     }
 
+    /// The last report of a joined host, if any.
+    fn report_of(&self, hostname: &str) -> Result<Option<Report>> {
+        Ok(self
+            .store
+            .host(hostname)?
+            .and_then(|h| h.last_report)
+            .and_then(|r| serde_json::from_value(r).ok()))
+    }
+
     /// The unit as it is now, after someone else concluded it: the answer the waiting caller
     /// gets.
     fn concluded_by_other(&self, unit: &Unit, operation: &str) -> Result<Concluded<Unit>> {
@@ -295,17 +309,13 @@ impl Kloigos {
     }
 
     /// Concludes a remote allocation from the host's last report, if it decides it.
+    ///
+    /// The report is read first: until it decides, one read is all a waiter's check costs.
+    /// (Only the waiter and the sweep, past the apply timeout, conclude a claim, so a unit
+    /// concluded by someone else is found by the compare-and-set, or at the timeout.)
     pub fn conclude_remote_allocate(&self, unit: &Unit, actor: &str) -> Result<Concluded<Unit>> {
-        let current = self.unit(&unit.compute_id)?;
-        if current.status != UnitStatus::Allocating || current.claim != unit.claim {
-            return self.concluded_by_other(unit, "allocate");
-        }
         let claim = unit.claim.as_deref().unwrap_or_default();
-        let report = self
-            .store
-            .host(&unit.hostname)?
-            .as_ref()
-            .and_then(last_report);
+        let report = self.report_of(&unit.hostname)?;
         let Some(outcome) = report
             .as_ref()
             .and_then(|r| allocation_outcome(r, &unit.compute_id, claim))
@@ -410,18 +420,9 @@ impl Kloigos {
     }
 
     /// Concludes a remote deallocation (the unit went DEALLOCATING at `unit.updated_at`).
+    /// (The report first, as in [`Kloigos::conclude_remote_allocate`].)
     pub fn conclude_remote_deallocate(&self, unit: &Unit, actor: &str) -> Result<Concluded<()>> {
-        let current = self.unit(&unit.compute_id)?;
-        if current.status != UnitStatus::Deallocating {
-            return self
-                .concluded_by_other(unit, "deallocate")
-                .map(|_| Concluded::Done(()));
-        }
-        let report = self
-            .store
-            .host(&unit.hostname)?
-            .as_ref()
-            .and_then(last_report);
+        let report = self.report_of(&unit.hostname)?;
         let Some(outcome) = report
             .as_ref()
             .and_then(|r| release_outcome(r, &unit.compute_id, &unit.updated_at))
@@ -674,7 +675,7 @@ impl Kloigos {
                 let decided = report.is_some_and(|r| {
                     allocation_outcome(r, id, unit.claim.as_deref().unwrap_or_default()).is_some()
                 });
-                if decided {
+                if decided && older_than(&unit.updated_at, ORPHANED_AFTER) {
                     let _ = self.conclude_remote_allocate(unit, &actor);
                 } else if older_than(&unit.updated_at, grace) {
                     let msg = format!(
@@ -695,7 +696,7 @@ impl Kloigos {
             UnitStatus::Deallocating => {
                 let decided =
                     report.is_some_and(|r| release_outcome(r, id, &unit.updated_at).is_some());
-                if decided {
+                if decided && older_than(&unit.updated_at, ORPHANED_AFTER) {
                     let _ = self.conclude_remote_deallocate(unit, "hub");
                 } else if older_than(&unit.updated_at, grace) {
                     let msg = format!(

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 pub(crate) use sqlite::Store;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 /// Where the inventory lives: a SQLite file (one host) or a PostgreSQL database (a fleet's
 /// hubs share it). `--db`/`KLOIGOS_DB`: a value starting with `postgres://` or
@@ -429,4 +431,18 @@ pub trait Inventory: Send + Sync {
     fn host_reported(&self, hostname: &str, report: &Value, version: &str) -> Result<()>;
     /// Marks a host unreachable (keeping the first `since`), or with `None` clears the mark.
     fn host_unreachable(&self, hostname: &str, reason: Option<&str>) -> Result<()>;
+
+    /// Calls `wake` with the hostname whenever any process sharing this inventory records a
+    /// report of that host ([`Inventory::host_reported`]), for as long as the store lives, so
+    /// a hub waiting on a host hears of reports that reached another hub. Returns the flag
+    /// that says whether reports are being heard right now (a caller polls more often while
+    /// it is false), or `None` when the backend cannot tell other processes' reports apart
+    /// (SQLite: one host, one process; its caller polls).
+    fn watch_reports(&self, wake: ReportWake) -> Option<Arc<AtomicBool>> {
+        let _ = wake;
+        None
+    }
 }
+
+/// What [`Inventory::watch_reports`] calls with a hostname.
+pub type ReportWake = Arc<dyn Fn(&str) + Send + Sync>;

@@ -23,6 +23,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::Row;
 use tokio_postgres::config::SslMode;
@@ -104,6 +105,62 @@ CREATE TABLE hosts (
     created_at         TEXT NOT NULL
 );
 "#];
+
+/// The channel of `pg_notify` on which `host_reported` announces a host's report.
+const REPORT_CHANNEL: &str = "kloigos_report";
+/// Waits between attempts to listen again after the listening connection failed.
+const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Listens on [`REPORT_CHANNEL`] on a connection of its own and calls `wake` with each
+/// notification's hostname, with `listening` set while it does. Returns when the connection
+/// ends (`Ok` when it had listened), or the error that kept it from listening.
+async fn listen(
+    config: &tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    listening: &AtomicBool,
+    wake: &(dyn Fn(&str) + Send + Sync),
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let (client, mut conn) = config.connect(tls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // The connection is driven here (notifications only arrive through `poll_message`); the
+    // channel closes when it ends.
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    });
+    let listened = client
+        .batch_execute(&format!("LISTEN {REPORT_CHANNEL}"))
+        .await;
+    if let Err(e) = listened {
+        driver.abort();
+        return Err(e);
+    }
+    listening.store(true, Ordering::Relaxed);
+    tracing::debug!(channel = REPORT_CHANNEL, "listening for host reports");
+    while let Some(host) = rx.recv().await {
+        wake(&host);
+    }
+    listening.store(false, Ordering::Relaxed);
+    drop(client);
+    match driver.await {
+        Ok(Err(e)) => {
+            tracing::warn!(error = %chain(&e), "the connection listening for host reports ended");
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Serializes migrations across hubs (`pg_advisory_xact_lock`): "kloigos" in ASCII.
 const MIGRATION_LOCK: i64 = 0x006b_6c6f_6967_6f73;
@@ -358,6 +415,8 @@ pub(crate) struct PgStore {
     /// code would panic).
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    /// What the report listener connects with: its own connection, outside the pool.
+    listen: (tokio_postgres::Config, tokio_postgres_rustls::MakeRustlsConnect),
 }
 
 impl Drop for PgStore {
@@ -652,6 +711,7 @@ impl PgStore {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(&target)?);
+        let listen = (config.clone(), tls.clone());
         let manager = Manager::from_config(
             config,
             tls,
@@ -678,7 +738,11 @@ impl PgStore {
                 .build()
                 .map_err(|e| StoreError::Config(e.to_string()))?
         };
-        Ok(PgStore { rt: Some(rt), pool })
+        Ok(PgStore {
+            rt: Some(rt),
+            pool,
+            listen,
+        })
     }
 
     /// Connects to `url` (libpq-style URL, see README "PostgreSQL") and migrates the schema.
@@ -1197,15 +1261,43 @@ impl Inventory for PgStore {
     }
 
     fn host_reported(&self, hostname: &str, report: &Value, version: &str) -> Result<()> {
-        // The report's facts (when it has some) replace the ones of the join.
-        self.exec(
-            "UPDATE hosts SET last_report = $2, last_report_at = $3, version = $4, \
+        // The report's facts (when it has some) replace the ones of the join. Every hub
+        // listening hears of it when this commits (`watch_reports`).
+        self.rows(
+            "WITH h AS (UPDATE hosts SET last_report = $2, last_report_at = $3, version = $4, \
              facts = CASE WHEN jsonb_typeof($2::JSONB -> 'facts') = 'object' THEN $2::JSONB -> 'facts' \
                      ELSE facts END, \
-             unreachable_since = NULL, unreachable_reason = NULL WHERE hostname = $1",
-            &[&hostname, report, &crate::time::now(), &version],
+             unreachable_since = NULL, unreachable_reason = NULL WHERE hostname = $1 \
+             RETURNING hostname) \
+             SELECT pg_notify($5, hostname)::TEXT FROM h",
+            &[&hostname, report, &crate::time::now(), &version, &REPORT_CHANNEL],
+            |_| Ok(()),
         )?;
         Ok(())
+    }
+
+    fn watch_reports(&self, wake: ReportWake) -> Option<Arc<AtomicBool>> {
+        let listening = Arc::new(AtomicBool::new(false));
+        let (config, tls) = self.listen.clone();
+        let flag = listening.clone();
+        self.rt.as_ref()?.spawn(async move {
+            let mut backoff = LISTEN_BACKOFF_MIN;
+            loop {
+                match listen(&config, tls.clone(), &flag, &*wake).await {
+                    // It listened a while before it ended: reconnect soon.
+                    Ok(()) => backoff = LISTEN_BACKOFF_MIN,
+                    Err(e) => tracing::warn!(
+                        error = %chain(&e),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "cannot listen for host reports; polling until it can"
+                    ),
+                }
+                flag.store(false, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+            }
+        });
+        Some(listening)
     }
 
     fn host_unreachable(&self, hostname: &str, reason: Option<&str>) -> Result<()> {
