@@ -584,7 +584,7 @@ where
 }
 
 /// One pull of the host under `root` with its join files: fetch, apply with `k`, report.
-pub async fn pull_host<K>(k: Arc<K>, root: PathBuf) -> Result<Report>
+pub async fn pull_host<K>(k: Arc<K>, root: PathBuf, pass: crate::service::Pass) -> Result<Report>
 where
     K: std::ops::Deref<Target = crate::service::Kloigos> + Send + Sync + 'static,
 {
@@ -604,7 +604,7 @@ where
     .await
     .map_err(|e| FleetError::Usage(format!("gathering facts stopped: {e}")))?;
     let _pulling = _pulling.map_err(FleetError::Lock)?;
-    pull(&join, &token, facts, move |state| k.apply_desired(&state)).await
+    pull(&join, &token, facts, move |state| k.apply_desired_as(&state, pass)).await
 }
 
 // ---- pokes -------------------------------------------------------------------------------------
@@ -618,11 +618,21 @@ pub fn min_interval_from_env() -> Duration {
         .unwrap_or(Duration::from_millis(50))
 }
 
+/// Pulls a `kloigos serve` may make back to back before they are spaced by the minimum
+/// interval.
+const PULL_BURST: f64 = 10.0;
+
+/// How long a `kloigos serve` may go on with quick pulls before a full one.
+pub const FULL_PULL_EVERY: Duration = Duration::from_secs(60);
+
 /// Pull requests of `kloigos serve`, coalesced: however many pokes arrive, at most one pull
-/// runs and one more is pending, and pulls start at least `min_interval` apart.
+/// runs and one more is pending, and pulls start at least `min_interval` apart. A poke asks
+/// for a quick pass (what the hub changed); the first pull, the interval's and any pull
+/// [`FULL_PULL_EVERY`] after the last full one are full passes (drift too).
 pub struct Puller {
     pub join: JoinConfig,
     wake: tokio::sync::Notify,
+    full: std::sync::atomic::AtomicBool,
     min_interval: Duration,
 }
 
@@ -631,6 +641,7 @@ impl Puller {
         Arc::new(Puller {
             join,
             wake: tokio::sync::Notify::new(),
+            full: std::sync::atomic::AtomicBool::new(true),
             min_interval,
         })
     }
@@ -641,22 +652,50 @@ impl Puller {
         self.wake.notify_one();
     }
 
-    /// Runs the pulls asked for, one at a time, forever. `pull_once` does one pull and logs
-    /// its outcome.
+    /// Asks for a full pull (the interval's). Never waits.
+    pub fn request_full(&self) {
+        self.full.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Runs the pulls asked for, one at a time, forever. `pull_once` does one pull of the
+    /// pass it is given and logs its outcome.
     pub async fn run<F, Fut>(self: Arc<Self>, mut pull_once: F)
     where
-        F: FnMut() -> Fut,
+        F: FnMut(crate::service::Pass) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let mut last: Option<Instant> = None;
+        use std::sync::atomic::Ordering;
+        // A token bucket: up to PULL_BURST pulls back to back (an allocation right after
+        // another does not wait), then one per `min_interval` (forged pokes cost no more).
+        let mut tokens = PULL_BURST;
+        let mut refilled = Instant::now();
+        let mut last_full: Option<Instant> = None;
         loop {
             self.wake.notified().await;
-            if let Some(at) = last {
-                let next = at + self.min_interval;
-                tokio::time::sleep_until(next.into()).await;
+            let interval = self.min_interval.as_secs_f64();
+            if interval > 0.0 {
+                let now = Instant::now();
+                tokens = (tokens + now.duration_since(refilled).as_secs_f64() / interval)
+                    .min(PULL_BURST);
+                refilled = now;
+                if tokens < 1.0 {
+                    let wait = Duration::from_secs_f64((1.0 - tokens) * interval);
+                    tokio::time::sleep(wait).await;
+                    tokens = 1.0;
+                    refilled = Instant::now();
+                }
+                tokens -= 1.0;
             }
-            last = Some(Instant::now());
-            pull_once().await;
+            let now = Instant::now();
+            let due = last_full.is_none_or(|t| now.duration_since(t) >= FULL_PULL_EVERY);
+            let pass = if self.full.swap(false, Ordering::Relaxed) || due {
+                last_full = Some(now);
+                crate::service::Pass::Full
+            } else {
+                crate::service::Pass::Quick
+            };
+            pull_once(pass).await;
         }
     }
 }
@@ -720,33 +759,41 @@ mod tests {
 
     #[tokio::test]
     async fn pokes_coalesce_into_one_pending_pull() {
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use crate::service::Pass;
         let join = JoinConfig {
             hubs: vec![],
             hostname: "h1".into(),
             poke_url: None,
         };
         let p = Puller::new(join, Duration::from_millis(50));
-        let count = Arc::new(AtomicUsize::new(0));
-        let c = count.clone();
-        let task = tokio::spawn(p.clone().run(move || {
-            let c = c.clone();
+        let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = passes.clone();
+        let task = tokio::spawn(p.clone().run(move |pass| {
+            let seen = seen.clone();
             async move {
-                c.fetch_add(1, SeqCst);
+                seen.lock().unwrap().push(pass);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }));
+        let count = || passes.lock().unwrap().len();
         for _ in 0..1000 {
             p.request();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(count.load(SeqCst), 1);
+        assert_eq!(count(), 1);
         // While that pull runs: one more, however many pokes.
         for _ in 0..1000 {
             p.request();
         }
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(count.load(SeqCst), 2);
+        assert_eq!(count(), 2);
+        // The interval asks for a full pass, pokes for quick ones; the first is full.
+        p.request_full();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            *passes.lock().unwrap(),
+            [Pass::Full, Pass::Quick, Pass::Full]
+        );
         task.abort();
     }
 

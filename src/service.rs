@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 mod allocate;
 mod decommission;
 mod fleet;
+pub use fleet::Pass;
 mod hub;
 mod init;
 mod reconcile;

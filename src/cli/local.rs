@@ -204,7 +204,11 @@ fn report_problems(r: &crate::fleet::Report) -> Result<()> {
 /// `kloigos pull`: one pull of this joined host.
 pub(super) fn pull(local: &Local, as_json: bool) -> Result<()> {
     let k = std::sync::Arc::new(Box::new(open(local)?));
-    let report = runtime()?.block_on(crate::fleet::pull_host(k, local.root.clone()))?;
+    let report = runtime()?.block_on(crate::fleet::pull_host(
+        k,
+        local.root.clone(),
+        crate::service::Pass::Full,
+    ))?;
     print_report(&report, as_json)?;
     report_problems(&report)
 }
@@ -266,7 +270,11 @@ pub(super) fn join(
             .status();
     }
     let k = std::sync::Arc::new(Box::new(k));
-    let report = rt.block_on(crate::fleet::pull_host(k, local.root.clone()))?;
+    let report = rt.block_on(crate::fleet::pull_host(
+        k,
+        local.root.clone(),
+        crate::service::Pass::Full,
+    ))?;
     print_report(&report, as_json)?;
     report_problems(&report)
 }
@@ -351,7 +359,10 @@ pub(super) fn serve(
     rt.spawn(crate::api::housekeeping(state.clone(), retention));
     if let Some(p) = puller {
         let (st, root) = (state.clone(), local.root.clone());
-        rt.spawn(p.clone().run(move || pull_logged(st.clone(), root.clone())));
+        rt.spawn(
+            p.clone()
+                .run(move |pass| pull_logged(st.clone(), root.clone(), pass)),
+        );
         // The first pull, after the start-up reconcile.
         p.request();
         if pull_interval > 0.0 {
@@ -362,7 +373,7 @@ pub(super) fn serve(
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    p.request();
+                    p.request_full();
                 }
             });
         }
@@ -387,8 +398,15 @@ pub(super) fn serve(
 
 /// One pull of `kloigos serve`, its outcome logged; a failed pull is retried at the next poke,
 /// interval or timer.
-async fn pull_logged(state: crate::api::AppState, root: std::path::PathBuf) {
-    match crate::fleet::pull_host(state, root).await {
+async fn pull_logged(
+    state: crate::api::AppState,
+    root: std::path::PathBuf,
+    pass: crate::service::Pass,
+) {
+    let t0 = std::time::Instant::now();
+    let pulled = crate::fleet::pull_host(state, root, pass).await;
+    let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match pulled {
         Ok(r) => {
             let failed: Vec<&str> = r
                 .units
@@ -397,15 +415,16 @@ async fn pull_logged(state: crate::api::AppState, root: std::path::PathBuf) {
                 .map(|u| u.compute_id.as_str())
                 .collect();
             if !failed.is_empty() || r.server.as_ref().is_some_and(|s| !s.ok) {
-                tracing::error!(operation = "pull", as_of = %r.as_of, ?failed, server = ?r.server, "pulled; some of the desired state could not be applied");
+                tracing::error!(operation = "pull", as_of = %r.as_of, ms, ?failed, server = ?r.server, "pulled; some of the desired state could not be applied");
             } else if !r.drift.is_empty() {
-                tracing::warn!(operation = "pull", as_of = %r.as_of, drift = ?r.drift, "pulled; drift repaired");
+                tracing::warn!(operation = "pull", as_of = %r.as_of, ms, drift = ?r.drift, "pulled; drift repaired");
             } else {
-                tracing::info!(operation = "pull", as_of = %r.as_of, units = r.units.len(), "pulled");
+                tracing::info!(operation = "pull", as_of = %r.as_of, ms, units = r.units.len(), "pulled");
             }
         }
         Err(e) => tracing::error!(
             operation = "pull",
+            ms,
             error = %crate::error::Chain(&e),
             "pull failed; retried at the next poke or timer"
         ),

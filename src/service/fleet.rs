@@ -37,6 +37,29 @@ fn same_row(m: &Server, w: &Server) -> bool {
     a == *w
 }
 
+/// How deep a pull goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Everything: what was applied before is checked and repaired first (drift), then every
+    /// unit is brought to the hub's state, changed or not. The timer's pulls, a service's
+    /// first pull and its periodic ones.
+    Full,
+    /// Only what the hub changed: the units whose owner differs from what this host applied,
+    /// a server set up, replaced or torn down. A poke's pull: its cost does not grow with the
+    /// units that did not change. (A server that is new or changed always gets the full
+    /// treatment.)
+    Quick,
+}
+
+/// Whether the mirror row `m` already says what the hub's `w` says of its owner.
+fn mirrors(m: &Unit, w: &DesiredUnit) -> bool {
+    m.status == UnitStatus::Allocated
+        && m.claim == w.claim
+        && m.ssh_public_key == w.ssh_public_key
+        && m.tags == w.tags
+        && m.allocated_by == w.allocated_by
+}
+
 /// Who a mirror unit's previous owner was, as far as the host applied it.
 enum Before {
     /// Nobody (FREE, UNAVAILABLE, or no row).
@@ -85,12 +108,17 @@ impl Kloigos {
     /// unit that fails does not stop the others; applying the same state twice changes
     /// nothing the second time. What it moves aside is removed after the lock is released.
     pub fn apply_desired(&self, state: &DesiredHostState) -> Result<Applied> {
-        let r = self.apply_desired_locked(state);
+        self.apply_desired_as(state, Pass::Full)
+    }
+
+    /// [`Kloigos::apply_desired`] with the depth of `pass`.
+    pub fn apply_desired_as(&self, state: &DesiredHostState, pass: Pass) -> Result<Applied> {
+        let r = self.apply_desired_locked(state, pass);
         self.host.purge_trash();
         r
     }
 
-    fn apply_desired_locked(&self, state: &DesiredHostState) -> Result<Applied> {
+    fn apply_desired_locked(&self, state: &DesiredHostState, pass: Pass) -> Result<Applied> {
         if state.hostname != self.local {
             return Err(OpError::Conflict(format!(
                 "the hub sent the state of {}, but this host is {}",
@@ -140,7 +168,7 @@ impl Kloigos {
         };
         // What was applied before, as it should be: whatever this changes is drift.
         let mut setup_failed: BTreeMap<String, String> = BTreeMap::new();
-        if mirror.is_some() {
+        if mirror.is_some() && pass == Pass::Full {
             let r = converge(&self.host, &self.desired(None, None)?, Scope::Full)?;
             drift_of(&r, &mut out.drift);
             setup_failed.extend(r.failed);
@@ -149,6 +177,8 @@ impl Kloigos {
         let server = want.to_server();
         let fresh = mirror.is_none();
         let changed = mirror.as_ref().is_some_and(|m| !same_row(m, &server));
+        // A server set up or replaced now: all of it is checked, whatever the pass.
+        let pass = if fresh || changed { Pass::Full } else { pass };
         if fresh || changed {
             if changed {
                 // Same units, other attributes (limits, address...): rows replaced, the
@@ -213,7 +243,7 @@ impl Kloigos {
         let mut fixed = ReconcileReport::default();
         for w in &want.units {
             let prev = prev_units.iter().find(|u| u.compute_id == w.compute_id);
-            let outcome = self.apply_unit(&server, w, prev, &setup_failed, &mut fixed)?;
+            let outcome = self.apply_unit(&server, w, prev, &setup_failed, pass, &mut fixed)?;
             out.units.push(outcome);
         }
         out.drift.extend(fixed.units_fixed);
@@ -230,6 +260,7 @@ impl Kloigos {
         w: &DesiredUnit,
         prev: Option<&Unit>,
         setup_failed: &BTreeMap<String, String>,
+        pass: Pass,
         fixed: &mut ReconcileReport,
     ) -> Result<UnitOutcome> {
         let id = w.compute_id.as_str();
@@ -251,9 +282,14 @@ impl Kloigos {
         let setup_error = setup_failed.get(id).cloned();
         if unchanged {
             if wanted.is_some() {
-                self.mirror_owned(w)?;
+                if pass == Pass::Full || prev.is_none_or(|p| !mirrors(p, w)) {
+                    self.mirror_owned(w)?;
+                }
                 outcome.claim.clone_from(&w.claim);
                 outcome.owned = true;
+            }
+            if pass == Pass::Quick {
+                return Ok(outcome);
             }
             let unit = self.unit(id)?;
             let r = match setup_error {
@@ -444,13 +480,7 @@ impl Kloigos {
     /// claim, key, tags and actor (rows replaced by a changed server come back FREE).
     fn mirror_owned(&self, w: &DesiredUnit) -> Result<()> {
         let id = w.compute_id.as_str();
-        let u = self.unit(id)?;
-        if u.status == UnitStatus::Allocated
-            && u.claim == w.claim
-            && u.ssh_public_key == w.ssh_public_key
-            && u.tags == w.tags
-            && u.allocated_by == w.allocated_by
-        {
+        if mirrors(&self.unit(id)?, w) {
             return Ok(());
         }
         self.mirror_free(id)?;
