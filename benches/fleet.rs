@@ -216,6 +216,104 @@ fn fake_root(root: &Path, hostname: &str, cpus: usize) -> Res<()> {
     write(&root.join("etc/skel/.bashrc"), "# skel\n")
 }
 
+/// CPU time (user + system, all threads) a process used so far, in ms (`/proc/PID/stat`).
+fn cpu_ms(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&t| t > 0)
+        .unwrap_or(100) as f64;
+    (ticks(14) + ticks(15)) * 1000.0 / hz
+}
+
+/// CPU time of every `postgres` process (the benchmark's cluster is the only one), in ms.
+fn postgres_cpu_ms() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_ms)
+        .sum()
+}
+
+/// The whole machine's busy and total CPU time so far, in ticks (`/proc/stat`).
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// Where the CPU went during a phase: the hubs, the hosts, PostgreSQL, this client, and the
+/// machine as a whole (other work included).
+#[derive(Clone, Copy)]
+struct CpuUse {
+    hubs: f64,
+    hosts: f64,
+    pg: f64,
+    client: f64,
+    busy: f64,
+    total: f64,
+}
+
+impl CpuUse {
+    fn now(hubs: &[Proc], hosts: &[Proc]) -> CpuUse {
+        let (busy, total) = machine_ticks();
+        CpuUse {
+            hubs: hubs.iter().map(|p| cpu_ms(p.child.id())).sum(),
+            hosts: hosts.iter().map(|p| cpu_ms(p.child.id())).sum(),
+            pg: postgres_cpu_ms(),
+            client: cpu_ms(std::process::id()),
+            busy,
+            total,
+        }
+    }
+
+    /// Per operation (`n` of them) since `before`: a table value.
+    fn per_op(&self, before: &CpuUse, n: usize) -> String {
+        let n = n.max(1) as f64;
+        let (hubs, hosts, pg, client) = (
+            (self.hubs - before.hubs) / n,
+            (self.hosts - before.hosts) / n,
+            (self.pg - before.pg) / n,
+            (self.client - before.client) / n,
+        );
+        format!(
+            "{:.1} ms: hubs {hubs:.1}, hosts {hosts:.1}, PostgreSQL {pg:.1}, client {client:.1}",
+            hubs + hosts + pg + client
+        )
+    }
+
+    /// How busy the machine was since `before`, in percent of all its CPUs.
+    fn busy_pct(&self, before: &CpuUse) -> f64 {
+        100.0 * (self.busy - before.busy) / (self.total - before.total).max(1.0)
+    }
+}
+
 /// A `kloigos serve`, killed when dropped.
 struct Proc {
     name: String,
@@ -864,6 +962,7 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
     let ids = Mutex::new(Vec::<String>::with_capacity(units));
     let errors = Mutex::new(Vec::<String>::new());
     let t_alloc = Instant::now();
+    let cpu_alloc = CpuUse::now(&hubs, &hosts);
     let admin_ref = admin.as_str();
     std::thread::scope(|s| {
         for c in 0..clients {
@@ -907,6 +1006,7 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         }
     });
     let alloc_wall = t_alloc.elapsed();
+    let cpu_alloc_end = CpuUse::now(&hubs, &hosts);
     let mut lat = lat.into_inner().unwrap_or_default();
     lat.sort();
     let mut ids = ids.into_inner().unwrap_or_default();
@@ -935,6 +1035,16 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         format!("{} / {}", ms(pct(&lat, 50.0)), ms(pct(&lat, 99.0))),
         "p99 < 100 ms",
     );
+    table.row(
+        "Fleet: CPU time per allocation (sum over the processes)",
+        cpu_alloc_end.per_op(&cpu_alloc, lat.len()),
+        "",
+    );
+    table.row(
+        "Fleet: machine busy while allocating (all processes, other work included)",
+        format!("{:.0}% of its CPUs", cpu_alloc_end.busy_pct(&cpu_alloc)),
+        "",
+    );
     if let Some(e) = alloc_errors.first() {
         table
             .notes
@@ -944,6 +1054,7 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
     // Deallocate everything that was allocated.
     ids.extend(solo_ids);
     let t_dealloc = Instant::now();
+    let cpu_dealloc = CpuUse::now(&hubs, &hosts);
     let results = par(ids.len(), clients, |i| {
         let t = Instant::now();
         let a = call(
@@ -960,6 +1071,7 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
         )
     });
     let dealloc_wall = t_dealloc.elapsed();
+    let cpu_dealloc_end = CpuUse::now(&hubs, &hosts);
     let mut dl: Vec<Duration> = results.iter().filter(|r| r.1 == 200).map(|r| r.0).collect();
     dl.sort();
     let dealloc_errors: Vec<&String> = results.iter().filter_map(|r| r.2.as_ref()).collect();
@@ -984,6 +1096,11 @@ fn fleet_phase(table: &mut Table) -> Res<()> {
     table.row(
         "Fleet: deallocate latency p50 / p99",
         format!("{} / {}", ms(pct(&dl, 50.0)), ms(pct(&dl, 99.0))),
+        "",
+    );
+    table.row(
+        "Fleet: CPU time per deallocation (sum over the processes)",
+        cpu_dealloc_end.per_op(&cpu_dealloc, dl.len()),
         "",
     );
     if let Some(e) = dealloc_errors.first() {

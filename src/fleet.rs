@@ -604,7 +604,10 @@ where
     .await
     .map_err(|e| FleetError::Usage(format!("gathering facts stopped: {e}")))?;
     let _pulling = _pulling.map_err(FleetError::Lock)?;
-    pull(&join, &token, facts, move |state| k.apply_desired_as(&state, pass)).await
+    pull(&join, &token, facts, move |state| {
+        k.apply_desired_as(&state, pass)
+    })
+    .await
 }
 
 // ---- pokes -------------------------------------------------------------------------------------

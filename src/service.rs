@@ -206,6 +206,19 @@ pub struct Kloigos {
     host_stale_after: Duration,
     /// How long a hub waits for a joined host's report (`--apply-timeout`).
     apply_timeout: Duration,
+    /// How allocations pick a host.
+    placement: Placement,
+    /// The servers' hostnames, sorted, as of when: where spread allocations start their pick.
+    spread_from: std::sync::Mutex<Option<(std::time::Instant, Vec<String>)>>,
+}
+
+/// How an allocation picks a host among those with a matching FREE unit (`--placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// From a random server on, in hostname order: allocations spread over the hosts.
+    Spread,
+    /// The lowest hostname first: hosts fill one after another.
+    Pack,
 }
 
 /// The hostname of the machine (or of the fake root's /etc/hostname).
@@ -319,6 +332,8 @@ impl Kloigos {
             kill_grace: cfg.kill_grace,
             facts,
             host_stale_after: cfg.host_stale_after,
+            placement: Placement::Spread,
+            spread_from: std::sync::Mutex::new(None),
             apply_timeout: Duration::from_secs(30),
         })
     }

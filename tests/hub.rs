@@ -55,7 +55,11 @@ fn dead_url() -> String {
 }
 
 fn start(apply_timeout: &str) -> Server {
-    Server::start_tcp_with_env(&[("KLOIGOS_APPLY_TIMEOUT", apply_timeout)])
+    // Packed placement: the tests know which host an allocation tries first.
+    Server::start_tcp_with_env(&[
+        ("KLOIGOS_APPLY_TIMEOUT", apply_timeout),
+        ("KLOIGOS_PLACEMENT", "pack"),
+    ])
 }
 
 /// `POST /api/admin/hosts` as root: the new host's token.
@@ -390,6 +394,8 @@ fn allocate_and_deallocate_on_a_joined_host_wait_for_its_reports() {
     assert_eq!(h1["inventory_only"], false);
     assert_eq!(h1["host"]["joined"], true);
     assert_eq!(h1["host"]["drift"], json!(["etc/x rewritten"]));
+    // The NUMA layout the host reported (the dashboard's CPU map draws it).
+    assert_eq!(h1["numa_nodes"], json!([{"node": 0, "cpus": "0-7"}]));
 
     // Applied: 200 ALLOCATED, only once the host reported it.
     let before = poke.count.load(Ordering::SeqCst);

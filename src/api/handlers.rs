@@ -171,6 +171,31 @@ fn server_response(s: &Server, local: &str) -> ServerResponse {
     }
 }
 
+/// The NUMA nodes a joined host reported (`facts.numa_nodes`: node → CPU list), in node
+/// order; what does not parse is left out.
+fn reported_numa(h: &crate::store::HostRecord) -> Vec<NumaNode> {
+    let Some(nodes) = h
+        .facts
+        .as_ref()
+        .and_then(|f| f.get("numa_nodes"))
+        .and_then(Value::as_object)
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<NumaNode> = nodes
+        .iter()
+        .filter_map(|(node, cpus)| {
+            let cpus: CpuList = cpus.as_str()?.parse().ok()?;
+            Some(NumaNode {
+                node: node.parse().ok()?,
+                cpus: cpus.to_ranges(),
+            })
+        })
+        .collect();
+    out.sort_by_key(|n| n.node);
+    out
+}
+
 /// Servers known to this Kloigos (additive endpoint).
 #[utoipa::path(get, path = "/api/admin/servers", tag = "admin",
     responses((status = 200, body = Vec<ServerResponse>)))]
@@ -194,12 +219,13 @@ pub(super) async fn list_servers(
             .iter()
             .map(|s| {
                 let mut r = server_response(s, k.local_hostname());
+                let host = hosts.get(&s.hostname);
                 if r.local {
                     r.numa_nodes = topology.clone();
+                } else if let Some(h) = host {
+                    r.numa_nodes = reported_numa(h);
                 }
-                r.host = hosts
-                    .get(&s.hostname)
-                    .map(|h| super::fleet::server_host(&k, h));
+                r.host = host.map(|h| super::fleet::server_host(&k, h));
                 r
             })
             .collect(),

@@ -131,7 +131,8 @@ pub(crate) struct ServerResponse {
     pub(crate) created_at: String,
     /// True for the host this Kloigos runs on (its units are applied here).
     pub(crate) local: bool,
-    /// NUMA nodes and their CPUs (the local host only; empty when unknown).
+    /// NUMA nodes and their CPUs: this host's from its /sys, a joined host's as it reported
+    /// them (empty when unknown).
     pub(crate) numa_nodes: Vec<NumaNode>,
     /// Recorded without being configured (a host that never joined).
     pub(crate) inventory_only: bool,

@@ -304,6 +304,7 @@ pub(super) fn serve(
     }
     let mut k = open(&local)?;
     k.set_apply_timeout(secs(guard.apply_timeout));
+    k.set_placement(guard.placement);
     if !no_reconcile {
         // Whatever reconcile could not repair is reported (and units marked and audited);
         // the API stays up so an admin can see and fix it.

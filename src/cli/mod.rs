@@ -126,6 +126,12 @@ pub struct Guard {
     /// operation is rolled back, or finished by the host's next report: see README, "Fleet").
     #[arg(long, env = "KLOIGOS_APPLY_TIMEOUT", default_value_t = 30.0)]
     pub(crate) apply_timeout: f64,
+    /// Which host an allocation picks among those with a matching FREE unit: `spread` starts
+    /// at a random server (allocations spread over the hosts, and concurrent ones do not
+    /// queue on one), `pack` takes the lowest hostname first (fills hosts one after another).
+    /// Within a host, units go in CPU order either way.
+    #[arg(long, env = "KLOIGOS_PLACEMENT", value_enum, default_value_t = crate::service::Placement::Spread)]
+    pub(crate) placement: crate::service::Placement,
 }
 
 #[derive(Subcommand, Debug)]

@@ -9,6 +9,9 @@ use serde_json::json;
 use std::time::Duration;
 use tracing::info;
 
+/// How long the list of servers that allocations start from is kept.
+const PLACEMENT_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Kloigos {
     // ---- allocate ----------------------------------------------------------------------
 
@@ -39,10 +42,48 @@ impl Kloigos {
         r
     }
 
+    /// Where an allocation starts its pick (see `Claim::start_at`): a random server's
+    /// hostname, from a list read again when it is older than [`PLACEMENT_REFRESH`], so that
+    /// allocations spread over the hosts (one host applies its changes one pull at a time).
+    fn placement_start(&self) -> Result<Option<String>> {
+        if self.placement == super::Placement::Pack {
+            return Ok(None);
+        }
+        let mut cached = self.spread_from.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = cached
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= PLACEMENT_REFRESH);
+        if stale {
+            let mut names: Vec<String> = self
+                .store
+                .servers()?
+                .into_iter()
+                .filter(|s| s.status == crate::store::ServerStatus::Ready)
+                .map(|s| s.hostname)
+                .collect();
+            names.sort();
+            *cached = Some((std::time::Instant::now(), names));
+        }
+        let names = cached
+            .as_ref()
+            .map(|(_, n)| n.as_slice())
+            .unwrap_or_default();
+        if names.len() < 2 {
+            return Ok(None);
+        }
+        let mut r = [0u8; 8];
+        if getrandom::fill(&mut r).is_err() {
+            return Ok(None);
+        }
+        let i = usize::try_from(u64::from_le_bytes(r) % names.len() as u64).unwrap_or(0);
+        Ok(names.get(i).cloned())
+    }
+
     fn allocate_locked(&self, req: Allocate, actor: &str) -> Result<Begun<Unit>> {
         let _lock = self.lock()?;
         let key = req.ssh_key.to_line();
         let reported_since = crate::time::ago(self.host_stale_after);
+        let start = self.placement_start()?;
         let Some(unit) = self.store.claim_free(&Claim {
             cpu_count: req.cpu_count,
             region: req.region.as_deref(),
@@ -53,6 +94,7 @@ impl Kloigos {
             inventory_only: req.inventory_only,
             local_hostname: &self.local,
             reported_since: &reported_since,
+            start_at: start.as_deref(),
         })?
         else {
             let mut what = format!("cpu_count={}", req.cpu_count);

@@ -218,6 +218,10 @@ impl Kloigos {
         self.apply_timeout = d;
     }
 
+    pub fn set_placement(&mut self, p: super::Placement) {
+        self.placement = p;
+    }
+
     /// Whether a server is applied by a joined host (neither this host's nor inventory-only).
     pub(crate) fn is_remote(&self, s: &Server) -> bool {
         !self.is_local(&s.hostname) && !s.inventory_only

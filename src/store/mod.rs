@@ -307,6 +307,11 @@ pub struct Claim<'a> {
     pub local_hostname: &'a str,
     /// RFC 3339: a joined host whose last report is older is not chosen.
     pub reported_since: &'a str,
+    /// Where the pick starts in hostname order, wrapping around (the first FREE unit at or
+    /// after this hostname, else the first before it). Callers pass a random server's name so
+    /// that allocations spread over the hosts instead of queueing on one; `None` starts at
+    /// the lowest hostname. Within a host, units go in CPU order.
+    pub start_at: Option<&'a str>,
 }
 
 /// A fleet host as a hub knows it: its token, the facts it reported when it joined, and its

@@ -416,7 +416,10 @@ pub(crate) struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
     /// What the report listener connects with: its own connection, outside the pool.
-    listen: (tokio_postgres::Config, tokio_postgres_rustls::MakeRustlsConnect),
+    listen: (
+        tokio_postgres::Config,
+        tokio_postgres_rustls::MakeRustlsConnect,
+    ),
 }
 
 impl Drop for PgStore {
@@ -1059,18 +1062,22 @@ impl Inventory for PgStore {
         // other claims hold; a row another claim took meanwhile fails the re-check of the
         // WHERE under READ COMMITTED and the scan goes on. Same eligibility and order as
         // SQLite's.
-        let sql = format!(
-            "WITH pick AS ( \
-               SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
+        // From `start_at` on, then (only when that finds nothing: a CTE is run when read)
+        // before it. PostgreSQL refuses FOR UPDATE under a UNION, not in the CTEs it reads.
+        let eligible = "SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
                WHERE u.status = 'FREE' AND u.problem IS NULL AND s.status = 'READY' \
                AND u.cpu_count = $1::BIGINT \
                AND ($2::TEXT IS NULL OR s.region = $2) AND ($3::TEXT IS NULL OR s.zone = $3) \
                AND s.inventory_only = $4 \
                AND ($4 OR s.hostname = $5 OR EXISTS (SELECT 1 FROM hosts h \
                     WHERE h.hostname = s.hostname AND h.joined_at IS NOT NULL \
-                    AND h.last_report_at >= $6 AND h.unreachable_since IS NULL)) \
-               ORDER BY u.hostname, u.first_cpu LIMIT 1 \
-               FOR UPDATE OF u SKIP LOCKED), \
+                    AND h.last_report_at >= $6 AND h.unreachable_since IS NULL))";
+        let sql = format!(
+            "WITH after AS ({eligible} AND u.hostname >= $13 \
+               ORDER BY u.hostname, u.first_cpu LIMIT 1 FOR UPDATE OF u SKIP LOCKED), \
+             before AS ({eligible} AND u.hostname < $13 \
+               ORDER BY u.hostname, u.first_cpu LIMIT 1 FOR UPDATE OF u SKIP LOCKED), \
+             pick AS (SELECT compute_id FROM after UNION ALL SELECT compute_id FROM before LIMIT 1), \
              u AS (UPDATE compute_units c SET status = 'ALLOCATING', tags = $7, \
                ssh_public_key = $8, allocated_by = $9, started_at = NULL, updated_at = $10, \
                claim = $11 FROM pick WHERE c.compute_id = pick.compute_id RETURNING c.*), \
@@ -1083,6 +1090,7 @@ impl Inventory for PgStore {
         );
         let tags: Option<Value> = c.tags.cloned();
         let actor = crate::audit::clip(c.actor, crate::audit::MAX_NAME).into_owned();
+        let start = c.start_at.unwrap_or_default();
         Ok(self
             .rows(
                 &sql,
@@ -1099,6 +1107,7 @@ impl Inventory for PgStore {
                     &now,
                     &claim,
                     &actor,
+                    &start,
                 ],
                 unit_from_row,
             )?

@@ -546,27 +546,38 @@ impl Inventory for Store {
     fn claim_free(&self, c: &Claim<'_>) -> Result<Option<Unit>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let id: Option<String> = tx
-            .query_row(
-                "SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
-                 WHERE u.status = 'FREE' AND u.problem IS NULL AND s.status = 'READY' AND u.cpu_count = ?1 \
-                 AND (?2 IS NULL OR s.region = ?2) AND (?3 IS NULL OR s.zone = ?3) \
-                 AND s.inventory_only = ?4 \
-                 AND (?4 = 1 OR s.hostname = ?5 OR EXISTS (SELECT 1 FROM hosts h \
-                      WHERE h.hostname = s.hostname AND h.joined_at IS NOT NULL \
-                      AND h.last_report_at >= ?6 AND h.unreachable_since IS NULL)) \
-                 ORDER BY u.hostname, u.first_cpu LIMIT 1",
+        // From `start_at` on, then before it.
+        let pick = |side: &str| -> rusqlite::Result<Option<String>> {
+            tx.query_row(
+                &format!(
+                    "SELECT u.compute_id FROM compute_units u JOIN servers s ON s.hostname = u.hostname \
+                     WHERE u.status = 'FREE' AND u.problem IS NULL AND s.status = 'READY' AND u.cpu_count = ?1 \
+                     AND (?2 IS NULL OR s.region = ?2) AND (?3 IS NULL OR s.zone = ?3) \
+                     AND s.inventory_only = ?4 \
+                     AND (?4 = 1 OR s.hostname = ?5 OR EXISTS (SELECT 1 FROM hosts h \
+                          WHERE h.hostname = s.hostname AND h.joined_at IS NOT NULL \
+                          AND h.last_report_at >= ?6 AND h.unreachable_since IS NULL)) \
+                     AND u.hostname {side} ?7 \
+                     ORDER BY u.hostname, u.first_cpu LIMIT 1"
+                ),
                 params![
                     c.cpu_count,
                     c.region,
                     c.zone,
                     c.inventory_only,
                     c.local_hostname,
-                    c.reported_since
+                    c.reported_since,
+                    c.start_at.unwrap_or_default(),
                 ],
                 |r| r.get(0),
             )
-            .optional()?;
+            .optional()
+        };
+        let id = match pick(">=")? {
+            Some(id) => Some(id),
+            None if c.start_at.is_some() => pick("<")?,
+            None => None,
+        };
         let Some(id) = id else { return Ok(None) };
         let claim = super::new_claim();
         let tags = c
@@ -863,6 +874,7 @@ mod tests {
             inventory_only: false,
             local_hostname: "h1",
             reported_since: "1970-01-01T00:00:00Z",
+            start_at: None,
         })
     }
 
@@ -1211,6 +1223,7 @@ mod tests {
                 inventory_only: false,
                 local_hostname: "h1",
                 reported_since: since,
+                start_at: None,
             })
             .unwrap()
         };

@@ -104,6 +104,7 @@ fn claim<'a>(local: &'a str, since: &'a str) -> Claim<'a> {
         inventory_only: false,
         local_hostname: local,
         reported_since: since,
+        start_at: None,
     }
 }
 
@@ -708,4 +709,60 @@ fn claims_pick_the_same_units_as_sqlite() {
         picks[0].iter().map(Option::as_deref).collect::<Vec<_>>(),
         want
     );
+}
+
+#[test]
+fn claims_start_where_asked_and_wrap_around_like_sqlite() {
+    let Some(base) = cluster("claims_start_where_asked_and_wrap_around_like_sqlite") else {
+        return;
+    };
+    let _g = CLUSTER.read().unwrap_or_else(|p| p.into_inner());
+    let db = fresh_db(&base);
+    let pg = PgStore::open(&url(&base, &db)).unwrap();
+    let lite = crate::store::Store::open_in_memory().unwrap();
+    let stores: [&dyn Inventory; 2] = [&pg, &lite];
+    for s in stores {
+        for h in ["a", "b", "c"] {
+            let (mut srv, units) = server(h, 4);
+            srv.inventory_only = true;
+            s.begin_init(&srv, &units).unwrap().unwrap();
+            s.set_server_status(h, ServerStatus::Ready, Some(UnitStatus::Free))
+                .unwrap();
+        }
+    }
+    // From the start on in hostname and CPU order; past the last hostname, from the first;
+    // `None`, from the first.
+    let starts = [
+        Some("b"),
+        Some("b"),
+        Some("b"),
+        Some("zzz"),
+        Some("a"),
+        None,
+        Some("b"),
+    ];
+    let want = [
+        Some("b_0-1"),
+        Some("b_2-3"),
+        Some("c_0-1"),
+        Some("a_0-1"),
+        Some("a_2-3"),
+        Some("c_2-3"),
+        None,
+    ];
+    for s in stores {
+        let picks: Vec<Option<String>> = starts
+            .iter()
+            .map(|&start_at| {
+                s.claim_free(&Claim {
+                    inventory_only: true,
+                    start_at,
+                    ..claim("local", "1970")
+                })
+                .unwrap()
+                .map(|u| u.compute_id)
+            })
+            .collect();
+        assert_eq!(picks.iter().map(Option::as_deref).collect::<Vec<_>>(), want);
+    }
 }
