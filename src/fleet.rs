@@ -636,6 +636,9 @@ pub struct Puller {
     pub join: JoinConfig,
     wake: tokio::sync::Notify,
     full: std::sync::atomic::AtomicBool,
+    /// A pull asked for and not started yet, or one running: the service is not idle.
+    pending: std::sync::atomic::AtomicBool,
+    running: std::sync::atomic::AtomicBool,
     min_interval: Duration,
 }
 
@@ -645,20 +648,31 @@ impl Puller {
             join,
             wake: tokio::sync::Notify::new(),
             full: std::sync::atomic::AtomicBool::new(true),
+            pending: std::sync::atomic::AtomicBool::new(false),
+            running: std::sync::atomic::AtomicBool::new(false),
             min_interval,
         })
     }
 
     /// Asks for a pull (a poke, the start, the interval). Never waits.
     pub fn request(&self) {
+        self.pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         // Notify keeps at most one permit: pokes during a pull make one more pull, not many.
         self.wake.notify_one();
+    }
+
+    /// Whether a pull runs or waits to: an idle exit or a stop waits for it (its report would
+    /// otherwise wait for the timer).
+    pub fn busy(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.pending.load(SeqCst) || self.running.load(SeqCst)
     }
 
     /// Asks for a full pull (the interval's). Never waits.
     pub fn request_full(&self) {
         self.full.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.wake.notify_one();
+        self.request();
     }
 
     /// Runs the pulls asked for, one at a time, forever. `pull_once` does one pull of the
@@ -698,7 +712,11 @@ impl Puller {
             } else {
                 crate::service::Pass::Quick
             };
+            // Running before no longer pending: `busy` never reads false in between.
+            self.running.store(true, Ordering::SeqCst);
+            self.pending.store(false, Ordering::SeqCst);
             pull_once(pass).await;
+            self.running.store(false, Ordering::SeqCst);
         }
     }
 }

@@ -106,7 +106,14 @@ pub(crate) struct ServeOptions {
     /// kept-alive connection.
     pub(crate) header_timeout: Duration,
     pub(crate) caps: Caps,
+    /// Background work under way (a joined host's pull): counts as activity for the idle
+    /// exit, and a stop waits for it, up to [`BUSY_DRAIN`].
+    pub(crate) busy: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
+
+/// How long a stop waits for background work (`ServeOptions::busy`): a pull's exchanges with
+/// its hubs time out well before.
+const BUSY_DRAIN: Duration = Duration::from_secs(60);
 
 /// Most connections open at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,7 +464,7 @@ pub(crate) async fn serve(
             tick.tick().await;
             let now = Instant::now();
             let mut last = lock(&last_active);
-            if graceful.count() > 0 {
+            if graceful.count() > 0 || opts.busy.as_ref().is_some_and(|b| b()) {
                 *last = now;
             } else if now.duration_since(*last) >= idle {
                 info!(
@@ -478,6 +485,16 @@ pub(crate) async fn serve(
     ]);
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    // A pull under way finishes and reports (bounded).
+    if let Some(busy) = &opts.busy {
+        let deadline = Instant::now() + BUSY_DRAIN;
+        if busy() {
+            info!("waiting for the pull under way before exiting");
+        }
+        while busy() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     // Let requests in flight finish, but not forever.
     if let Ok(g) = Arc::try_unwrap(graceful)
         && tokio::time::timeout(Duration::from_secs(30), g.shutdown())

@@ -539,3 +539,70 @@ fn a_host_that_has_not_joined_answers_a_poke_with_404() {
     // And its own writes are not refused.
     s.init(&["0-3"]);
 }
+
+/// An idle exit (socket activation) waits for the pull under way: its report reaches the hub
+/// although the idle timeout passed while the pull waited before reporting.
+/// Needs the `test-hooks` feature: the wait before the report is KLOIGOS_TEST_PAUSE.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn an_idle_exit_waits_for_the_pull_under_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    fake_root(&root);
+    let db = tmp.path().join("k.db");
+    let hub: Shared = Arc::default();
+    hub.lock().unwrap().state = state(Some("READY"), None);
+    let hub_port = start_hub(hub.clone());
+    let token_file = tmp.path().join("token");
+    write(&token_file, "kh_secret\n");
+    let port = free_port();
+    let local = |cmd: &str| {
+        let mut c = std::process::Command::new(bin());
+        c.arg(cmd)
+            .arg("--root")
+            .arg(&root)
+            .arg("--db")
+            .arg(&db)
+            .args(["--templates", "/nonexistent"])
+            .env("KLOIGOS_LOG", "warn");
+        c
+    };
+    let out = local("join")
+        .args(["--hub", &format!("http://127.0.0.1:{hub_port}")])
+        .arg("--token-file")
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(hub.lock().unwrap().reports.len(), 1);
+
+    // The start-up pull waits 3 s before its report; the service is idle after 1 s.
+    hub.lock().unwrap().state = state(Some("READY"), Some(("c1", KEY1)));
+    let started = Instant::now();
+    let mut serve = local("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--idle-timeout", "1"])
+        .env("KLOIGOS_TEST_PAUSE", "report:3")
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = serve.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = serve.kill();
+            panic!("the service did not exit by itself");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "exited after {:?}, before the pull reported",
+        started.elapsed()
+    );
+    let h = hub.lock().unwrap();
+    assert_eq!(h.reports.len(), 2, "the start-up pull's report was lost");
+    assert!(h.reports[1].units[0].owned, "{:?}", h.reports[1]);
+}

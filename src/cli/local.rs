@@ -358,6 +358,9 @@ pub(super) fn serve(
         .build()
         .map_err(CliError::io("cannot start the async runtime"))?;
     rt.spawn(crate::api::housekeeping(state.clone(), retention));
+    let busy = puller.clone().map(|p| {
+        std::sync::Arc::new(move || p.busy()) as std::sync::Arc<dyn Fn() -> bool + Send + Sync>
+    });
     if let Some(p) = puller {
         let (st, root) = (state.clone(), local.root.clone());
         rt.spawn(
@@ -391,6 +394,7 @@ pub(super) fn serve(
                 users: guard.max_user_connections.max(1),
                 tcp: guard.max_tcp_connections.max(1),
             },
+            busy,
         },
     ))
     .map_err(CliError::io("serving the API"))?;
