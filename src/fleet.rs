@@ -363,6 +363,32 @@ pub fn write_join_files(root: &Path, join: &JoinConfig, token: &str) -> Result<(
     Ok(())
 }
 
+/// Removes the join file, then the token (`kloigos leave`): the host stops being joined the
+/// moment the join file goes (every pull and the service key on it), and a leave interrupted
+/// between the two finds the leftover token and removes it. Returns what it removed.
+pub fn remove_join_files(root: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for rel in [JOIN_PATH, TOKEN_PATH] {
+        let path = root.join(rel);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(format!("/{rel}")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(FleetError::Io {
+                    what: format!("cannot remove {}", path.display()),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether a host token file is left under `root` (a `leave` interrupted half-way).
+pub fn token_left(root: &Path) -> bool {
+    root.join(TOKEN_PATH).exists()
+}
+
 // ---- HTTP --------------------------------------------------------------------------------------
 
 /// Host header, host and port of `http://HOST[:PORT]`.

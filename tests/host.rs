@@ -606,3 +606,123 @@ fn an_idle_exit_waits_for_the_pull_under_way() {
     assert_eq!(h.reports.len(), 2, "the start-up pull's report was lost");
     assert!(h.reports[1].units[0].owned, "{:?}", h.reports[1]);
 }
+
+/// `kloigos leave`: refused while the hub has a server for the host; after the hub dropped
+/// it, the last pull tears it down and the host is standalone; `--force` keeps what the host
+/// applied as its own, and its local writes work again.
+#[test]
+fn leaving_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    fake_root(&root);
+    let db = tmp.path().join("k.db");
+    let hub: Shared = Arc::default();
+    hub.lock().unwrap().state = state(Some("READY"), Some(("c1", KEY1)));
+    let hub_port = start_hub(hub.clone());
+    let token_file = tmp.path().join("token");
+    write(&token_file, "kh_secret\n");
+    let local = |cmd: &str| {
+        let mut c = std::process::Command::new(bin());
+        c.arg(cmd)
+            .arg("--root")
+            .arg(&root)
+            .arg("--db")
+            .arg(&db)
+            .args(["--templates", "/nonexistent"])
+            .env("KLOIGOS_LOG", "warn");
+        c
+    };
+    let joined = || root.join("etc/kloigos/join.json").exists();
+    let token = root.join("etc/kloigos/host-token");
+    let join = || {
+        let out = local("join")
+            .args(["--hub", &format!("http://127.0.0.1:{hub_port}")])
+            .arg("--token-file")
+            .arg(&token_file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+
+    let out = local("leave").output().unwrap();
+    assert!(!out.status.success(), "not joined: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has not joined"));
+
+    join();
+    assert_eq!(key_of(&root, "u0-3").unwrap().trim(), KEY1);
+    // The hub still has the server: refused, nothing changed.
+    let out = local("leave").output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("decommission it through the hub"),
+        "{out:?}"
+    );
+    assert!(joined() && token.exists());
+
+    // The hub dropped it: the last pull tears it down and reports, then the host leaves.
+    hub.lock().unwrap().state = state(None, None);
+    let reports = hub.lock().unwrap().reports.len();
+    let out = local("leave").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kloigos host remove h1"),
+        "{out:?}"
+    );
+    assert!(!joined() && !token.exists());
+    assert_eq!(hub.lock().unwrap().reports.len(), reports + 1);
+    assert!(hub.lock().unwrap().reports[reports].server.is_none());
+    assert!(!root.join("etc/tmpfiles.d/kloigos-c0-3.conf").exists());
+    assert!(key_of(&root, "u0-3").is_none());
+    assert!(!local("pull").output().unwrap().status.success());
+
+    // Joined again, owner c1; the hub is down: --force keeps the server as the host's own.
+    hub.lock().unwrap().state = state(Some("READY"), Some(("c1", KEY1)));
+    join();
+    let dead = free_port();
+    let join_file = root.join("etc/kloigos/join.json");
+    let text = std::fs::read_to_string(&join_file).unwrap();
+    std::fs::write(
+        &join_file,
+        text.replace(&format!(":{hub_port}"), &format!(":{dead}")),
+    )
+    .unwrap();
+    let out = local("leave").output().unwrap();
+    assert!(!out.status.success(), "hub down: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert!(joined());
+    let out = std::process::Command::new(bin())
+        .args(["--json", "leave", "--force", "--root"])
+        .arg(&root)
+        .arg("--db")
+        .arg(&db)
+        .args(["--templates", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["server_kept"], "h1", "{v}");
+    assert!(!joined() && !token.exists());
+    // Standalone: reconcile is quiet, the owner keeps the unit, and a local deallocate works.
+    let out = local("reconcile").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(key_of(&root, "u0-3").unwrap().trim(), KEY1);
+    let sock = tmp.path().join("k.sock");
+    let _serve = Child(
+        local("serve")
+            .arg("--listen")
+            .arg(&sock)
+            .arg("--tokens")
+            .arg(tmp.path().join("tokens"))
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the service", || sock.exists());
+    let (code, v) = common::http(
+        &sock,
+        "DELETE",
+        "/api/compute_units/deallocate/h1_0-3",
+        None,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(key_of(&root, "u0-3").is_none());
+}

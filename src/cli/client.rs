@@ -431,6 +431,7 @@ pub(super) fn client(
         Command::Serve { .. }
         | Command::Join { .. }
         | Command::Pull { .. }
+        | Command::Leave { .. }
         | Command::Reconcile { .. }
         | Command::Render { .. }
         | Command::Doctor { .. }

@@ -213,6 +213,104 @@ pub(super) fn pull(local: &Local, as_json: bool) -> Result<()> {
     report_problems(&report)
 }
 
+/// `kloigos leave`: see the command's help. Each step can be run again after an
+/// interruption: the last pull, the timer, the join file (the host is standalone from then
+/// on), the token (a leftover one is removed by a new `leave`), the service.
+pub(super) fn leave(local: &Local, force: bool, as_json: bool) -> Result<()> {
+    let Some(join) = crate::fleet::JoinConfig::load(&local.root)? else {
+        if crate::fleet::token_left(&local.root) {
+            let removed = crate::fleet::remove_join_files(&local.root)?;
+            eprintln!("not joined; removed the host token left by an interrupted leave");
+            if as_json {
+                println!("{}", serde_json::json!({"left": null, "removed": removed}));
+            }
+            return Ok(());
+        }
+        return Err(CliError::Usage(
+            "this host has not joined a hub (nothing to leave)".into(),
+        ));
+    };
+    let k = std::sync::Arc::new(Box::new(open(local)?));
+    // The last pull: what the hub took away is torn down here and reported.
+    let pulled = runtime()?.block_on(crate::fleet::pull_host(
+        k.clone(),
+        local.root.clone(),
+        crate::service::Pass::Full,
+    ));
+    let kept = match (&pulled, force) {
+        (Ok(r), _) if r.server.is_none() => None,
+        (Ok(r), true) => r.server.as_ref().map(|_| join.hostname.clone()),
+        (Ok(_), false) => {
+            return Err(CliError::Problems(format!(
+                "the hub still has a server for {h}: decommission it through the hub first                  (`kloigos --url HUB decommission {h}`; this host tears it down at its next                  pull), or pass --force to keep it here as this host's own",
+                h = join.hostname
+            )));
+        }
+        (Err(e), false) => {
+            return Err(CliError::Problems(format!(
+                "cannot ask the hub whether it still has a server for {}: {}; pass --force to                  leave anyway (what this host applied stays, as its own)",
+                join.hostname,
+                crate::error::Chain(e)
+            )));
+        }
+        (Err(_), true) => k
+            .servers()?
+            .into_iter()
+            .find(|s| crate::plan::is_planned(s, k.local_hostname()))
+            .map(|s| s.hostname),
+    };
+    // No pull may run while the join files go.
+    let pulling = k.pull_lock()?;
+    let mut notes = Vec::new();
+    let live = k.host().is_live();
+    if live {
+        let out = std::process::Command::new("systemctl")
+            .args(["disable", "--now", "kloigos-pull.timer"])
+            .output()
+            .map_err(CliError::io("cannot run systemctl"))?;
+        if !out.status.success() {
+            return Err(CliError::Problems(format!(
+                "disabling kloigos-pull.timer failed (nothing removed; run `kloigos leave`                  again): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        notes.push("kloigos-pull.timer disabled".to_string());
+    }
+    let removed = crate::fleet::remove_join_files(&local.root)?;
+    notes.extend(removed.iter().map(|r| format!("{r} removed")));
+    // (A stopping service waits for its pull, which may wait for this lock.)
+    drop(pulling);
+    if live {
+        // A running service forgets its hubs (pokes 404, local writes again) when it starts.
+        let _ = std::process::Command::new("systemctl")
+            .args(["try-restart", "kloigos.service"])
+            .status();
+    }
+    tracing::info!(operation = "leave", hubs = ?join.hubs, kept = ?kept, "left the hub");
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "left": join.hubs, "hostname": join.hostname, "server_kept": kept,
+                "removed": removed,
+            }))?
+        );
+    } else {
+        println!("left {} ({})", join.hubs.join(", "), notes.join("; "));
+        match &kept {
+            Some(h) => println!(
+                "server {h} stays as this host's own; on the hub, decommission it and remove the                  host: `kloigos host remove {}`",
+                join.hostname
+            ),
+            None => println!(
+                "on the hub, remove the host: `kloigos host remove {}`",
+                join.hostname
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// `kloigos join`: report the facts to a hub, keep the join files, enable the timer, pull.
 pub(super) fn join(
     local: &Local,

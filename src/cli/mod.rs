@@ -181,6 +181,19 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Leave the hub(s) this host joined: one last pull (which tears down what the hub no
+    /// longer has), then kloigos-pull.timer disabled, the join files removed, the service
+    /// restarted standalone. Refused while the hub still has a server for this host.
+    Leave {
+        #[command(flatten)]
+        local: Local,
+        /// Leave although the hub still has a server for this host, or no hub answers: the
+        /// server as this host last applied it stays, as this host's own (its units keep
+        /// their owners and run on; local allocate/deallocate work again). The hub still
+        /// lists it until its admin decommissions it and removes the host.
+        #[arg(long)]
+        force: bool,
+    },
     /// Pull this joined host's desired state from its hub, apply it and report (what
     /// kloigos-pull.service runs).
     Pull {
@@ -378,6 +391,7 @@ pub fn run(cli: Cli, systemd_listeners: Vec<crate::server::Listener>) -> Result<
             force,
         } => local::join(&local, hubs, &token_file, poke_url, force, cli.json),
         Command::Pull { local } => local::pull(&local, cli.json),
+        Command::Leave { local, force } => local::leave(&local, force, cli.json),
         Command::Token { tokens, action } => local::token(&tokens, action, cli.json),
         Command::Reconcile { local } => local::reconcile(&local, cli.json),
         Command::Render { local, out } => local::render(&local, out.as_deref()),

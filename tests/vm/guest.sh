@@ -740,19 +740,26 @@ fleet-released)
 
 fleet-leave)
   # ---- v. the hub decommissioned this host's server: all of it is gone. Then the host leaves
-  # the hub (there is no `kloigos leave`: the join files go, the timer is disabled) and gets the
-  # server of the units phase again, so that the purge phase finds what it checks.
+  # the hub (`kloigos leave`: a last pull, the timer disabled, the join files gone, the service
+  # restarted standalone) and gets the server of the units phase again, so that the purge phase
+  # finds what it checks.
   start
   expect "users gone" "$(getent passwd u0-1 u2-3)" ""
   expect "slices' drop-ins gone" "$(ls $GENDIR/user-20000.slice.d $GENDIR/user-20002.slice.d 2>/dev/null)" ""
   expect "dirs gone" "$(ls -d /opt/c0-1 /opt/c2-3 /home/u0-1 /home/u2-3 2>/dev/null)" ""
   expect "no process of the users" "$(pgrep -u 20000,20002 -c)" 0
   expect "nft table empty of them" "$(nft list table inet kloigos 2>/dev/null | grep -c 2000)" 0
-  systemctl disable --now kloigos-pull.timer >/dev/null 2>&1
+  out=$(kloigos leave 2>&1)
+  expect "kloigos leave" "$?" 0
+  expect_match "leave names the hub's next step" "$out" 'kloigos host remove '
+  expect "pull timer disabled" "$(systemctl is-enabled kloigos-pull.timer 2>&1)" disabled
+  expect "pull timer stopped" "$(systemctl is-active kloigos-pull.timer 2>&1)" inactive
+  expect "join files gone" "$(ls /etc/kloigos/join.json /etc/kloigos/host-token 2>/dev/null)" ""
+  out=$(kloigos leave 2>&1)
+  expect "leave again: not joined" "$?" 1
   # The admin's firewall of the before phase: the catch-up boot (f8) did not start it (the image
   # does not enable nftables.service; the reboot phase restarts it by hand); purge compares.
   systemctl start nftables.service
-  rm -f /etc/kloigos/join.json /etc/kloigos/host-token
   rm -r /etc/systemd/system/kloigos.socket.d
   systemctl daemon-reload
   systemctl stop kloigos.service
