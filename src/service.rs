@@ -10,8 +10,8 @@ use crate::model::{self, CpuList, PortPlan, validate::SshKey};
 use crate::plan::{self, Desired};
 use crate::render::{HostFacts, RenderError, RenderedFile, Renderer, UnitPlan};
 use crate::store::{
-    Event, EventFilter, Inventory, Limits, NewEvent, Server, StoreError, Unit, UnitFilter,
-    UnitStatus,
+    Event, EventFilter, Inventory, Limits, NewEvent, Server, StoreError, Transition, Unit,
+    UnitChange, UnitFilter, UnitStatus,
 };
 use serde_json::{Value, json};
 use std::fs::File;
@@ -248,6 +248,13 @@ fn lock_file(path: &Path) -> Result<nix::fcntl::Flock<File>> {
         .map_err(|(_, e)| lock_err(e.into()))
 }
 
+/// A unit's concluding move (see [`Kloigos::conclude_move`]).
+struct Move {
+    from: &'static [UnitStatus],
+    to: UnitStatus,
+    change: UnitChange,
+}
+
 /// The JSON an audit record keeps of a unit.
 pub(crate) fn unit_json(u: &Unit) -> Value {
     json!({
@@ -451,6 +458,73 @@ impl Kloigos {
                 );
                 Err(OpError::Failed(msg))
             }
+        }
+    }
+
+    /// [`Kloigos::conclude`] for an operation that ends with one move of `unit` (allocate,
+    /// deallocate): the move and its audit row commit together (`transition_logged`), so the
+    /// audit never says what did not happen, nor misses what did. `done` is the move of a
+    /// success; `failed` cleans up and returns the move of a failure and why. A unit someone
+    /// else moved meanwhile is not moved; the outcome is then audited on its own.
+    fn conclude_move(
+        &self,
+        op: Op<'_>,
+        unit: &Unit,
+        applied: Result<()>,
+        done: Move,
+        failed: impl FnOnce(&OpError) -> Result<(String, Move)>,
+    ) -> Result<Unit> {
+        let id = unit.compute_id.as_str();
+        let hostname = op.hostname;
+        let (mv, outcome) = match &applied {
+            Ok(()) => (done, Ok(())),
+            Err(e) => {
+                error!(compute_id = id, hostname, operation = op.operation, error = %crate::error::Chain(e), "failed on the host");
+                let (msg, mv) = failed(e)?;
+                (mv, Err(msg))
+            }
+        };
+        let after = unit_json(&hub::changed(unit, mv.to, &mv.change));
+        let event = NewEvent {
+            actor: op.actor,
+            operation: op.operation,
+            compute_id: op.compute_id,
+            hostname: Some(hostname),
+            result: outcome.as_ref().map(|_| ()).map_err(String::as_str),
+            before: op.before.clone(),
+            after: Some(after),
+        };
+        let moved = self
+            .store
+            .transition_logged(id, mv.from, mv.to, mv.change, event)?;
+        let moved = match moved {
+            Transition::Done(u) => Some(*u),
+            _ => {
+                self.record(
+                    op.actor,
+                    op.operation,
+                    op.compute_id,
+                    Some(hostname),
+                    outcome.as_ref().map(|_| ()).map_err(String::as_str),
+                    op.before,
+                    None,
+                );
+                None
+            }
+        };
+        match (outcome, moved) {
+            (Ok(()), Some(u)) => {
+                info!(
+                    compute_id = id,
+                    hostname,
+                    operation = op.operation,
+                    actor = op.actor,
+                    "done"
+                );
+                Ok(u)
+            }
+            (Ok(()), None) => Err(OpError::Failed(format!("{id} changed state under us"))),
+            (Err(msg), _) => Err(OpError::Failed(msg)),
         }
     }
 

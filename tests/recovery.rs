@@ -475,3 +475,52 @@ fn a_fuse_mount_in_a_unit_is_not_entered() {
     assert_eq!(u["problem"], Value::Null, "{u}");
     assert!(home.join(".ssh/authorized_keys").exists());
 }
+
+/// A local allocation's concluding move and its audit row commit together: when the audit row
+/// cannot be written (a trigger refuses it here), the unit does not move either; the caller
+/// gets an error, and the half-done allocation is what a crash leaves, which the restart's
+/// reconcile rolls back.
+#[test]
+fn an_allocation_whose_audit_row_fails_does_not_move() {
+    if !common::privileged(&[]) {
+        return;
+    }
+    let mut s = Server::start();
+    s.init(&["0-7", "8-15"]);
+    let trigger = |sql: &str| {
+        rusqlite::Connection::open(s.db())
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+    };
+    trigger(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON events WHEN NEW.operation = 'allocate' \
+         BEGIN SELECT RAISE(ABORT, 'audit refused'); END;",
+    );
+    let key = ssh_key("audit");
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(8), &key, Value::Null)),
+    );
+    assert!(code >= 500, "{code} {v}");
+    let (_, units) = s.get("/api/compute_units/?status=ALLOCATED");
+    assert_eq!(units, json!([]), "a unit moved without its audit row");
+    let (_, events) = s.get("/api/events?operation=allocate");
+    assert_eq!(events, json!([]), "{events}");
+    // The restart's reconcile rolls the claim back, as after a crash.
+    trigger("DROP TRIGGER refuse_audit;");
+    s.kill9();
+    s.spawn();
+    let (_, units) = s.get("/api/compute_units/");
+    for u in units.as_array().unwrap() {
+        assert_eq!(u["status"], "FREE", "{u}");
+    }
+    assert!(!s.root().join("home/u0-7/.ssh/authorized_keys").exists());
+    let (code, _) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc_body(json!(8), &key, Value::Null)),
+    );
+    assert_eq!(code, 200);
+}

@@ -1,7 +1,7 @@
 //! Allocation and deallocation of a unit: the owner's key, lingering, and the release that
 //! leaves the unit as nobody's (processes ended, directories back to the skeleton).
 
-use super::{Allocate, Begun, Kloigos, Op, OpError, Result, test_pause, unit_json};
+use super::{Allocate, Begun, Kloigos, Move, Op, OpError, Result, test_pause, unit_json};
 use crate::apply::{Scope, converge};
 use crate::render::UnitPlan;
 use crate::store::{Claim, Transition, Unit, UnitChange, UnitStatus};
@@ -125,26 +125,15 @@ impl Kloigos {
             hostname: &unit.hostname,
             before: Some(json!({"status": "FREE"})),
         };
-        self.conclude(
-            op,
-            applied,
-            || {
-                let Transition::Done(done) = self.store.transition(
-                    &id,
-                    &[UnitStatus::Allocating],
-                    UnitStatus::Allocated,
-                    UnitChange {
-                        started_at: Some(Some(crate::time::now())),
-                        ..Default::default()
-                    },
-                )?
-                else {
-                    return Err(OpError::Failed(format!("{id} changed state under us")));
-                };
-                let after = unit_json(&done);
-                Ok((Begun::Done(*done), Some(after)))
+        let done = Move {
+            from: &[UnitStatus::Allocating],
+            to: UnitStatus::Allocated,
+            change: UnitChange {
+                started_at: Some(Some(crate::time::now())),
+                ..Default::default()
             },
-            |e| {
+        };
+        self.conclude_move(op, &unit, applied, done, |e| {
                 let e = crate::error::Chain(e);
                 let detail = format!("allocation of {id} failed on the host: {e}");
                 let server = self.store.server(&unit.hostname)?;
@@ -166,17 +155,14 @@ impl Kloigos {
                         ),
                     ),
                 };
-                let after =
-                    match self
-                        .store
-                        .transition(&id, &[UnitStatus::Allocating], to, change)?
-                    {
-                        Transition::Done(u) => Some(unit_json(&u)),
-                        _ => None,
-                    };
-                Ok((msg, after))
-            },
-        )
+                let mv = Move {
+                    from: &[UnitStatus::Allocating],
+                    to,
+                    change,
+                };
+                Ok((msg, mv))
+            })
+            .map(Begun::Done)
     }
 
     pub(super) fn apply_allocate(&self, unit: &Unit, key: &str) -> Result<()> {
@@ -306,37 +292,23 @@ impl Kloigos {
             hostname: &unit.hostname,
             before: Some(unit_json(&before)),
         };
-        self.conclude(
-            op,
-            applied,
-            || match self.store.transition(
-                id,
-                &[UnitStatus::Deallocating],
-                UnitStatus::Free,
-                UnitChange::cleared(),
-            )? {
-                Transition::Done(u) => {
-                    let after = unit_json(&u);
-                    Ok((Begun::Done(*u), Some(after)))
-                }
-                _ => Err(OpError::Failed(format!("{id} changed state under us"))),
-            },
-            |e| {
-                let e = crate::error::Chain(e);
-                let msg = format!(
-                    "deallocation of {id} failed on the host: {e} (unit is DEALLOCATION_FAIL; retry deallocate)"
-                );
-                let after = match self.store.transition(
-                    id,
-                    &[UnitStatus::Deallocating],
-                    UnitStatus::DeallocationFail,
-                    UnitChange::default(),
-                )? {
-                    Transition::Done(u) => Some(unit_json(&u)),
-                    _ => None,
-                };
-                Ok((msg, after))
-            },
-        )
+        let done = Move {
+            from: &[UnitStatus::Deallocating],
+            to: UnitStatus::Free,
+            change: UnitChange::cleared(),
+        };
+        self.conclude_move(op, &unit, applied, done, |e| {
+            let e = crate::error::Chain(e);
+            let msg = format!(
+                "deallocation of {id} failed on the host: {e} (unit is DEALLOCATION_FAIL; retry deallocate)"
+            );
+            let mv = Move {
+                from: &[UnitStatus::Deallocating],
+                to: UnitStatus::DeallocationFail,
+                change: UnitChange::default(),
+            };
+            Ok((msg, mv))
+        })
+        .map(Begun::Done)
     }
 }

@@ -739,7 +739,7 @@ impl Kloigos {
 }
 
 /// `unit` as a transition to `to` with `change` leaves it (what its audit row records).
-fn changed(unit: &Unit, to: UnitStatus, change: &UnitChange) -> Unit {
+pub(super) fn changed(unit: &Unit, to: UnitStatus, change: &UnitChange) -> Unit {
     let mut u = unit.clone();
     u.status = to;
     if let Some(v) = &change.started_at {
