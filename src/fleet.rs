@@ -6,8 +6,8 @@
 //! Applying a desired state is the service's job (`Kloigos::apply_desired`, in
 //! `service/fleet.rs`); this module only fetches it and reports the outcome.
 
+use crate::model::CpuList;
 use crate::model::status::{Limits, ServerStatus, UnitStatus};
-use crate::model::{CpuList, PortRanges};
 use crate::render::RenderedFile;
 use crate::store::{Server, Unit};
 use http_body_util::{BodyExt, Full};
@@ -109,57 +109,10 @@ impl Facts {
     }
 }
 
-/// A unit as the hub sends it: every field of [`Unit`] as serde serializes it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DesiredUnit {
-    pub compute_id: String,
-    pub hostname: String,
-    pub ip: String,
-    pub region: String,
-    pub zone: String,
-    pub cpu_range: CpuList,
-    pub cpu_count: u32,
-    pub first_cpu: u32,
-    pub uid: u32,
-    pub user: String,
-    pub ports_range: PortRanges,
-    pub status: UnitStatus,
-    pub started_at: Option<String>,
-    pub tags: Option<Value>,
-    pub ssh_public_key: Option<String>,
-    pub allocated_by: Option<String>,
-    pub updated_at: String,
-    pub problem: Option<String>,
-    pub claim: Option<String>,
-}
+/// A unit as the hub sends it: the inventory's row, every field as serde serializes it.
+pub type DesiredUnit = Unit;
 
-impl From<&Unit> for DesiredUnit {
-    fn from(u: &Unit) -> Self {
-        DesiredUnit {
-            compute_id: u.compute_id.clone(),
-            hostname: u.hostname.clone(),
-            ip: u.ip.clone(),
-            region: u.region.clone(),
-            zone: u.zone.clone(),
-            cpu_range: u.cpu_range.clone(),
-            cpu_count: u.cpu_count,
-            first_cpu: u.first_cpu,
-            uid: u.uid,
-            user: u.user.clone(),
-            ports_range: u.ports_range.clone(),
-            status: u.status,
-            started_at: u.started_at.clone(),
-            tags: u.tags.clone(),
-            ssh_public_key: u.ssh_public_key.clone(),
-            allocated_by: u.allocated_by.clone(),
-            updated_at: u.updated_at.clone(),
-            problem: u.problem.clone(),
-            claim: u.claim.clone(),
-        }
-    }
-}
-
-impl DesiredUnit {
+impl Unit {
     /// Owned (ALLOCATING or ALLOCATED): the owner's claim and key.
     pub fn owner(&self) -> Option<(&str, &str)> {
         if matches!(self.status, UnitStatus::Allocating | UnitStatus::Allocated) {
@@ -209,7 +162,7 @@ impl DesiredServer {
             inventory_only: s.inventory_only,
             created_at: s.created_at.clone(),
             updated_at: s.updated_at.clone(),
-            units: units.iter().map(DesiredUnit::from).collect(),
+            units: units.to_vec(),
         }
     }
 

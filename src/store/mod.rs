@@ -164,8 +164,9 @@ pub struct Server {
     pub updated_at: String,
 }
 
-/// A compute unit joined with its server's location.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A compute unit joined with its server's location (also what a hub sends a fleet host,
+/// `fleet::DesiredUnit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Unit {
     pub compute_id: String,
     pub hostname: String,
