@@ -360,6 +360,50 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A fake root `h1` with its inventory, an in-test hub serving `state`, and a host token.
+struct Fixture {
+    tmp: tempfile::TempDir,
+    root: PathBuf,
+    db: PathBuf,
+    hub: Shared,
+    hub_port: u16,
+    token_file: PathBuf,
+}
+
+impl Fixture {
+    fn new(state: Value) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fake_root(&root);
+        let hub: Shared = Arc::default();
+        hub.lock().unwrap().state = state;
+        let hub_port = start_hub(hub.clone());
+        let token_file = tmp.path().join("token");
+        write(&token_file, "kh_secret\n");
+        Fixture {
+            db: tmp.path().join("k.db"),
+            tmp,
+            root,
+            hub,
+            hub_port,
+            token_file,
+        }
+    }
+}
+
+/// `kloigos CMD` on the fake root and inventory.
+fn kloigos_on(root: &Path, db: &Path, cmd: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(bin());
+    c.arg(cmd)
+        .arg("--root")
+        .arg(root)
+        .arg("--db")
+        .arg(db)
+        .args(["--templates", "/nonexistent"])
+        .env("KLOIGOS_LOG", "warn");
+    c
+}
+
 struct Child(std::process::Child);
 
 impl Drop for Child {
@@ -371,27 +415,16 @@ impl Drop for Child {
 
 #[test]
 fn join_then_serve_pulls_on_start_and_on_pokes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    fake_root(&root);
-    let db = tmp.path().join("k.db");
-    let hub: Shared = Arc::default();
-    hub.lock().unwrap().state = state(Some("READY"), None);
-    let hub_port = start_hub(hub.clone());
-    let token_file = tmp.path().join("token");
-    write(&token_file, "kh_secret\n");
+    let Fixture {
+        tmp,
+        root,
+        db,
+        hub,
+        hub_port,
+        token_file,
+    } = Fixture::new(state(Some("READY"), None));
     let port = free_port();
-    let local = |cmd: &str| {
-        let mut c = std::process::Command::new(bin());
-        c.arg(cmd)
-            .arg("--root")
-            .arg(&root)
-            .arg("--db")
-            .arg(&db)
-            .args(["--templates", "/nonexistent"])
-            .env("KLOIGOS_LOG", "warn");
-        c
-    };
+    let local = |cmd: &str| kloigos_on(&root, &db, cmd);
 
     // join: facts sent with the token, files written, one pull done.
     let out = local("join")
@@ -546,27 +579,16 @@ fn a_host_that_has_not_joined_answers_a_poke_with_404() {
 #[cfg(feature = "test-hooks")]
 #[test]
 fn an_idle_exit_waits_for_the_pull_under_way() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    fake_root(&root);
-    let db = tmp.path().join("k.db");
-    let hub: Shared = Arc::default();
-    hub.lock().unwrap().state = state(Some("READY"), None);
-    let hub_port = start_hub(hub.clone());
-    let token_file = tmp.path().join("token");
-    write(&token_file, "kh_secret\n");
+    let Fixture {
+        tmp: _tmp,
+        root,
+        db,
+        hub,
+        hub_port,
+        token_file,
+    } = Fixture::new(state(Some("READY"), None));
     let port = free_port();
-    let local = |cmd: &str| {
-        let mut c = std::process::Command::new(bin());
-        c.arg(cmd)
-            .arg("--root")
-            .arg(&root)
-            .arg("--db")
-            .arg(&db)
-            .args(["--templates", "/nonexistent"])
-            .env("KLOIGOS_LOG", "warn");
-        c
-    };
+    let local = |cmd: &str| kloigos_on(&root, &db, cmd);
     let out = local("join")
         .args(["--hub", &format!("http://127.0.0.1:{hub_port}")])
         .arg("--token-file")
@@ -612,26 +634,15 @@ fn an_idle_exit_waits_for_the_pull_under_way() {
 /// applied as its own, and its local writes work again.
 #[test]
 fn leaving_the_hub() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    fake_root(&root);
-    let db = tmp.path().join("k.db");
-    let hub: Shared = Arc::default();
-    hub.lock().unwrap().state = state(Some("READY"), Some(("c1", KEY1)));
-    let hub_port = start_hub(hub.clone());
-    let token_file = tmp.path().join("token");
-    write(&token_file, "kh_secret\n");
-    let local = |cmd: &str| {
-        let mut c = std::process::Command::new(bin());
-        c.arg(cmd)
-            .arg("--root")
-            .arg(&root)
-            .arg("--db")
-            .arg(&db)
-            .args(["--templates", "/nonexistent"])
-            .env("KLOIGOS_LOG", "warn");
-        c
-    };
+    let Fixture {
+        tmp,
+        root,
+        db,
+        hub,
+        hub_port,
+        token_file,
+    } = Fixture::new(state(Some("READY"), Some(("c1", KEY1))));
+    let local = |cmd: &str| kloigos_on(&root, &db, cmd);
     let joined = || root.join("etc/kloigos/join.json").exists();
     let token = root.join("etc/kloigos/host-token");
     let join = || {

@@ -14,8 +14,9 @@ use super::schema::{ErrorDetail, HTTPValidationError, HostCreateRequest};
 use super::{ApiError, App, AppState, FieldError};
 use crate::auth::{Caller, Role};
 use crate::model::CpuList;
+use crate::service::Kloigos;
 use crate::service::{Begun, Concluded, JoinRequest, Report, last_report};
-use crate::store::{HostRecord, ServerStatus, Unit};
+use crate::store::{HostRecord, Server, ServerStatus, Unit};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Extension, Path, State};
@@ -333,21 +334,8 @@ pub(super) async fn init_server(
         Begun::Done(_) => return Ok(()),
         Begun::Remote(s) => s,
     };
-    let _w = k.fleet.wait_on(&server.hostname);
-    let deadline = Instant::now() + k.apply_timeout();
-    let _ = poke_host(k, &server.hostname).await;
-    let (s, a) = (server.clone(), actor.to_string());
-    let done = wait_for(k, &server.hostname, deadline, move |k| {
-        k.conclude_remote_init(&s, &a, false)
-    })
-    .await?;
-    if done.is_some() {
-        return Ok(());
-    }
-    let (k2, s, a) = (k.clone(), server.clone(), actor.to_string());
-    let r = blocking(move || k2.conclude_remote_init(&s, &a, true).map(|_| ())).await;
-    poke_later(k, server.hostname.clone());
-    r
+    // The host undoes a half-done set-up when it next pulls: ask it to now.
+    await_server(k, server, actor, Kloigos::conclude_remote_init, true).await
 }
 
 /// Decommissions a server: this host's or an inventory-only one at once; a joined host's goes
@@ -363,19 +351,43 @@ pub(super) async fn decommission(
         Begun::Done(_) => return Ok(()),
         Begun::Remote(s) => s,
     };
+    await_server(
+        k,
+        server,
+        actor,
+        Kloigos::conclude_remote_decommission,
+        false,
+    )
+    .await
+}
+
+/// What init_server and decommission share once the server is recorded for its host: wait
+/// on it, poke it, wait for the report that lets `conclude` decide; past the apply timeout,
+/// conclude as timed out (and poke the host again when `poke_after`).
+async fn await_server(
+    k: &AppState,
+    server: Server,
+    actor: &str,
+    conclude: fn(&Kloigos, &Server, &str, bool) -> crate::service::Result<Concluded<()>>,
+    poke_after: bool,
+) -> ApiResult<()> {
     let _w = k.fleet.wait_on(&server.hostname);
     let deadline = Instant::now() + k.apply_timeout();
     let _ = poke_host(k, &server.hostname).await;
     let (s, a) = (server.clone(), actor.to_string());
     let done = wait_for(k, &server.hostname, deadline, move |k| {
-        k.conclude_remote_decommission(&s, &a, false)
+        conclude(k, &s, &a, false)
     })
     .await?;
     if done.is_some() {
         return Ok(());
     }
     let (k2, s, a) = (k.clone(), server.clone(), actor.to_string());
-    blocking(move || k2.conclude_remote_decommission(&s, &a, true).map(|_| ())).await
+    let r = blocking(move || conclude(&k2, &s, &a, true).map(|_| ())).await;
+    if poke_after {
+        poke_later(k, server.hostname.clone());
+    }
+    r
 }
 
 /// The sweep, at start and every [`SWEEP_EVERY`]: concludes what reports settled and what
