@@ -540,6 +540,21 @@ impl Kloigos {
             .ok_or_else(|| OpError::NotFound(format!("compute unit {id:?} not found")))
     }
 
+    /// How many units there are, and how many are ALLOCATED (counted by the database).
+    pub(crate) fn unit_counts(&self) -> Result<crate::store::UnitCounts> {
+        Ok(self.store.unit_counts()?)
+    }
+
+    /// [`crate::store::Inventory::list_units`].
+    pub(crate) fn list_units(
+        &self,
+        f: &UnitFilter,
+        stamp: &mut dyn FnMut(&str) -> bool,
+        each: &mut dyn FnMut(&crate::store::UnitRow<'_>) -> crate::store::Result<()>,
+    ) -> Result<()> {
+        Ok(self.store.list_units(f, stamp, each)?)
+    }
+
     pub(crate) fn servers(&self) -> Result<Vec<Server>> {
         Ok(self.store.servers()?)
     }
@@ -556,10 +571,11 @@ impl Kloigos {
         released: Option<&str>,
     ) -> Result<Vec<(Server, Vec<Unit>)>> {
         let mut rows = Vec::new();
-        for server in self.store.servers()? {
-            if !plan::is_planned(&server, &self.local) || Some(server.hostname.as_str()) == except {
-                continue;
-            }
+        // Only this host's server is planned here: one row, whatever the inventory's size.
+        if let Some(server) = self.store.server(&self.local)?
+            && plan::is_planned(&server, &self.local)
+            && Some(server.hostname.as_str()) != except
+        {
             let mut units = self.store.units_of(&server.hostname)?;
             for u in &mut units {
                 if Some(u.compute_id.as_str()) == released {

@@ -95,10 +95,10 @@ pub(super) async fn list_units(
     State(k): State<AppState>,
     Extension(_caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
-) -> ApiResult<Json<Vec<ComputeUnitResponse>>> {
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
     let f = unit_filter(&mut Query::new(raw.as_deref())).map_err(ApiError::invalid)?;
-    let units = blocking(move || k.units(&f)).await?;
-    Ok(Json(units.iter().map(ComputeUnitResponse::from).collect()))
+    super::list::answer(k, f, &headers).await
 }
 
 /// One compute unit (additive endpoint).
@@ -348,6 +348,7 @@ pub(crate) async fn housekeeping(k: AppState, retention: crate::audit::Retention
     loop {
         tick.tick().await;
         let now = std::time::Instant::now();
+        k.list_cache.expire();
         let ended = k
             .denials
             .lock()

@@ -15,6 +15,7 @@ mod fleet;
 mod guard;
 mod handlers;
 mod host;
+mod list;
 mod parse;
 mod schema;
 #[cfg(test)]
@@ -71,6 +72,8 @@ pub(crate) struct App {
     pub(crate) puller: Option<Arc<crate::fleet::Puller>>,
     /// Waits on fleet hosts under way, and the wake-ups of their reports.
     pub(crate) fleet: fleet::Fleet,
+    /// Recent list answers (see `list`).
+    pub(crate) list_cache: list::ListCache,
 }
 
 impl App {
@@ -87,6 +90,7 @@ impl App {
             )),
             puller: None,
             fleet: fleet::Fleet::default(),
+            list_cache: list::ListCache::default(),
         }
     }
 }

@@ -418,14 +418,11 @@ pub(super) fn serve(
             ),
         }
     }
-    let units = k.units(&Default::default())?;
-    let allocated = units
-        .iter()
-        .filter(|u| u.status == crate::store::UnitStatus::Allocated)
-        .count();
+    let counts = k.unit_counts()?;
     let status = format!(
-        "{} units, {allocated} allocated, host {} (root {})",
-        units.len(),
+        "{} units, {} allocated, host {} (root {})",
+        counts.total,
+        counts.allocated,
         k.local_hostname(),
         local.root.display()
     );

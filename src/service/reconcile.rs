@@ -24,7 +24,7 @@ impl Kloigos {
         let mut report = ReconcileReport::default();
         self.adopt_unjoined(actor, &mut report)?;
         // Servers half decommissioned: finish the job first, so their units are not re-rendered.
-        for server in self.store.servers()? {
+        for server in self.store.servers_in(&[ServerStatus::Decommissioning])? {
             // A joined host's servers are its hub's sweep's (from the host's reports).
             if server.status == ServerStatus::Decommissioning && !self.is_remote(&server) {
                 let units = self.store.units_of(&server.hostname)?;
@@ -49,8 +49,29 @@ impl Kloigos {
         report.files_removed.extend(applied.removed);
         let setup_failed: std::collections::BTreeMap<String, String> =
             applied.failed.into_iter().collect();
-        // ...then each unit's ownership: keys, lingering, operations a crash cut short.
-        for server in self.store.servers()? {
+        // ...then each unit's ownership: keys, lingering, operations a crash cut short. Every
+        // unit of this host's server; elsewhere (inventory-only servers) only what an
+        // operation left half-done or marked, which the database finds by an index.
+        let local = self.store.server(&self.local)?;
+        let mut todo: Vec<(Server, Vec<Unit>)> = Vec::new();
+        if let Some(server) = local {
+            let units = self.store.units_of(&server.hostname)?;
+            todo.push((server, units));
+        }
+        for unit in self.store.units_unsettled()? {
+            if self.is_local(&unit.hostname) {
+                continue;
+            }
+            match todo.last_mut() {
+                Some((s, units)) if s.hostname == unit.hostname => units.push(unit),
+                _ => {
+                    if let Some(server) = self.store.server(&unit.hostname)? {
+                        todo.push((server, vec![unit]));
+                    }
+                }
+            }
+        }
+        for (server, units) in todo {
             if !matches!(
                 server.status,
                 ServerStatus::Initializing | ServerStatus::Ready
@@ -58,7 +79,6 @@ impl Kloigos {
             {
                 continue;
             }
-            let units = self.store.units_of(&server.hostname)?;
             for unit in &units {
                 // One unit that cannot be repaired (a wrecked home, say) is marked, reported
                 // and audited; the others are still reconciled and the service still serves.
@@ -69,8 +89,8 @@ impl Kloigos {
                 self.unit_outcome(&server, unit, r, actor, &mut report)?;
             }
         }
-        for server in self.store.servers()? {
-            if server.status == ServerStatus::Initializing && !self.is_remote(&server) {
+        for server in self.store.servers_in(&[ServerStatus::Initializing])? {
+            if !self.is_remote(&server) {
                 self.store.set_server_status(
                     &server.hostname,
                     ServerStatus::Ready,
@@ -96,19 +116,7 @@ impl Kloigos {
     /// init_server now requires. Without it their units would never be chosen and their
     /// deallocation would wait for a host that will never report.
     fn adopt_unjoined(&self, actor: &str, report: &mut ReconcileReport) -> Result<()> {
-        for server in self.store.servers()? {
-            if !self.is_remote(&server)
-                || matches!(
-                    server.status,
-                    ServerStatus::Decommissioned | ServerStatus::InitFail
-                )
-                || self
-                    .store
-                    .host(&server.hostname)?
-                    .is_some_and(|h| h.joined_at.is_some())
-            {
-                continue;
-            }
+        for server in self.store.unjoined_servers(&self.local)? {
             self.store.set_inventory_only(&server.hostname, true)?;
             report.servers_fixed.push(format!(
                 "{}: marked inventory-only (never joined)",

@@ -119,6 +119,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A reader of [`Inventory::list_units`] stopped reading (its client went away).
+    #[error("the reader stopped: {0}")]
+    Stopped(String),
     /// A bug: the service asked for a move the unit life cycle forbids.
     #[error("unit {compute_id}: {from} -> {to} is not a transition of the unit life cycle")]
     Transition {
@@ -192,6 +195,35 @@ pub struct Unit {
     /// the owner (`UnitChange::cleared`). A fleet host echoes it in its report, so a hub knows
     /// which allocation the host applied.
     pub claim: Option<String>,
+}
+
+/// A unit as the list shows it, borrowed from a database row ([`Inventory::list_units`]).
+/// Text columns are as stored (`cpu_range` and `ports_range` in canonical form, `tags` as
+/// compact JSON text).
+#[derive(Debug, Clone, Copy)]
+pub struct UnitRow<'a> {
+    pub compute_id: &'a str,
+    pub hostname: &'a str,
+    pub ip: &'a str,
+    pub region: &'a str,
+    pub zone: &'a str,
+    pub cpu_range: &'a str,
+    pub cpu_count: u32,
+    pub uid: u32,
+    pub user: &'a str,
+    pub ports_range: &'a str,
+    pub status: &'a str,
+    pub started_at: Option<&'a str>,
+    pub tags: Option<&'a str>,
+    pub allocated_by: Option<&'a str>,
+    pub problem: Option<&'a str>,
+}
+
+/// [`Inventory::unit_counts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnitCounts {
+    pub total: u64,
+    pub allocated: u64,
 }
 
 /// A unit row as inserted by init_server.
@@ -375,6 +407,29 @@ pub trait Inventory: Send + Sync {
             ..Default::default()
         })
     }
+    /// Servers in one of `statuses`, by hostname.
+    fn servers_in(&self, statuses: &[ServerStatus]) -> Result<Vec<Server>>;
+    /// Servers of hosts other than `local` that are neither inventory-only nor retired
+    /// (DECOMMISSIONED, INIT_FAIL) and whose host never joined: what reconcile marks
+    /// inventory-only.
+    fn unjoined_servers(&self, local: &str) -> Result<Vec<Server>>;
+    /// Units an operation left half-done (ALLOCATING, ALLOCATION_FAIL, DEALLOCATING,
+    /// DEALLOCATION_FAIL) or marked with a problem, by hostname and first CPU: what reconcile
+    /// looks at beyond the local host's units (an index keeps this cheap at any size).
+    fn units_unsettled(&self) -> Result<Vec<Unit>>;
+    /// How many units there are, and how many of them are ALLOCATED.
+    fn unit_counts(&self) -> Result<UnitCounts>;
+    /// The list of units matching `f`, streamed: within one read snapshot, `stamp` is called
+    /// first with a text that differs whenever what any list shows may have changed (the
+    /// inventory's change counter); when it returns false nothing more is read. Otherwise
+    /// `each` is called with every row, in the order of [`Inventory::units`], borrowed from
+    /// the database's row (nothing is collected).
+    fn list_units(
+        &self,
+        f: &UnitFilter,
+        stamp: &mut dyn FnMut(&str) -> bool,
+        each: &mut dyn FnMut(&UnitRow<'_>) -> Result<()>,
+    ) -> Result<()>;
     /// Atomically picks a FREE unit without a problem, of a READY server matching the
     /// request, and marks it ALLOCATING with the owner's tags, key, actor and a fresh random
     /// `claim`. Eligible servers: with `inventory_only`, only inventory-only ones; otherwise

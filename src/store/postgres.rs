@@ -104,7 +104,23 @@ CREATE TABLE hosts (
     unreachable_reason TEXT,
     created_at         TEXT NOT NULL
 );
-"#];
+"#,
+    // What reconcile looks at beyond the local host's units, without a scan.
+    r#"
+CREATE INDEX compute_units_unsettled ON compute_units (hostname, first_cpu)
+    WHERE status IN ('ALLOCATING', 'ALLOCATION_FAIL', 'DEALLOCATING', 'DEALLOCATION_FAIL')
+       OR problem IS NOT NULL;
+"#,
+];
+
+/// The units a half-done operation or a problem left (the partial index's condition).
+const UNSETTLED: &str = "(u.status IN ('ALLOCATING', 'ALLOCATION_FAIL', 'DEALLOCATING', \
+    'DEALLOCATION_FAIL') OR u.problem IS NOT NULL)";
+
+/// The list's columns, in `UnitRow` order (tags as the text stored).
+const LIST_SELECT: &str = "SELECT u.compute_id, u.hostname, s.ip, s.region, s.zone, u.cpu_range, \
+    u.cpu_count, u.uid, u.\"user\", u.ports_range, u.status, u.started_at, u.tags::text, \
+    u.allocated_by, u.problem FROM compute_units u JOIN servers s ON s.hostname = u.hostname";
 
 /// The channel of `pg_notify` on which `host_reported` announces a host's report.
 const REPORT_CHANNEL: &str = "kloigos_report";
@@ -188,6 +204,37 @@ const HOST_SELECT: &str = "SELECT hostname, token_sha256, facts, poke_url, versi
 
 const EVENT_SELECT: &str = "SELECT id, time, actor, operation, compute_id, hostname, result, \
     detail, before, after FROM events";
+
+type Arg = Box<dyn ToSql + Sync + Send>;
+
+/// `select` (joining `compute_units u` and `servers s`) filtered by `f`, in list order.
+fn unit_query(select: &str, f: &UnitFilter) -> (String, Vec<Arg>) {
+    let mut sql = format!("{select} WHERE TRUE");
+    let mut args: Vec<Arg> = Vec::new();
+    let mut add = |cond: &str, v: Arg| {
+        args.push(v);
+        sql.push_str(&format!(" AND {cond} ${}", args.len()));
+    };
+    for (cond, v) in [
+        ("u.compute_id =", &f.compute_id),
+        ("u.hostname =", &f.hostname),
+        ("s.region =", &f.region),
+        ("s.zone =", &f.zone),
+        ("u.status =", &f.status),
+        // Tag values may be strings or numbers: compare as text either way.
+        ("(u.tags ->> 'deployment_id') =", &f.deployment_id),
+    ] {
+        if let Some(v) = v {
+            add(cond, Box::new(v.clone()));
+        }
+    }
+    if let Some(n) = f.cpu_count {
+        // A count no column can hold matches nothing.
+        add("u.cpu_count::BIGINT =", Box::new(n));
+    }
+    sql.push_str(" ORDER BY u.hostname, u.first_cpu");
+    (sql, args)
+}
 
 /// `url` with its password replaced by `***`, for messages.
 pub(super) fn redact(url: &str) -> String {
@@ -859,6 +906,29 @@ impl Inventory for PgStore {
         )
     }
 
+    fn servers_in(&self, statuses: &[ServerStatus]) -> Result<Vec<Server>> {
+        let list: Vec<String> = statuses.iter().map(|s| s.as_str().to_string()).collect();
+        self.rows(
+            &format!("{SERVER_SELECT} WHERE status = ANY($1) ORDER BY hostname"),
+            &[&list],
+            server_from_row,
+        )
+    }
+
+    fn unjoined_servers(&self, local: &str) -> Result<Vec<Server>> {
+        self.rows(
+            &format!(
+                "{SERVER_SELECT} WHERE hostname <> $1 AND NOT inventory_only \
+                 AND status NOT IN ('DECOMMISSIONED', 'INIT_FAIL') \
+                 AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.hostname = servers.hostname \
+                                 AND h.joined_at IS NOT NULL) \
+                 ORDER BY hostname"
+            ),
+            &[&local],
+            server_from_row,
+        )
+    }
+
     fn begin_init(
         &self,
         server: &Server,
@@ -1025,33 +1095,89 @@ impl Inventory for PgStore {
     }
 
     fn units(&self, f: &UnitFilter) -> Result<Vec<Unit>> {
-        let mut sql = format!("{} WHERE TRUE", unit_select());
-        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut add = |cond: &str, v: Box<dyn ToSql + Sync + Send>| {
-            args.push(v);
-            sql.push_str(&format!(" AND {cond} ${}", args.len()));
-        };
-        for (cond, v) in [
-            ("u.compute_id =", &f.compute_id),
-            ("u.hostname =", &f.hostname),
-            ("s.region =", &f.region),
-            ("s.zone =", &f.zone),
-            ("u.status =", &f.status),
-            // Tag values may be strings or numbers: compare as text either way.
-            ("(u.tags ->> 'deployment_id') =", &f.deployment_id),
-        ] {
-            if let Some(v) = v {
-                add(cond, Box::new(v.clone()));
-            }
-        }
-        if let Some(n) = f.cpu_count {
-            // A count no column can hold matches nothing.
-            add("u.cpu_count::BIGINT =", Box::new(n));
-        }
-        sql.push_str(" ORDER BY u.hostname, u.first_cpu");
+        let (sql, args) = unit_query(&unit_select(), f);
         let params: Vec<&(dyn ToSql + Sync)> =
             args.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
         self.rows(&sql, &params, unit_from_row)
+    }
+
+    fn units_unsettled(&self) -> Result<Vec<Unit>> {
+        self.rows(
+            &format!(
+                "{} WHERE {UNSETTLED} ORDER BY u.hostname, u.first_cpu",
+                unit_select()
+            ),
+            &[],
+            unit_from_row,
+        )
+    }
+
+    fn unit_counts(&self) -> Result<UnitCounts> {
+        let c = self.rows(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'ALLOCATED') FROM compute_units",
+            &[],
+            |r| {
+                Ok(UnitCounts {
+                    total: int(r.try_get::<_, i64>(0)?, "count")?,
+                    allocated: int(r.try_get::<_, i64>(1)?, "count")?,
+                })
+            },
+        )?;
+        Ok(c.into_iter().next().unwrap_or_default())
+    }
+
+    fn list_units(
+        &self,
+        f: &UnitFilter,
+        stamp: &mut dyn FnMut(&str) -> bool,
+        each: &mut dyn FnMut(&UnitRow<'_>) -> Result<()>,
+    ) -> Result<()> {
+        use futures_util::TryStreamExt;
+        let (sql, args) = unit_query(LIST_SELECT, f);
+        self.block(async {
+            let mut c = self.client().await?;
+            // The snapshot is the stamp: two reads with the same snapshot see the same rows.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let snapshot: String = tx
+                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .await?
+                .try_get(0)?;
+            if !stamp(&format!("p{snapshot}")) {
+                return Ok(());
+            }
+            let stmt = tx.prepare_cached(&sql).await?;
+            let params = args.iter().map(|p| &**p as &(dyn ToSql + Sync));
+            let rows = tx.query_raw(&stmt, params).await?;
+            let mut rows = std::pin::pin!(rows);
+            while let Some(r) = rows.try_next().await? {
+                let cpu_count: i32 = r.try_get(6)?;
+                let uid: i64 = r.try_get(7)?;
+                each(&UnitRow {
+                    compute_id: r.try_get(0)?,
+                    hostname: r.try_get(1)?,
+                    ip: r.try_get(2)?,
+                    region: r.try_get(3)?,
+                    zone: r.try_get(4)?,
+                    cpu_range: r.try_get(5)?,
+                    cpu_count: int(i64::from(cpu_count), "cpu_count")?,
+                    uid: int(uid, "uid")?,
+                    user: r.try_get(8)?,
+                    ports_range: r.try_get(9)?,
+                    status: r.try_get(10)?,
+                    started_at: r.try_get(11)?,
+                    tags: r.try_get(12)?,
+                    allocated_by: r.try_get(13)?,
+                    problem: r.try_get(14)?,
+                })?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     fn claim_free(&self, c: &Claim<'_>) -> Result<Option<Unit>> {

@@ -85,12 +85,54 @@ fn migrations() -> Migrations<'static> {
         );
         "#,
         ),
+        // Lists in their order without a sort; what reconcile looks at, without a scan; and a
+        // change counter that every process's change moves (for the list cache and ETags).
+        M::up(
+            r#"
+        CREATE INDEX compute_units_host ON compute_units (hostname, first_cpu);
+        CREATE INDEX compute_units_unsettled ON compute_units (hostname, first_cpu)
+            WHERE status IN ('ALLOCATING', 'ALLOCATION_FAIL', 'DEALLOCATING', 'DEALLOCATION_FAIL')
+               OR problem IS NOT NULL;
+        CREATE TABLE kloigos_generation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            n  INTEGER NOT NULL
+        ) STRICT;
+        INSERT INTO kloigos_generation (id, n) VALUES (1, 0);
+        CREATE TRIGGER units_inserted AFTER INSERT ON compute_units
+            BEGIN UPDATE kloigos_generation SET n = n + 1; END;
+        CREATE TRIGGER units_updated AFTER UPDATE ON compute_units
+            BEGIN UPDATE kloigos_generation SET n = n + 1; END;
+        CREATE TRIGGER units_deleted AFTER DELETE ON compute_units
+            BEGIN UPDATE kloigos_generation SET n = n + 1; END;
+        CREATE TRIGGER servers_inserted AFTER INSERT ON servers
+            BEGIN UPDATE kloigos_generation SET n = n + 1; END;
+        CREATE TRIGGER servers_updated AFTER UPDATE ON servers
+            BEGIN UPDATE kloigos_generation SET n = n + 1; END;
+        CREATE TRIGGER servers_deleted AFTER DELETE ON servers
+            BEGIN UPDATE kloigos_generation SET n = n + 1; END;
+        "#,
+        ),
     ])
 }
 
+/// Read connections kept for reuse (WAL lets them read while the writer writes).
+const READERS_KEPT: usize = 4;
+
 pub(crate) struct Store {
     conn: Mutex<Connection>,
+    /// The database file, for read connections (`None`: in memory, reads use `conn`).
+    path: Option<std::path::PathBuf>,
+    readers: Mutex<Vec<Connection>>,
 }
+
+/// The units a half-done operation or a problem left (the partial index's condition).
+const UNSETTLED: &str = "(u.status IN ('ALLOCATING', 'ALLOCATION_FAIL', 'DEALLOCATING', \
+    'DEALLOCATION_FAIL') OR u.problem IS NOT NULL)";
+
+/// The list's columns, in `UnitRow` order.
+const LIST_SELECT: &str = "SELECT u.compute_id, u.hostname, s.ip, s.region, s.zone, u.cpu_range, \
+    u.cpu_count, u.uid, u.user, u.ports_range, u.status, u.started_at, u.tags, u.allocated_by, \
+    u.problem FROM compute_units u JOIN servers s ON s.hostname = u.hostname";
 
 const UNIT_SELECT: &str = "SELECT u.compute_id, u.hostname, s.ip, s.region, s.zone, u.cpu_range, \
     u.cpu_count, u.first_cpu, u.uid, u.user, u.ports_range, u.status, u.started_at, u.tags, \
@@ -308,6 +350,44 @@ fn json_text(v: &Value) -> rusqlite::Result<String> {
     serde_json::to_string(v).map_err(corrupt)
 }
 
+/// `select` (joining `compute_units u` and `servers s`) filtered by `f`, in list order.
+fn unit_query(select: &str, f: &UnitFilter) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = format!("{select} WHERE 1=1");
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let mut add = |cond: &str, v: rusqlite::types::Value| {
+        args.push(v);
+        sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+    };
+    use rusqlite::types::Value as V;
+    if let Some(v) = &f.compute_id {
+        add("u.compute_id =", V::Text(v.clone()));
+    }
+    if let Some(v) = &f.hostname {
+        add("u.hostname =", V::Text(v.clone()));
+    }
+    if let Some(v) = &f.region {
+        add("s.region =", V::Text(v.clone()));
+    }
+    if let Some(v) = &f.zone {
+        add("s.zone =", V::Text(v.clone()));
+    }
+    if let Some(v) = f.cpu_count {
+        add("u.cpu_count =", V::Integer(v));
+    }
+    if let Some(v) = &f.status {
+        add("u.status =", V::Text(v.clone()));
+    }
+    if let Some(v) = &f.deployment_id {
+        // Tag values may be strings or integers: compare as text either way.
+        add(
+            "CAST(json_extract(u.tags, '$.deployment_id') AS TEXT) =",
+            V::Text(v.clone()),
+        );
+    }
+    sql.push_str(" ORDER BY u.hostname, u.first_cpu");
+    (sql, args)
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub(crate) fn open(path: &Path) -> Result<Store> {
@@ -320,21 +400,58 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        Self::init(conn)
+        Self::init(conn, Some(path.to_path_buf()))
     }
 
     #[cfg(test)]
     pub(crate) fn open_in_memory() -> Result<Store> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(mut conn: Connection) -> Result<Store> {
+    fn init(mut conn: Connection, path: Option<std::path::PathBuf>) -> Result<Store> {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations().to_latest(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            path,
+            readers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Runs `f` on a read connection of the pool (opened when none is free), so that readers
+    /// neither wait for the writer nor for each other; in memory, on the one connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let Some(path) = &self.path else {
+            return f(&self.conn());
+        };
+        let kept = self
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let conn = match kept {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(std::time::Duration::from_secs(30))?;
+                c.set_prepared_statement_cache_capacity(64);
+                c
+            }
+        };
+        let r = f(&conn);
+        // A connection left inside a transaction (an error mid-read) is not reused.
+        if conn.is_autocommit() {
+            let mut kept = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() < READERS_KEPT {
+                kept.push(conn);
+            }
+        }
+        r
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -361,6 +478,104 @@ impl Inventory for Store {
         let mut stmt = conn.prepare(&format!("{SERVER_SELECT} ORDER BY hostname"))?;
         let rows = stmt.query_map([], server_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn servers_in(&self, statuses: &[ServerStatus]) -> Result<Vec<Server>> {
+        let list: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SERVER_SELECT} WHERE status IN ({}) ORDER BY hostname",
+            list.join(", ")
+        ))?;
+        let rows = stmt.query_map([], server_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn unjoined_servers(&self, local: &str) -> Result<Vec<Server>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SERVER_SELECT} WHERE hostname <> ?1 AND inventory_only = 0 \
+             AND status NOT IN ('DECOMMISSIONED', 'INIT_FAIL') \
+             AND NOT EXISTS (SELECT 1 FROM hosts h WHERE h.hostname = servers.hostname \
+                             AND h.joined_at IS NOT NULL) \
+             ORDER BY hostname"
+        ))?;
+        let rows = stmt.query_map([local], server_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn units_unsettled(&self) -> Result<Vec<Unit>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{UNIT_SELECT} WHERE {UNSETTLED} ORDER BY u.hostname, u.first_cpu"
+        ))?;
+        let rows = stmt.query_map([], unit_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn unit_counts(&self) -> Result<UnitCounts> {
+        self.read(|conn| {
+            Ok(conn.query_row(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'ALLOCATED') FROM compute_units",
+                [],
+                |r| {
+                    Ok(UnitCounts {
+                        total: r.get::<_, i64>(0)?.max(0).unsigned_abs(),
+                        allocated: r.get::<_, i64>(1)?.max(0).unsigned_abs(),
+                    })
+                },
+            )?)
+        })
+    }
+
+    fn list_units(
+        &self,
+        f: &UnitFilter,
+        stamp: &mut dyn FnMut(&str) -> bool,
+        each: &mut dyn FnMut(&UnitRow<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let (sql, args) = unit_query(LIST_SELECT, f);
+        self.read(|conn| {
+            // One read transaction: the counter and the rows come from the same snapshot.
+            let tx = conn.unchecked_transaction()?;
+            let n: i64 = tx
+                .prepare_cached("SELECT n FROM kloigos_generation WHERE id = 1")?
+                .query_row([], |r| r.get(0))?;
+            if !stamp(&format!("s{n}")) {
+                return Ok(());
+            }
+            let mut stmt = tx.prepare_cached(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+            while let Some(r) = rows.next()? {
+                let bad = |i: usize, e: rusqlite::types::FromSqlError| {
+                    StoreError::Corrupt(format!("list column {i}: {e}"))
+                };
+                let text = |i: usize| -> Result<&str> {
+                    r.get_ref(i)?.as_str().map_err(|e| bad(i, e))
+                };
+                let opt = |i: usize| -> Result<Option<&str>> {
+                    r.get_ref(i)?.as_str_or_null().map_err(|e| bad(i, e))
+                };
+                each(&UnitRow {
+                    compute_id: text(0)?,
+                    hostname: text(1)?,
+                    ip: text(2)?,
+                    region: text(3)?,
+                    zone: text(4)?,
+                    cpu_range: text(5)?,
+                    cpu_count: r.get(6)?,
+                    uid: r.get(7)?,
+                    user: text(8)?,
+                    ports_range: text(9)?,
+                    status: text(10)?,
+                    started_at: opt(11)?,
+                    tags: opt(12)?,
+                    allocated_by: opt(13)?,
+                    problem: opt(14)?,
+                })?;
+            }
+            Ok(())
+        })
     }
 
     /// Registers a server as INITIALIZING with its units UNAVAILABLE, replacing a previous
@@ -501,41 +716,9 @@ impl Inventory for Store {
     }
 
     fn units(&self, f: &UnitFilter) -> Result<Vec<Unit>> {
-        let mut sql = format!("{UNIT_SELECT} WHERE 1=1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        let mut add = |cond: &str, v: rusqlite::types::Value| {
-            args.push(v);
-            sql.push_str(&format!(" AND {cond} ?{}", args.len()));
-        };
-        use rusqlite::types::Value as V;
-        if let Some(v) = &f.compute_id {
-            add("u.compute_id =", V::Text(v.clone()));
-        }
-        if let Some(v) = &f.hostname {
-            add("u.hostname =", V::Text(v.clone()));
-        }
-        if let Some(v) = &f.region {
-            add("s.region =", V::Text(v.clone()));
-        }
-        if let Some(v) = &f.zone {
-            add("s.zone =", V::Text(v.clone()));
-        }
-        if let Some(v) = f.cpu_count {
-            add("u.cpu_count =", V::Integer(v));
-        }
-        if let Some(v) = &f.status {
-            add("u.status =", V::Text(v.clone()));
-        }
-        if let Some(v) = &f.deployment_id {
-            // Tag values may be strings or integers: compare as text either way.
-            add(
-                "CAST(json_extract(u.tags, '$.deployment_id') AS TEXT) =",
-                V::Text(v.clone()),
-            );
-        }
-        sql.push_str(" ORDER BY u.hostname, u.first_cpu");
+        let (sql, args) = unit_query(UNIT_SELECT, f);
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args), unit_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
