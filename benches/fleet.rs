@@ -319,28 +319,70 @@ struct Proc {
     name: String,
     port: u16,
     child: Child,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+/// `kloigos serve ARGS` with its log in `dir` (the listeners are the caller's).
+fn serve_command(name: &str, dir: &Path, args: &[String]) -> Res<Command> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .map_err(|e| format!("log of {name}: {e}"))?;
+    let mut c = Command::new(bin());
+    c.arg("serve")
+        .args(args)
+        .args(["--templates", "/nonexistent"])
+        .env("KLOIGOS_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log);
+    Ok(c)
+}
+
+/// Sends `GET path` every millisecond until it is answered 200; the time that took.
+fn first_answer(port: u16, token: &str, path: &str, within: Duration) -> Res<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let a = call(port, token, "GET", path, None);
+        if a.code == 200 {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > within {
+            return Err(format!("no answer to GET {path} within {within:?}: {}", a.code));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Resident set size (`field`: VmRSS, VmHWM) of a process, in MiB.
+fn rss_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 impl Proc {
     fn serve(name: &str, dir: &Path, port: u16, args: &[String]) -> Res<Proc> {
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))
-            .map_err(|e| format!("log of {name}: {e}"))?;
-        let child = Command::new(bin())
-            .arg("serve")
-            .args(args)
-            .args(["--templates", "/nonexistent", "--listen"])
+        let child = serve_command(name, dir, args)?
+            .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--listen")
             .arg(dir.join(format!("{name}.sock")))
-            .env("KLOIGOS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", bin()))?;
         let mut p = Proc {
             name: name.into(),
             port,
             child,
+            dir: dir.to_path_buf(),
+            args: args.to_vec(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -357,15 +399,61 @@ impl Proc {
 
     /// Peak resident set size in MiB (`VmHWM`).
     fn peak_rss_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb / 1024.0)
+        rss_mib(self.child.id(), "VmHWM:")
+    }
+
+    /// Stops the process and starts it again on the same port and database; returns the
+    /// time from the spawn to the first answer of the API (`path`).
+    fn restart(&mut self, token: &str, path: &str) -> Res<Duration> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let t0 = Instant::now();
+        self.child = serve_command(&self.name, &self.dir, &self.args)?
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", bin()))?;
+        first_answer(self.port, token, path, Duration::from_secs(60))?;
+        Ok(t0.elapsed())
+    }
+
+    /// The same, started by `systemd-socket-activate` on the first connection (as
+    /// kloigos.socket does): the time from that connection to its answer. The process is
+    /// then this one.
+    fn restart_activated(&mut self, token: &str, path: &str) -> Res<Duration> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The activator binds the port and execs kloigos on the first connection, with the
+        // socket as fd 3: the same process from then on.
+        self.child = Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(bin())
+            .args(serve_command(&self.name, &self.dir, &self.args)?.get_args())
+            .env("KLOIGOS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn systemd-socket-activate: {e}"))?;
+        // Wait until the activator listens; connecting would activate, so watch /proc.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port_hex = format!(":{:04X} ", self.port);
+        loop {
+            let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+            if tcp.lines().any(|l| l.contains(&port_hex) && l.contains(" 0A ")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("systemd-socket-activate did not listen".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t0 = Instant::now();
+        let a = call(self.port, token, "GET", path, None);
+        if a.code != 200 {
+            return Err(format!("socket-activated GET {path}: {}", a.code));
+        }
+        Ok(t0.elapsed())
     }
 }
 
@@ -650,14 +738,33 @@ fn time_list(
     Ok((t, rows, bytes))
 }
 
-/// Fills to each size and times the lists on `ports[0]`.
-fn list_phase(
-    table: &mut Table,
-    backend: &str,
-    ports: &[u16],
-    token: &str,
-    goal_full_100k: &str,
-) -> Res<()> {
+/// `wrk -t2 -c4 -d3s` on `path`: requests per second, or why not.
+fn wrk(port: u16, token: &str, path: &str) -> Res<f64> {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c4", "-d3s", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") {
+        return Err(format!("wrk got errors: {text}"));
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("wrk: no Requests/sec in {text}"))
+}
+
+/// The path whose answer counts as "the first answer" of a starting service: one API read
+/// (authentication, the database), not a health check.
+const FIRST_ANSWER: &str = "/api/compute_units/?compute_id=none";
+
+/// Fills to each size and times the lists on the first process; at the largest size,
+/// restarts it for the start-up and memory figures.
+fn list_phase(table: &mut Table, backend: &str, procs: &mut [Proc], token: &str) -> Res<()> {
+    let ports: Vec<u16> = procs.iter().map(|p| p.port).collect();
+    let ports = &ports[..];
     let sizes: Vec<usize> = std::env::var("KLOIGOS_BENCH_SIZES")
         .unwrap_or_else(|_| "1000,10000,100000".into())
         .split(',')
@@ -712,11 +819,7 @@ fn list_phase(
                 "{backend}: the full list at {label} returned {rows} rows"
             ));
         }
-        let goal = if backend.starts_with("PostgreSQL") && size == 100_000 {
-            goal_full_100k
-        } else {
-            ""
-        };
+        let goal = if size == 100_000 { "< 50 ms" } else { "" };
         table.row(
             format!(
                 "{backend}: full list, {label} units ({:.1} MB), median / p95",
@@ -734,6 +837,25 @@ fn list_phase(
             format!("{} / {}", ms(pct(&filt, 50.0)), ms(pct(&filt, 95.0))),
             "",
         );
+        let wrk_goal = match size {
+            1000 => "≥ 10,000 req/s",
+            10_000 => "≥ 2,000 req/s",
+            _ => "",
+        };
+        if size <= 10_000 {
+            let v = match wrk(ports[0], token, &path) {
+                Ok(r) => format!("{r:.0} req/s"),
+                Err(e) => {
+                    table.notes.push(format!("{backend}: wrk at {label}: {e:.300}"));
+                    "n/a".into()
+                }
+            };
+            table.row(
+                format!("{backend}: filtered list, {label} units, `wrk -t2 -c4`"),
+                v,
+                wrk_goal,
+            );
+        }
         say(&format!(
             "{backend}: {label}: full {} / {}, filtered {} / {}",
             ms(pct(&full, 50.0)),
@@ -745,6 +867,7 @@ fn list_phase(
             break;
         }
     }
+    start_and_memory(table, backend, &mut procs[0], token, runs, &size_label(f.units()))?;
     table.row(
         format!(
             "{backend}: fill through the API ({} units, 40% allocated)",
@@ -760,12 +883,84 @@ fn list_phase(
     Ok(())
 }
 
+/// Restarts `p` on its full inventory: the time to its first answer, its idle RSS, its peak
+/// RSS over full lists, its RSS once idle again; then the same start through
+/// `systemd-socket-activate`.
+fn start_and_memory(
+    table: &mut Table,
+    backend: &str,
+    p: &mut Proc,
+    token: &str,
+    runs: usize,
+    label: &str,
+) -> Res<()> {
+    let mut starts: Vec<Duration> = Vec::new();
+    for _ in 0..3 {
+        starts.push(p.restart(token, FIRST_ANSWER)?);
+    }
+    starts.sort();
+    table.row(
+        format!("{backend}: cold start to the first answer, {label} units (best / worst of 3)"),
+        format!("{} / {}", ms(pct(&starts, 0.0)), ms(pct(&starts, 100.0))),
+        "< 30 ms",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = p.child.id();
+    let idle = rss_mib(pid, "VmRSS:");
+    table.row(
+        format!("{backend}: idle RSS after start, {label} units"),
+        idle.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+        "< 10 MB",
+    );
+    let (full, _, _) = time_list(p.port, token, "/api/compute_units/", runs)?;
+    let peak = rss_mib(pid, "VmHWM:");
+    table.row(
+        format!(
+            "{backend}: peak RSS over {} full lists of {label} units (median {})",
+            runs + 1,
+            ms(pct(&full, 50.0))
+        ),
+        peak.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+        "< 100 MB",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_mib(pid, "VmRSS:");
+    table.row(
+        format!("{backend}: RSS afterwards, idle"),
+        after.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+        "< 15 MB",
+    );
+    let mut act: Vec<Duration> = Vec::new();
+    for _ in 0..3 {
+        match p.restart_activated(token, FIRST_ANSWER) {
+            Ok(d) => act.push(d),
+            Err(e) => {
+                table.notes.push(format!("{backend}: {e:.300}"));
+                break;
+            }
+        }
+    }
+    act.sort();
+    if !act.is_empty() {
+        table.row(
+            format!(
+                "{backend}: cold start through `systemd-socket-activate`, {label} units \
+                 (best / worst of {})",
+                act.len()
+            ),
+            format!("{} / {}", ms(pct(&act, 0.0)), ms(pct(&act, 100.0))),
+            "< 30 ms",
+        );
+    }
+    Ok(())
+}
+
 fn sqlite_phase(table: &mut Table) -> Res<()> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let (tokens, token) = admin_token(dir.path())?;
     let root = dir.path().join("root");
     fake_root(&root, "bench-local", 4)?;
-    let p = Proc::serve(
+    let mut p = Proc::serve(
         "sqlite",
         dir.path(),
         free_port()?,
@@ -780,34 +975,20 @@ fn sqlite_phase(table: &mut Table) -> Res<()> {
             tokens.display().to_string(),
         ],
     )?;
-    let r = list_phase(table, "SQLite, one host", &[p.port], &token, "");
-    if let Some(m) = p.peak_rss_mib() {
-        table.row(
-            "SQLite host serving the lists: peak RSS (VmHWM)",
-            format!("{m:.0} MiB"),
-            "",
-        );
-    }
-    r
+    list_phase(
+        table,
+        "SQLite, one host",
+        std::slice::from_mut(&mut p),
+        &token,
+    )
 }
 
 fn pg_phase(table: &mut Table) -> Res<()> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let db = PgDb::create("list")?;
     let (tokens, token) = admin_token(dir.path())?;
-    let hubs = hubs(dir.path(), &db, &tokens)?;
-    let ports: Vec<u16> = hubs.iter().map(|h| h.port).collect();
-    let r = list_phase(table, "PostgreSQL, two hubs", &ports, &token, "< 100 ms");
-    if let Some(m) = hubs[0].peak_rss_mib() {
-        table.row(
-            format!(
-                "{} serving the lists (PostgreSQL): peak RSS (VmHWM)",
-                hubs[0].name
-            ),
-            format!("{m:.0} MiB"),
-            "",
-        );
-    }
+    let mut hubs = hubs(dir.path(), &db, &tokens)?;
+    let r = list_phase(table, "PostgreSQL, two hubs", &mut hubs, &token);
     drop(hubs);
     r
 }

@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib/deps.sh
 . scripts/lib/pg.sh
 
+# wrk: the filtered lists' requests per second, as issue 10 measured them.
+deps_need wrk:wrk systemd-socket-activate:systemd
 cargo build --release --quiet
 # The bench profile inherits the release one: this reuses the build above.
 cargo bench --quiet --bench fleet --no-run

@@ -9,6 +9,9 @@
 //!   `ETag`: a matching `If-None-Match` is answered `304` without reading a row. A list up to
 //!   [`ENTRY_MAX`] is kept in [`ListCache`] under its filter and stamp, so an unchanged
 //!   inventory answers from memory; any change, by any process, moves the stamp.
+//!   A larger list is kept in an unnamed temporary file (`O_TMPFILE` in the cache directory:
+//!   the page cache holds it, which the kernel can reclaim, not the process's memory) and
+//!   sent from there.
 //! - **gzip** when the client accepts it (`Accept-Encoding`), compressed as it streams.
 //!
 //! A database error before the first chunk is an ordinary error answer; after it, the
@@ -38,6 +41,10 @@ pub(crate) const ENTRY_MAX: usize = 8 * 1024 * 1024;
 const CACHE_MAX: usize = 32 * 1024 * 1024;
 /// A cached body not asked for this long is dropped (an idle service keeps little memory).
 const CACHE_IDLE: Duration = Duration::from_secs(60);
+/// All cached files together (each is one list of any size).
+const FILES_MAX: u64 = 1024 * 1024 * 1024;
+/// Bytes read from a cached file per chunk sent.
+const FILE_CHUNK: usize = 256 * 1024;
 /// Distinct range texts remembered per list (their canonical and expanded forms).
 const RANGES_KEPT: usize = 4096;
 
@@ -307,11 +314,29 @@ impl http_body::Body for ListBody {
 
 // ---- the cache --------------------------------------------------------------------------
 
+/// A cached answer's bytes.
+#[derive(Clone)]
+enum Kept {
+    Mem(Arc<[Bytes]>),
+    /// An unnamed file (gone with its last handle) of `len` bytes.
+    File(Arc<std::fs::File>, u64),
+}
+
 struct Entry {
     stamp: String,
-    chunks: Arc<[Bytes]>,
+    body: Kept,
+    /// Bytes of memory (a file's are counted apart).
     size: usize,
     used: Instant,
+}
+
+impl Entry {
+    fn file_len(&self) -> u64 {
+        match &self.body {
+            Kept::File(_, n) => *n,
+            Kept::Mem(_) => 0,
+        }
+    }
 }
 
 /// Recent list answers, by filter and encoding, valid while the inventory's stamp is the one
@@ -321,6 +346,8 @@ pub(crate) struct ListCache {
     /// Part of every ETag: a database replaced under a running service (a restored backup)
     /// cannot make a client's old ETag match a different list.
     nonce: u64,
+    /// Where lists larger than [`ENTRY_MAX`] are kept (`None`: they are not).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ListCache {
@@ -330,8 +357,20 @@ impl Default for ListCache {
         ListCache {
             entries: Mutex::new(HashMap::new()),
             nonce: u64::from_le_bytes(b),
+            dir: None,
         }
     }
+}
+
+/// A new unnamed file in `dir`, readable and writable by this process only.
+fn unnamed_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
 }
 
 impl ListCache {
@@ -349,27 +388,41 @@ impl ListCache {
         )
     }
 
-    fn get(&self, key: &(String, bool), stamp: &str) -> Option<Arc<[Bytes]>> {
+    /// Keeps lists larger than [`ENTRY_MAX`] in unnamed files in `dir` (a directory only root
+    /// can write: the service's cache or state directory).
+    pub(crate) fn set_dir(&mut self, dir: Option<std::path::PathBuf>) {
+        self.dir = dir;
+    }
+
+    fn get(&self, key: &(String, bool), stamp: &str) -> Option<Kept> {
         let mut entries = self.lock();
         let e = entries.get_mut(key)?;
         if e.stamp != stamp {
             return None;
         }
         e.used = Instant::now();
-        Some(e.chunks.clone())
+        Some(e.body.clone())
     }
 
-    fn put(&self, key: (String, bool), stamp: String, chunks: Vec<Bytes>) {
-        let size: usize = chunks.iter().map(Bytes::len).sum();
+    fn put(&self, key: (String, bool), stamp: String, body: Kept) {
+        let size: usize = match &body {
+            Kept::Mem(chunks) => chunks.iter().map(Bytes::len).sum(),
+            Kept::File(..) => 0,
+        };
         if size > ENTRY_MAX {
             return;
         }
+        let file_len = match &body {
+            Kept::File(_, n) => *n,
+            Kept::Mem(_) => 0,
+        };
         let mut entries = self.lock();
         let now = Instant::now();
         entries.retain(|_, e| now.duration_since(e.used) < CACHE_IDLE);
         entries.remove(&key);
         let mut total: usize = entries.values().map(|e| e.size).sum();
-        while total + size > CACHE_MAX {
+        let mut files: u64 = entries.values().map(Entry::file_len).sum();
+        while total + size > CACHE_MAX || files + file_len > FILES_MAX {
             let Some(oldest) = entries
                 .iter()
                 .min_by_key(|(_, e)| e.used)
@@ -379,13 +432,14 @@ impl ListCache {
             };
             if let Some(e) = entries.remove(&oldest) {
                 total -= e.size;
+                files -= e.file_len();
             }
         }
         entries.insert(
             key,
             Entry {
                 stamp,
-                chunks: chunks.into(),
+                body,
                 size,
                 used: now,
             },
@@ -416,13 +470,58 @@ struct Writer {
     gz: Option<flate2::write::GzEncoder<Vec<u8>>>,
     rows: usize,
     head_sent: bool,
+    /// The answer so far, for the cache: in memory up to [`ENTRY_MAX`], then in a file of
+    /// `dir` (`None`: it will not be cached).
     kept: Option<Vec<Bytes>>,
     kept_size: usize,
+    file: Option<std::fs::File>,
+    dir: Option<std::path::PathBuf>,
     ranges: Ranges,
 }
 
 impl Writer {
-    fn new(tx: Sender, gzip: bool) -> Writer {
+    /// Keeps `chunk` for the cache, moving to a file past [`ENTRY_MAX`].
+    fn keep(&mut self, chunk: &Bytes) {
+        self.kept_size += chunk.len();
+        if let Some(f) = &mut self.file {
+            if f.write_all(chunk).is_err() {
+                self.file = None;
+            }
+            return;
+        }
+        let Some(kept) = &mut self.kept else {
+            return;
+        };
+        kept.push(chunk.clone());
+        if self.kept_size <= ENTRY_MAX {
+            return;
+        }
+        let kept = self.kept.take().unwrap_or_default();
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        match unnamed_file(dir) {
+            Ok(mut f) => {
+                if kept.iter().all(|c| f.write_all(c).is_ok()) {
+                    self.file = Some(f);
+                }
+            }
+            Err(e) => tracing::warn!(
+                dir = %dir.display(), error = %e,
+                "cannot keep a large list in a temporary file; it is not cached"
+            ),
+        }
+    }
+
+    /// What the cache keeps of a list that ended well.
+    fn kept(&mut self) -> Option<Kept> {
+        if let Some(f) = self.file.take() {
+            return Some(Kept::File(Arc::new(f), self.kept_size as u64));
+        }
+        self.kept.take().map(|k| Kept::Mem(k.into()))
+    }
+
+    fn new(tx: Sender, gzip: bool, dir: Option<std::path::PathBuf>) -> Writer {
         let mut raw = Vec::with_capacity(CHUNK + 4096);
         raw.push(b'[');
         Writer {
@@ -436,6 +535,8 @@ impl Writer {
             head_sent: false,
             kept: Some(Vec::new()),
             kept_size: 0,
+            file: None,
+            dir,
             ranges: Ranges::default(),
         }
     }
@@ -477,14 +578,7 @@ impl Writer {
         if chunk.is_empty() && !last {
             return Ok(());
         }
-        if let Some(kept) = &mut self.kept {
-            self.kept_size += chunk.len();
-            if self.kept_size > ENTRY_MAX {
-                self.kept = None;
-            } else {
-                kept.push(chunk.clone());
-            }
-        }
+        self.keep(&chunk);
         let m = if self.head_sent {
             Msg::Data(chunk)
         } else {
@@ -532,8 +626,9 @@ pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
 /// Reads the list on this (blocking) thread and sends it to `tx`.
 fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: Sender) {
     let key = (format!("{f:?}"), gzip);
-    let w = std::cell::RefCell::new(Writer::new(tx, gzip));
+    let w = std::cell::RefCell::new(Writer::new(tx, gzip, app.list_cache.dir.clone()));
     let mut stamp_seen: Option<String> = None;
+    let mut hit: Option<(String, Kept)> = None;
     let r = app.kloigos.list_units(
         f,
         &mut |stamp| {
@@ -543,8 +638,9 @@ fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: 
                 w.tx.send(Msg::NotModified(etag));
                 return false;
             }
-            if let Some(chunks) = app.list_cache.get(&key, stamp) {
-                w.tx.send(Msg::Whole { etag, chunks });
+            if let Some(kept) = app.list_cache.get(&key, stamp) {
+                // Sent once the read transaction is over.
+                hit = Some((etag, kept));
                 return false;
             }
             w.etag = etag;
@@ -554,14 +650,28 @@ fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: 
         &mut |row| w.borrow_mut().row(row),
     );
     let mut w = w.into_inner();
+    if let (Ok(()), Some((etag, kept))) = (&r, hit) {
+        send_kept(&w.tx, etag, kept);
+        return;
+    }
     let r = match r {
         Ok(()) if stamp_seen.is_some() => w.flush(true).map_err(crate::service::OpError::from),
         other => other,
     };
     match r {
         Ok(()) => {
-            if let (Some(stamp), Some(kept)) = (stamp_seen, w.kept.take()) {
+            let big = w.kept_size > ENTRY_MAX;
+            if let (Some(stamp), Some(kept)) = (stamp_seen, w.kept()) {
                 app.list_cache.put(key, stamp, kept);
+            }
+            drop(w);
+            if big {
+                // A large list went through hundreds of chunks allocated here and freed on
+                // the socket's thread: hand the freed memory back to the system now.
+                // SAFETY: malloc_trim only releases free memory of the allocator.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
             }
         }
         Err(crate::service::OpError::Store(StoreError::Stopped(_))) => {}
@@ -572,6 +682,42 @@ fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: 
                 other => StoreError::Stopped(other.to_string()),
             };
             w.tx.send(Msg::Failed(e));
+        }
+    }
+}
+
+/// Sends a cached answer: from memory at once, from its file chunk by chunk.
+fn send_kept(tx: &Sender, etag: String, kept: Kept) {
+    match kept {
+        Kept::Mem(chunks) => {
+            tx.send(Msg::Whole { etag, chunks });
+        }
+        Kept::File(file, len) => {
+            use std::os::unix::fs::FileExt;
+            let mut at = 0u64;
+            let mut etag = Some(etag);
+            while at < len || etag.is_some() {
+                let n = usize::try_from(len - at).unwrap_or(FILE_CHUNK).min(FILE_CHUNK);
+                let mut buf = vec![0u8; n];
+                if let Err(e) = file.read_exact_at(&mut buf, at) {
+                    tx.send(Msg::Failed(StoreError::Stopped(format!(
+                        "reading a cached list: {e}"
+                    ))));
+                    return;
+                }
+                at += n as u64;
+                let chunk = Bytes::from(buf);
+                let m = match etag.take() {
+                    Some(etag) => Msg::Head {
+                        etag,
+                        first: chunk,
+                    },
+                    None => Msg::Data(chunk),
+                };
+                if !tx.send(m) {
+                    return;
+                }
+            }
         }
     }
 }
@@ -770,16 +916,17 @@ mod tests {
     fn the_cache_keeps_small_lists_for_their_stamp_within_its_budget() {
         let c = ListCache::default();
         let k = |s: &str| (s.to_string(), false);
-        c.put(k("a"), "s1".into(), vec![Bytes::from_static(b"[]")]);
+        let mem = |v: Vec<Bytes>| Kept::Mem(v.into());
+        c.put(k("a"), "s1".into(), mem(vec![Bytes::from_static(b"[]")]));
         assert!(c.get(&k("a"), "s1").is_some());
         assert!(c.get(&k("a"), "s2").is_none(), "another stamp");
         assert!(c.get(&(String::from("a"), true), "s1").is_none(), "another encoding");
         let big = Bytes::from(vec![b' '; ENTRY_MAX + 1]);
-        c.put(k("big"), "s1".into(), vec![big]);
+        c.put(k("big"), "s1".into(), mem(vec![big]));
         assert!(c.get(&k("big"), "s1").is_none(), "too big to keep");
         let part = Bytes::from(vec![b' '; ENTRY_MAX]);
         for n in 0..8 {
-            c.put(k(&format!("p{n}")), "s1".into(), vec![part.clone()]);
+            c.put(k(&format!("p{n}")), "s1".into(), mem(vec![part.clone()]));
         }
         assert!(c.len() <= CACHE_MAX / ENTRY_MAX + 1, "{}", c.len());
         assert!(c.get(&k("p7"), "s1").is_some(), "the newest stays");

@@ -427,6 +427,7 @@ pub(super) fn serve(
         local.root.display()
     );
     let mut app = crate::api::App::new(k, tokens);
+    app.list_cache.set_dir(Some(list_cache_dir(&local.db)));
     app.tcp_anonymous = guard.tcp_anonymous_role;
     app.allowed_hosts = guard
         .allowed_hosts
@@ -528,5 +529,24 @@ async fn pull_logged(
             error = %crate::error::Chain(&e),
             "pull failed; retried at the next poke or timer"
         ),
+    }
+}
+
+/// Where lists too large to keep in memory are kept (in unnamed files): systemd's
+/// `CacheDirectory=` (`$CACHE_DIRECTORY`), else the SQLite database's directory, else the
+/// temporary directory. Each is root's alone or shared only by name-less files.
+fn list_cache_dir(db: &crate::store::DbTarget) -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("CACHE_DIRECTORY")
+        .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(std::path::PathBuf::from))
+        .filter(|d| d.is_absolute())
+    {
+        return dir;
+    }
+    match db {
+        crate::store::DbTarget::Sqlite(path) => match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        },
+        crate::store::DbTarget::Postgres(_) => std::env::temp_dir(),
     }
 }

@@ -630,7 +630,8 @@ impl Kloigos {
         let grace = self.apply_timeout + Duration::from_secs(5);
         let servers = match only {
             Some(h) => self.store.server(h)?.into_iter().collect(),
-            None => self.store.servers()?,
+            // Only joined hosts' servers are swept: no load from inventory-only ones.
+            None => self.store.remote_servers(&self.local)?,
         };
         for server in servers {
             if !self.is_remote(&server) {

@@ -409,6 +409,9 @@ pub trait Inventory: Send + Sync {
     }
     /// Servers in one of `statuses`, by hostname.
     fn servers_in(&self, statuses: &[ServerStatus]) -> Result<Vec<Server>>;
+    /// Servers of hosts other than `local` that are not inventory-only (what a hub's sweep
+    /// looks at), by hostname.
+    fn remote_servers(&self, local: &str) -> Result<Vec<Server>>;
     /// Servers of hosts other than `local` that are neither inventory-only nor retired
     /// (DECOMMISSIONED, INIT_FAIL) and whose host never joined: what reconcile marks
     /// inventory-only.

@@ -924,6 +924,16 @@ impl Inventory for PgStore {
         )
     }
 
+    fn remote_servers(&self, local: &str) -> Result<Vec<Server>> {
+        self.rows(
+            &format!(
+                "{SERVER_SELECT} WHERE hostname <> $1 AND NOT inventory_only ORDER BY hostname"
+            ),
+            &[&local],
+            server_from_row,
+        )
+    }
+
     fn unjoined_servers(&self, local: &str) -> Result<Vec<Server>> {
         self.rows(
             &format!(

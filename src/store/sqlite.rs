@@ -440,6 +440,9 @@ impl Store {
                 )?;
                 c.busy_timeout(std::time::Duration::from_secs(30))?;
                 c.set_prepared_statement_cache_capacity(64);
+                // Lists read their rows once, in order: a small page cache does (the
+                // kernel's caches the file), and an idle service keeps little memory.
+                c.pragma_update(None, "cache_size", -512)?;
                 c
             }
         };
@@ -488,6 +491,15 @@ impl Inventory for Store {
             list.join(", ")
         ))?;
         let rows = stmt.query_map([], server_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn remote_servers(&self, local: &str) -> Result<Vec<Server>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SERVER_SELECT} WHERE hostname <> ?1 AND inventory_only = 0 ORDER BY hostname"
+        ))?;
+        let rows = stmt.query_map([local], server_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
