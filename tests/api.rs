@@ -1132,3 +1132,43 @@ fn lists_stream_revalidate_and_follow_every_change() {
     let u = marked.iter().find(|u| u["compute_id"] == "inv05_4-7").unwrap();
     assert_eq!(u["problem"], "marked by hand");
 }
+
+/// A list larger than what the cache keeps in memory is kept in an unnamed file (nothing
+/// appears in the database's directory) and answered from it, byte for byte, until a change.
+#[test]
+fn large_lists_are_cached_in_unnamed_files() {
+    let s = Server::start_with_env(&[("KLOIGOS_LIST_CACHE_MEMORY", "20000")]);
+    for n in 0..10 {
+        let body = json!({"ip": format!("192.0.2.{n}"), "region": "r", "zone": "a",
+            "hostname": format!("inv{n:02}"), "inventory_only": true,
+            "cpu_ranges": ["0-3", "4-7", "8-11", "12-15", "16-19", "20-23", "24-27", "28-31"]});
+        let (code, v) = s.call("POST", "/api/admin/init_server", Some(&body.to_string()));
+        assert_eq!(code, 200, "{v}");
+    }
+    let before = common::files(s.dir.path());
+    let list = "/api/compute_units/";
+    let (code, h1, first) = get_raw(&s.socket, list, "");
+    assert_eq!(code, 200);
+    assert!(first.len() > 20000, "{}", first.len());
+    for _ in 0..3 {
+        let (code, h, again) = get_raw(&s.socket, list, "");
+        assert_eq!(code, 200);
+        assert_eq!(again, first);
+        // (On PostgreSQL, a transaction of another test's database in flight at the read
+        // makes the stamp the snapshot: the same rows, another ETag.)
+        if s.pg.is_none() {
+            assert_eq!(header(&h, "etag"), header(&h1, "etag"));
+        }
+    }
+    let (_, _, gz1) = get_raw(&s.socket, list, "Accept-Encoding: gzip\r\n");
+    let (_, _, gz2) = get_raw(&s.socket, list, "Accept-Encoding: gzip\r\n");
+    assert_eq!(gz1, gz2);
+    assert_eq!(common::files(s.dir.path()), before, "no named file was left");
+    let alloc = json!({"cpu_count": 4, "ssh_public_key": ssh_key("x"), "tags": {}, "inventory_only": true});
+    let (code, v) = s.call("POST", "/api/compute_units/allocate", Some(&alloc.to_string()));
+    assert_eq!(code, 200, "{v}");
+    let (_, h2, changed) = get_raw(&s.socket, list, "");
+    assert_ne!(header(&h2, "etag"), header(&h1, "etag"));
+    let changed: Vec<Value> = serde_json::from_slice(&changed).unwrap();
+    assert!(changed.iter().any(|u| u["compute_id"] == v["compute_id"] && u["status"] == "ALLOCATED"));
+}

@@ -346,8 +346,10 @@ pub(crate) struct ListCache {
     /// Part of every ETag: a database replaced under a running service (a restored backup)
     /// cannot make a client's old ETag match a different list.
     nonce: u64,
-    /// Where lists larger than [`ENTRY_MAX`] are kept (`None`: they are not).
+    /// Where lists larger than `mem_max` are kept (`None`: they are not).
     dir: Option<std::path::PathBuf>,
+    /// The largest list kept in memory ([`ENTRY_MAX`] unless set).
+    mem_max: usize,
 }
 
 impl Default for ListCache {
@@ -358,6 +360,7 @@ impl Default for ListCache {
             entries: Mutex::new(HashMap::new()),
             nonce: u64::from_le_bytes(b),
             dir: None,
+            mem_max: ENTRY_MAX,
         }
     }
 }
@@ -394,6 +397,11 @@ impl ListCache {
         self.dir = dir;
     }
 
+    /// Sets the largest list kept in memory (at most [`ENTRY_MAX`]); larger ones go to files.
+    pub(crate) fn set_memory_max(&mut self, bytes: usize) {
+        self.mem_max = bytes.min(ENTRY_MAX);
+    }
+
     fn get(&self, key: &(String, bool), stamp: &str) -> Option<Kept> {
         let mut entries = self.lock();
         let e = entries.get_mut(key)?;
@@ -409,7 +417,7 @@ impl ListCache {
             Kept::Mem(chunks) => chunks.iter().map(Bytes::len).sum(),
             Kept::File(..) => 0,
         };
-        if size > ENTRY_MAX {
+        if size > self.mem_max {
             return;
         }
         let file_len = match &body {
@@ -470,17 +478,18 @@ struct Writer {
     gz: Option<flate2::write::GzEncoder<Vec<u8>>>,
     rows: usize,
     head_sent: bool,
-    /// The answer so far, for the cache: in memory up to [`ENTRY_MAX`], then in a file of
+    /// The answer so far, for the cache: in memory up to `mem_max`, then in a file of
     /// `dir` (`None`: it will not be cached).
     kept: Option<Vec<Bytes>>,
     kept_size: usize,
     file: Option<std::fs::File>,
     dir: Option<std::path::PathBuf>,
+    mem_max: usize,
     ranges: Ranges,
 }
 
 impl Writer {
-    /// Keeps `chunk` for the cache, moving to a file past [`ENTRY_MAX`].
+    /// Keeps `chunk` for the cache, moving to a file past `mem_max`.
     fn keep(&mut self, chunk: &Bytes) {
         self.kept_size += chunk.len();
         if let Some(f) = &mut self.file {
@@ -493,7 +502,7 @@ impl Writer {
             return;
         };
         kept.push(chunk.clone());
-        if self.kept_size <= ENTRY_MAX {
+        if self.kept_size <= self.mem_max {
             return;
         }
         let kept = self.kept.take().unwrap_or_default();
@@ -521,7 +530,7 @@ impl Writer {
         self.kept.take().map(|k| Kept::Mem(k.into()))
     }
 
-    fn new(tx: Sender, gzip: bool, dir: Option<std::path::PathBuf>) -> Writer {
+    fn new(tx: Sender, gzip: bool, cache: &ListCache) -> Writer {
         let mut raw = Vec::with_capacity(CHUNK + 4096);
         raw.push(b'[');
         Writer {
@@ -536,7 +545,8 @@ impl Writer {
             kept: Some(Vec::new()),
             kept_size: 0,
             file: None,
-            dir,
+            dir: cache.dir.clone(),
+            mem_max: cache.mem_max,
             ranges: Ranges::default(),
         }
     }
@@ -626,7 +636,7 @@ pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
 /// Reads the list on this (blocking) thread and sends it to `tx`.
 fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: Sender) {
     let key = (format!("{f:?}"), gzip);
-    let w = std::cell::RefCell::new(Writer::new(tx, gzip, app.list_cache.dir.clone()));
+    let w = std::cell::RefCell::new(Writer::new(tx, gzip, &app.list_cache));
     let mut stamp_seen: Option<String> = None;
     let mut hit: Option<(String, Kept)> = None;
     let r = app.kloigos.list_units(
@@ -660,7 +670,7 @@ fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: 
     };
     match r {
         Ok(()) => {
-            let big = w.kept_size > ENTRY_MAX;
+            let big = w.kept_size > w.mem_max;
             if let (Some(stamp), Some(kept)) = (stamp_seen, w.kept()) {
                 app.list_cache.put(key, stamp, kept);
             }

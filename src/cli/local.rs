@@ -428,6 +428,13 @@ pub(super) fn serve(
     );
     let mut app = crate::api::App::new(k, tokens);
     app.list_cache.set_dir(Some(list_cache_dir(&local.db)));
+    // A tuning knob (and the tests' way to send small lists through the file cache).
+    if let Some(n) = std::env::var("KLOIGOS_LIST_CACHE_MEMORY")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        app.list_cache.set_memory_max(n);
+    }
     app.tcp_anonymous = guard.tcp_anonymous_role;
     app.allowed_hosts = guard
         .allowed_hosts
