@@ -349,7 +349,10 @@ fn first_answer(port: u16, token: &str, path: &str, within: Duration) -> Res<Dur
             return Ok(t0.elapsed());
         }
         if t0.elapsed() > within {
-            return Err(format!("no answer to GET {path} within {within:?}: {}", a.code));
+            return Err(format!(
+                "no answer to GET {path} within {within:?}: {}",
+                a.code
+            ));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -440,7 +443,10 @@ impl Proc {
         let port_hex = format!(":{:04X} ", self.port);
         loop {
             let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-            if tcp.lines().any(|l| l.contains(&port_hex) && l.contains(" 0A ")) {
+            if tcp
+                .lines()
+                .any(|l| l.contains(&port_hex) && l.contains(" 0A "))
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -846,7 +852,9 @@ fn list_phase(table: &mut Table, backend: &str, procs: &mut [Proc], token: &str)
             let v = match wrk(ports[0], token, &path) {
                 Ok(r) => format!("{r:.0} req/s"),
                 Err(e) => {
-                    table.notes.push(format!("{backend}: wrk at {label}: {e:.300}"));
+                    table
+                        .notes
+                        .push(format!("{backend}: wrk at {label}: {e:.300}"));
                     "n/a".into()
                 }
             };
@@ -867,7 +875,14 @@ fn list_phase(table: &mut Table, backend: &str, procs: &mut [Proc], token: &str)
             break;
         }
     }
-    start_and_memory(table, backend, &mut procs[0], token, runs, &size_label(f.units()))?;
+    start_and_memory(
+        table,
+        backend,
+        &mut procs[0],
+        token,
+        runs,
+        &size_label(f.units()),
+    )?;
     table.row(
         format!(
             "{backend}: fill through the API ({} units, 40% allocated)",
@@ -906,10 +921,15 @@ fn start_and_memory(
     );
     std::thread::sleep(Duration::from_secs(1));
     let pid = p.child.id();
-    let idle = rss_mib(pid, "VmRSS:");
+    // VmRSS counts the program's code pages mapped from the page cache (shared with every
+    // process that runs it, reclaimable); RssAnon is the memory the process holds itself.
+    let rss = |pid: u32| match (rss_mib(pid, "VmRSS:"), rss_mib(pid, "RssAnon:")) {
+        (Some(r), Some(a)) => format!("{r:.1} MiB ({a:.1} MiB anonymous)"),
+        _ => "n/a".into(),
+    };
     table.row(
         format!("{backend}: idle RSS after start, {label} units"),
-        idle.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+        rss(pid),
         "< 10 MB",
     );
     let (full, _, _) = time_list(p.port, token, "/api/compute_units/", runs)?;
@@ -924,10 +944,9 @@ fn start_and_memory(
         "< 100 MB",
     );
     std::thread::sleep(Duration::from_secs(2));
-    let after = rss_mib(pid, "VmRSS:");
     table.row(
         format!("{backend}: RSS afterwards, idle"),
-        after.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+        rss(pid),
         "< 15 MB",
     );
     let mut act: Vec<Duration> = Vec::new();

@@ -970,9 +970,8 @@ fn get_raw(socket: &std::path::Path, path: &str, headers: &str) -> (u16, String,
     let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .ok();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
-    );
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).expect("send");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
@@ -990,7 +989,10 @@ fn get_raw(socket: &std::path::Path, path: &str, headers: &str) -> (u16, String,
     let body = if head.contains("transfer-encoding: chunked") {
         let mut out = Vec::new();
         loop {
-            let eol = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size");
+            let eol = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk size");
             let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
                 .expect("chunk size");
             if n == 0 {
@@ -1033,7 +1035,10 @@ fn lists_stream_revalidate_and_follow_every_change() {
     let units: Vec<Value> = serde_json::from_slice(&body).expect("the streamed list is JSON");
     assert_eq!(units.len(), 240);
     // In hostname and CPU order, every one of them.
-    let ids: Vec<&str> = units.iter().map(|u| u["compute_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = units
+        .iter()
+        .map(|u| u["compute_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids[0], "inv00_0-3");
     assert_eq!(ids[8], "inv01_0-3");
     assert_eq!(ids[239], "inv29_28-31");
@@ -1041,7 +1046,11 @@ fn lists_stream_revalidate_and_follow_every_change() {
     let etag = header(&head, "etag").expect("an etag").to_string();
 
     // Filtered the same way as before the stream.
-    let (_, _, east) = get_raw(&s.socket, "/api/compute_units/?region=us-east&status=FREE", "");
+    let (_, _, east) = get_raw(
+        &s.socket,
+        "/api/compute_units/?region=us-east&status=FREE",
+        "",
+    );
     let east: Vec<Value> = serde_json::from_slice(&east).unwrap();
     assert_eq!(east.len(), 120);
     assert!(east.iter().all(|u| u["region"] == "us-east"));
@@ -1095,14 +1104,21 @@ fn lists_stream_revalidate_and_follow_every_change() {
     // A change through the API: the old ETag no longer matches, the list shows it.
     let alloc = json!({"cpu_count": 4, "ssh_public_key": ssh_key("x"), "tags": {"deployment_id": "d1"},
         "inventory_only": true});
-    let (code, v) = s.call("POST", "/api/compute_units/allocate", Some(&alloc.to_string()));
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc.to_string()),
+    );
     assert_eq!(code, 200, "{v}");
     let (code, head3, changed) = get_raw(&s.socket, list, &inm);
     assert_eq!(code, 200);
     let etag3 = header(&head3, "etag").unwrap().to_string();
     assert_ne!(etag3, etag);
     let changed: Vec<Value> = serde_json::from_slice(&changed).unwrap();
-    let mine = changed.iter().find(|u| u["compute_id"] == v["compute_id"]).unwrap();
+    let mine = changed
+        .iter()
+        .find(|u| u["compute_id"] == v["compute_id"])
+        .unwrap();
     assert_eq!(mine["status"], "ALLOCATED");
     assert_eq!(mine["tags"], json!({"deployment_id": "d1"}));
     let (_, _, d1) = get_raw(&s.socket, "/api/compute_units/?deployment_id=d1", "");
@@ -1129,7 +1145,10 @@ fn lists_stream_revalidate_and_follow_every_change() {
     assert_eq!(code, 200, "{head4}");
     assert_ne!(header(&head4, "etag"), Some(etag3.as_str()));
     let marked: Vec<Value> = serde_json::from_slice(&marked).unwrap();
-    let u = marked.iter().find(|u| u["compute_id"] == "inv05_4-7").unwrap();
+    let u = marked
+        .iter()
+        .find(|u| u["compute_id"] == "inv05_4-7")
+        .unwrap();
     assert_eq!(u["problem"], "marked by hand");
 }
 
@@ -1163,12 +1182,25 @@ fn large_lists_are_cached_in_unnamed_files() {
     let (_, _, gz1) = get_raw(&s.socket, list, "Accept-Encoding: gzip\r\n");
     let (_, _, gz2) = get_raw(&s.socket, list, "Accept-Encoding: gzip\r\n");
     assert_eq!(gz1, gz2);
-    assert_eq!(common::files(s.dir.path()), before, "no named file was left");
-    let alloc = json!({"cpu_count": 4, "ssh_public_key": ssh_key("x"), "tags": {}, "inventory_only": true});
-    let (code, v) = s.call("POST", "/api/compute_units/allocate", Some(&alloc.to_string()));
+    assert_eq!(
+        common::files(s.dir.path()),
+        before,
+        "no named file was left"
+    );
+    let alloc =
+        json!({"cpu_count": 4, "ssh_public_key": ssh_key("x"), "tags": {}, "inventory_only": true});
+    let (code, v) = s.call(
+        "POST",
+        "/api/compute_units/allocate",
+        Some(&alloc.to_string()),
+    );
     assert_eq!(code, 200, "{v}");
     let (_, h2, changed) = get_raw(&s.socket, list, "");
     assert_ne!(header(&h2, "etag"), header(&h1, "etag"));
     let changed: Vec<Value> = serde_json::from_slice(&changed).unwrap();
-    assert!(changed.iter().any(|u| u["compute_id"] == v["compute_id"] && u["status"] == "ALLOCATED"));
+    assert!(
+        changed
+            .iter()
+            .any(|u| u["compute_id"] == v["compute_id"] && u["status"] == "ALLOCATED")
+    );
 }

@@ -139,8 +139,8 @@ pub(crate) fn write_unit(
         // Parsed and written again, as the struct did: a row written by hand in another
         // layout still gives the same answer, and a corrupt one an error, never bad JSON.
         Some(t) => {
-            let v: serde_json::Value = serde_json::from_str(t)
-                .map_err(|e| StoreError::Corrupt(format!("tags: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("tags: {e}")))?;
             let _ = serde_json::to_writer(&mut *out, &v);
         }
         None => out.extend_from_slice(b"null"),
@@ -164,10 +164,16 @@ pub(crate) fn write_unit(
 /// What the reader sends.
 enum Msg {
     /// The first chunk of a list being read, with its ETag.
-    Head { etag: String, first: Bytes },
+    Head {
+        etag: String,
+        first: Bytes,
+    },
     Data(Bytes),
     /// The whole answer from the cache.
-    Whole { etag: String, chunks: Arc<[Bytes]> },
+    Whole {
+        etag: String,
+        chunks: Arc<[Bytes]>,
+    },
     NotModified(String),
     Failed(StoreError),
 }
@@ -287,7 +293,9 @@ impl http_body::Body for ListBody {
                 }
                 match rx.poll_recv(cx) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(Some(Msg::Data(c))) => Poll::Ready(Some(Ok(http_body::Frame::data(c)))),
+                    Poll::Ready(Some(Msg::Data(c))) => {
+                        Poll::Ready(Some(Ok(http_body::Frame::data(c))))
+                    }
                     Poll::Ready(Some(Msg::Failed(e))) => Poll::Ready(Some(Err(e))),
                     // Anything else after the head is a bug of the reader; end the body cut.
                     Poll::Ready(Some(_)) => Poll::Ready(Some(Err(StoreError::Stopped(
@@ -537,9 +545,8 @@ impl Writer {
             tx,
             etag: String::new(),
             raw,
-            gz: gzip.then(|| {
-                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())
-            }),
+            gz: gzip
+                .then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())),
             rows: 0,
             head_sent: false,
             kept: Some(Vec::new()),
@@ -608,9 +615,10 @@ impl Writer {
 
 /// Whether `If-None-Match` names `etag` (or is `*`).
 fn matches_etag(if_none_match: &str, etag: &str) -> bool {
-    if_none_match.split(',').map(str::trim).any(|t| {
-        t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
-    })
+    if_none_match
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
 /// Whether `Accept-Encoding` accepts gzip (a `q=0` refuses it).
@@ -707,7 +715,9 @@ fn send_kept(tx: &Sender, etag: String, kept: Kept) {
             let mut at = 0u64;
             let mut etag = Some(etag);
             while at < len || etag.is_some() {
-                let n = usize::try_from(len - at).unwrap_or(FILE_CHUNK).min(FILE_CHUNK);
+                let n = usize::try_from(len - at)
+                    .unwrap_or(FILE_CHUNK)
+                    .min(FILE_CHUNK);
                 let mut buf = vec![0u8; n];
                 if let Err(e) = file.read_exact_at(&mut buf, at) {
                     tx.send(Msg::Failed(StoreError::Stopped(format!(
@@ -718,10 +728,7 @@ fn send_kept(tx: &Sender, etag: String, kept: Kept) {
                 at += n as u64;
                 let chunk = Bytes::from(buf);
                 let m = match etag.take() {
-                    Some(etag) => Msg::Head {
-                        etag,
-                        first: chunk,
-                    },
+                    Some(etag) => Msg::Head { etag, first: chunk },
                     None => Msg::Data(chunk),
                 };
                 if !tx.send(m) {
@@ -831,7 +838,9 @@ mod tests {
         let tags = [
             None,
             Some(serde_json::json!({})),
-            Some(serde_json::json!({"z": 1, "a": [1, 2.5, "x"], "deployment_id": "d\u{7f}é", "n": null})),
+            Some(
+                serde_json::json!({"z": 1, "a": [1, 2.5, "x"], "deployment_id": "d\u{7f}é", "n": null}),
+            ),
         ];
         let mut ranges = Ranges::default();
         for &status in crate::store::UnitStatus::ALL {
@@ -930,7 +939,10 @@ mod tests {
         c.put(k("a"), "s1".into(), mem(vec![Bytes::from_static(b"[]")]));
         assert!(c.get(&k("a"), "s1").is_some());
         assert!(c.get(&k("a"), "s2").is_none(), "another stamp");
-        assert!(c.get(&(String::from("a"), true), "s1").is_none(), "another encoding");
+        assert!(
+            c.get(&(String::from("a"), true), "s1").is_none(),
+            "another encoding"
+        );
         let big = Bytes::from(vec![b' '; ENTRY_MAX + 1]);
         c.put(k("big"), "s1".into(), mem(vec![big]));
         assert!(c.get(&k("big"), "s1").is_none(), "too big to keep");

@@ -544,7 +544,11 @@ async fn pull_logged(
 /// temporary directory. Each is root's alone or shared only by name-less files.
 fn list_cache_dir(db: &crate::store::DbTarget) -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("CACHE_DIRECTORY")
-        .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(std::path::PathBuf::from))
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|v| v.split(':').next())
+                .map(std::path::PathBuf::from)
+        })
         .filter(|d| d.is_absolute())
     {
         return dir;

@@ -34,7 +34,8 @@ use tokio_postgres::types::ToSql;
 ///
 /// Tags and the audit's before/after are `json` (the caller's text, key order kept, as the
 /// API echoes them); the rest of the JSON is `jsonb`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE servers (
     hostname       TEXT PRIMARY KEY,
     ip             TEXT NOT NULL,

@@ -425,11 +425,7 @@ impl Store {
         let Some(path) = &self.path else {
             return f(&self.conn());
         };
-        let kept = self
-            .readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
+        let kept = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let conn = match kept {
             Some(c) => c,
             None => {
@@ -484,7 +480,10 @@ impl Inventory for Store {
     }
 
     fn servers_in(&self, statuses: &[ServerStatus]) -> Result<Vec<Server>> {
-        let list: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let list: Vec<String> = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
             "{SERVER_SELECT} WHERE status IN ({}) ORDER BY hostname",
@@ -562,9 +561,8 @@ impl Inventory for Store {
                 let bad = |i: usize, e: rusqlite::types::FromSqlError| {
                     StoreError::Corrupt(format!("list column {i}: {e}"))
                 };
-                let text = |i: usize| -> Result<&str> {
-                    r.get_ref(i)?.as_str().map_err(|e| bad(i, e))
-                };
+                let text =
+                    |i: usize| -> Result<&str> { r.get_ref(i)?.as_str().map_err(|e| bad(i, e)) };
                 let opt = |i: usize| -> Result<Option<&str>> {
                     r.get_ref(i)?.as_str_or_null().map_err(|e| bad(i, e))
                 };

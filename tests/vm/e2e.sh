@@ -106,6 +106,7 @@ phase() {
 phase before
 phase install
 phase units
+phase latency
 phase race
 phase generator
 phase upgrade
