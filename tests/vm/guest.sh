@@ -656,13 +656,15 @@ latency)
     dealloc+=("$secs")
   done
   pcts() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 * 1000 } END { if (NR) printf "p50 %.0f ms, p99 %.0f ms (n=%d)", v[int((NR + 1) / 2)], v[NR - int(NR / 100)], NR }'; }
-  u=$(getent passwd 20003 | cut -d: -f1)
+  u=kloigos-latprobe
+  useradd -r -M -s /usr/sbin/nologin "$u" 2>/dev/null || true
   t=$EPOCHREALTIME; for _ in 1 2 3 4 5; do /bin/true; done; spawn=$(awk -v a="$t" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", (b - a) * 200 }')
   t=$EPOCHREALTIME; for _ in 1 2 3 4 5; do loginctl enable-linger "$u"; loginctl disable-linger "$u"; done
   linger=$(awk -v a="$t" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", (b - a) * 100 }')
   t=$EPOCHREALTIME; for i in 1 2 3 4 5; do python3 -c 'import os,sys; f=open(sys.argv[1]+".tmp","w"); f.write("x"); f.flush(); os.fsync(f.fileno()); f.close(); os.rename(sys.argv[1]+".tmp", sys.argv[1]); d=os.open("/var/tmp", os.O_RDONLY); os.fsync(d)' /var/tmp/e2e-fsync; done
   fsync=$(awk -v a="$t" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", (b - a) * 200 }')
   rm -f /var/tmp/e2e-fsync
+  userdel "$u" 2>/dev/null || true
   expect "no unit left allocated by this phase" "$(kloigos --json units 2>/dev/null | grep -c '"e2e": "latency"')" 0
   finish a-allocate-latency
   echo "RESULT a-latency-figures PASS $(secs) allocate $(pcts "${alloc[@]}"); deallocate $(pcts "${dealloc[@]}"); one process start ${spawn} ms, loginctl enable+disable-linger ${linger} ms, python3 start + fsync'ed atomic write ${fsync} ms"
