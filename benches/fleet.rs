@@ -1376,6 +1376,23 @@ fn machine() -> (String, String, String) {
     )
 }
 
+/// The rows and notes of the VM part (`scripts/bench-vm.sh`, run before this program by
+/// `scripts/bench.sh`): `row|figure|measured|goal` and `note|text` lines.
+fn vm_rows(table: &mut Table) {
+    let Ok(path) = std::env::var("KLOIGOS_BENCH_VM_ROWS") else {
+        return;
+    };
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    for line in text.lines() {
+        let mut f = line.split('|');
+        match (f.next(), f.next(), f.next(), f.next()) {
+            (Some("row"), Some(fig), Some(val), goal) => table.row(fig, val, goal.unwrap_or("")),
+            (Some("note"), Some(n), _, _) => table.notes.push(n.to_string()),
+            _ => {}
+        }
+    }
+}
+
 fn main() {
     let phases = std::env::var("KLOIGOS_BENCH_PHASES").unwrap_or_else(|_| "sqlite,pg,fleet".into());
     let want = |p: &str| phases.split(',').any(|x| x.trim() == p);
@@ -1410,6 +1427,7 @@ fn main() {
             ));
         }
     }
+    vm_rows(&mut table);
     println!("Kloigos benchmark, {date}; {host}; commit {commit}; release build.");
     println!(
         "Client and servers share the machine's CPUs (with other work on it): the figures are \

@@ -153,15 +153,62 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TokenError + '_ {
     }
 }
 
-/// The token file. Read on every check, so a revocation takes effect at once.
+/// What says the token file is unchanged: device, inode, size, mtime and ctime (ns). Every
+/// write (`kloigos token`'s rename, an editor's, an append) changes one of them.
+type FileStamp = (u64, u64, i64, i64, i64, i64, i64);
+/// The token file's entries as last parsed, with the metadata they were parsed at.
+type Parsed = Option<(FileStamp, std::sync::Arc<[TokenEntry]>)>;
+
+/// The token file. Checked on every request, so a revocation takes effect at once: its
+/// metadata is looked at each time, and it is read and parsed again only when that changed.
 #[derive(Debug, Clone)]
 pub(crate) struct Tokens {
     pub(crate) path: PathBuf,
+    parsed: std::sync::Arc<std::sync::Mutex<Parsed>>,
 }
 
 impl Tokens {
     pub(crate) fn new(path: impl Into<PathBuf>) -> Tokens {
-        Tokens { path: path.into() }
+        Tokens {
+            path: path.into(),
+            parsed: Default::default(),
+        }
+    }
+
+    /// The entries, from the last parse while the file's metadata is unchanged.
+    fn entries(&self) -> Result<std::sync::Arc<[TokenEntry]>, TokenError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(std::sync::Arc::from(Vec::new()));
+            }
+            Err(e) => return Err(io_err(&self.path)(e)),
+        };
+        let stamp = (
+            m.dev(),
+            m.ino(),
+            i64::try_from(m.size()).unwrap_or(i64::MAX),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        );
+        // File times come from a coarse clock: two writes a few milliseconds apart may leave
+        // the same times (and size). A file changed in the last two seconds is read again.
+        let settled = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .is_ok_and(|now| i64::try_from(now.as_secs()).is_ok_and(|n| n - m.ctime() >= 2));
+        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, entries)) = parsed.as_ref()
+            && *at == stamp
+            && settled
+        {
+            return Ok(entries.clone());
+        }
+        let entries: std::sync::Arc<[TokenEntry]> = std::sync::Arc::from(self.list()?);
+        *parsed = Some((stamp, entries.clone()));
+        Ok(entries)
     }
 
     pub(crate) fn list(&self) -> Result<Vec<TokenEntry>, TokenError> {
@@ -265,7 +312,7 @@ impl Tokens {
     /// The entry whose hash matches the presented secret.
     pub(crate) fn verify(&self, secret: &str) -> Result<Option<TokenEntry>, TokenError> {
         let h = sha256_hex(secret.trim());
-        Ok(self.list()?.into_iter().find(|e| e.hash == h))
+        Ok(self.entries()?.iter().find(|e| e.hash == h).cloned())
     }
 }
 
@@ -375,6 +422,26 @@ pub(crate) fn unix_caller(uid: u32, gid: u32) -> Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edit_in_place_of_the_token_file_takes_effect_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tokens::new(dir.path().join("tokens"));
+        let a = t.create("ops", Role::Admin).unwrap();
+        // Settled (older than the coarse-clock window): kept parsed from here on.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(t.verify(&a).unwrap().unwrap().role, Role::Admin);
+        assert_eq!(t.verify(&a).unwrap().unwrap().role, Role::Admin);
+        // Same inode, same size: a role changed by an editor that writes in place.
+        let text = std::fs::read_to_string(&t.path).unwrap();
+        let edited = text.replace(" admin ", " user  ");
+        assert_ne!(edited, text);
+        std::fs::write(&t.path, &edited).unwrap();
+        assert_eq!(t.verify(&a).unwrap().unwrap().role, Role::User);
+        // Removed by hand: no token.
+        std::fs::remove_file(&t.path).unwrap();
+        assert!(t.verify(&a).unwrap().is_none());
+    }
 
     #[test]
     fn tokens_are_hashed_verified_and_revoked() {

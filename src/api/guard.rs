@@ -119,10 +119,20 @@ pub(super) async fn authenticate(
             let what = format!("{} {}", req.method(), req.uri().path());
             match credential {
                 crate::auth::Credential::Bearer(secret) => {
-                    let k2 = k.clone();
-                    match tokio::task::spawn_blocking(move || bearer_caller(&k2, &secret)).await {
-                        Ok(Ok(Some(c))) => Some(c),
-                        Ok(Ok(None)) => {
+                    // The token file's entries are checked here (a stat, and a parse only
+                    // after a change); a host token needs the inventory, off the async threads.
+                    let found = match file_caller(&k, &secret) {
+                        Ok(None) if secret.trim().starts_with(crate::auth::HOST_TOKEN_PREFIX) => {
+                            let k2 = k.clone();
+                            tokio::task::spawn_blocking(move || host_caller(&k2, &secret))
+                                .await
+                                .unwrap_or(Ok(None))
+                        }
+                        other => other,
+                    };
+                    match found {
+                        Ok(Some(c)) => Some(c),
+                        Ok(None) => {
                             let who = refused();
                             audit_denied(
                                 &k,
@@ -133,8 +143,7 @@ pub(super) async fn authenticate(
                             .await;
                             return unauthorized("invalid bearer token");
                         }
-                        Ok(Err(e)) => return e.into_response(),
-                        Err(_) => None,
+                        Err(e) => return e.into_response(),
                     }
                 }
                 crate::auth::Credential::Malformed(reason) => {
@@ -177,31 +186,32 @@ pub(super) async fn authenticate(
     next.run(req).await
 }
 
-/// The caller a bearer token stands for: an entry of the token file, or else a fleet host
-/// whose token hash is in the inventory. `Ok(None)`: no such token.
-fn bearer_caller(k: &App, secret: &str) -> Result<Option<Caller>, ApiError> {
+/// The caller a bearer token of the token file stands for. `Ok(None)`: no such entry.
+fn file_caller(k: &App, secret: &str) -> Result<Option<Caller>, ApiError> {
     let secret = secret.trim();
     match k.tokens.verify(secret) {
         // A token is its own source: one noisy client does not hide the refusals of others
         // on the same address.
-        Ok(Some(entry)) => {
-            return Ok(Some(Caller {
-                actor: format!("token:{}", entry.name),
-                role: entry.role,
-                anonymous: false,
-                source: format!("token:{}", entry.name),
-                host: None,
-            }));
-        }
-        Ok(None) => {}
+        Ok(entry) => Ok(entry.map(|entry| Caller {
+            actor: format!("token:{}", entry.name),
+            role: entry.role,
+            anonymous: false,
+            source: format!("token:{}", entry.name),
+            host: None,
+        })),
         Err(e) => {
             tracing::error!(error = %crate::error::Chain(&e), "cannot read the token file");
-            return Err(ApiError::detail(
+            Err(ApiError::detail(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot check tokens: {}", crate::error::Chain(&e)),
-            ));
+            ))
         }
     }
+}
+
+/// The fleet host whose token hash is in the inventory. `Ok(None)`: no such token.
+fn host_caller(k: &App, secret: &str) -> Result<Option<Caller>, ApiError> {
+    let secret = secret.trim();
     if !secret.starts_with(crate::auth::HOST_TOKEN_PREFIX) {
         return Ok(None);
     }

@@ -424,11 +424,11 @@ pub(super) async fn read_body(k: &App, body: axum::body::Body) -> ApiResult<Byte
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Object)))]
 pub(super) async fn healthz(State(k): State<AppState>) -> ApiResult<Json<Value>> {
     let k2 = k.clone();
-    let servers = blocking(move || k2.servers()).await?;
+    let counts = blocking(move || k2.unit_counts()).await?;
     Ok(Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "hostname": k.local_hostname(),
-        "servers": servers.len(),
+        "servers": counts.servers,
     })))
 }

@@ -224,6 +224,8 @@ pub struct UnitRow<'a> {
 pub struct UnitCounts {
     pub total: u64,
     pub allocated: u64,
+    /// Servers in the inventory.
+    pub servers: u64,
 }
 
 /// A unit row as inserted by init_server.

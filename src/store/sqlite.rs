@@ -527,12 +527,14 @@ impl Inventory for Store {
     fn unit_counts(&self) -> Result<UnitCounts> {
         self.read(|conn| {
             Ok(conn.query_row(
-                "SELECT count(*), count(*) FILTER (WHERE status = 'ALLOCATED') FROM compute_units",
+                "SELECT count(*), count(*) FILTER (WHERE status = 'ALLOCATED'), \
+                 (SELECT count(*) FROM servers) FROM compute_units",
                 [],
                 |r| {
                     Ok(UnitCounts {
                         total: r.get::<_, i64>(0)?.max(0).unsigned_abs(),
                         allocated: r.get::<_, i64>(1)?.max(0).unsigned_abs(),
+                        servers: r.get::<_, i64>(2)?.max(0).unsigned_abs(),
                     })
                 },
             )?)

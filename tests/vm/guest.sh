@@ -633,6 +633,21 @@ reboot)
   finish h-reboot
   ;;
 
+bench-setup)
+  # For scripts/bench-vm.sh: keys, the package, and a server of 4 one-CPU units, without the
+  # checks of the phases above.
+  start
+  mkdir -p "$KEYS"
+  for k in k1 k2; do [[ -f $KEYS/$k ]] || ssh-keygen -q -t ed25519 -N '' -C "$k@test" -f "$KEYS/$k"; done
+  deb=$(ls $PKGS/kloigos_*_amd64.deb | grep -v -e '+up' -e '~pregen' | head -1)
+  out=$(deps_apt install -y "$deb" 2>&1) || out=$(deps_apt update 2>&1 && deps_apt install -y "$deb" 2>&1)
+  expect "apt install" "$?" 0
+  ip=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
+  out=$(kloigos init-server --hostname "$HOST" --ip "${ip:-127.0.0.1}" --region test --zone vm 0 1 2 3 2>&1)
+  expect "init-server" "$?" 0
+  finish bench-setup
+  ;;
+
 latency)
   # allocate -> ALLOCATED on the real systemd, as the caller sees it (curl's own time, on the
   # unix socket: no process start counted), and the same for deallocate; then what the
@@ -668,6 +683,13 @@ latency)
   expect "no unit left allocated by this phase" "$(kloigos --json units 2>/dev/null | grep -c '"e2e": "latency"')" 0
   finish a-allocate-latency
   echo "RESULT a-latency-figures PASS $(secs) allocate $(pcts "${alloc[@]}"); deallocate $(pcts "${dealloc[@]}"); one process start ${spawn} ms, loginctl enable+disable-linger ${linger} ms, python3 start + fsync'ed atomic write ${fsync} ms"
+  # For scripts/bench-vm.sh: figure|measured|goal.
+  p5099() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 * 1000 } END { if (NR) printf "%.0f ms / %.0f ms", v[int((NR + 1) / 2)], v[NR - int(NR / 100)] }'; }
+  echo "BENCH|VM: allocate → ALLOCATED ($((${#alloc[@]})) calls, curl on the unix socket), p50 / p99|$(p5099 "${alloc[@]}")|< 20 ms / < 100 ms"
+  echo "BENCH|VM: deallocate ($((${#dealloc[@]})) calls), p50 / p99|$(p5099 "${dealloc[@]}")|"
+  echo "BENCH|VM: one process start (/bin/true)|${spawn} ms|"
+  echo "BENCH|VM: loginctl enable-linger + disable-linger|${linger} ms|"
+  echo "BENCH|VM: python3 start + an fsync'ed atomic write|${fsync} ms|"
   ;;
 
 race)
