@@ -14,7 +14,7 @@ step "dependencies"
 . scripts/lib/pg.sh
 deps_need python3:python3 curl:curl nft:nftables systemd-socket-activate:systemd unshare:util-linux setpriv:util-linux prlimit:util-linux \
   ip:iproute2 ssh-keygen:openssh-client ansible-inventory:ansible-core ansible:ansible-core \
-  psql:postgresql-client openssl:openssl
+  psql:postgresql-client openssl:openssl dbus-daemon:dbus-daemon
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 step "format and lints"

@@ -29,6 +29,7 @@
 //! serves the others.
 
 mod converge;
+pub mod dbus;
 mod dirfd;
 
 pub use converge::{ApplyReport, ErrorList, Scope, converge};
@@ -200,6 +201,28 @@ impl Host {
                 status: out.status.to_string(),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             })
+        }
+    }
+
+    /// Calls logind's `member` on the system bus (what loginctl does, without starting it);
+    /// where the bus cannot be reached, runs `fallback` (loginctl) instead.
+    fn logind(
+        &self,
+        member: &str,
+        args: &[dbus::Arg],
+        fallback: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        match dbus::call_system(&dbus::logind(member, args)) {
+            Ok(()) => Ok(()),
+            Err(e @ dbus::DbusError::Transport(_)) => {
+                tracing::warn!(error = %e, member, "logind over D-Bus failed; running loginctl");
+                fallback()
+            }
+            Err(e) => Err(ApplyError::Command {
+                cmd: format!("logind {member} (D-Bus)"),
+                status: "error reply".into(),
+                stderr: e.to_string(),
+            }),
         }
     }
 
@@ -410,12 +433,19 @@ impl Host {
     /// Lingering on or off: the user's `systemd --user` runs without a login session.
     pub fn set_linger(&self, plan: &UnitPlan, on: bool) -> Result<()> {
         if self.live {
-            let verb = if on {
-                "enable-linger"
-            } else {
-                "disable-linger"
-            };
-            self.run("loginctl", &[verb, &plan.user])?;
+            let args = [
+                dbus::Arg::U32(plan.uid),
+                dbus::Arg::Bool(on),
+                dbus::Arg::Bool(false),
+            ];
+            self.logind("SetUserLinger", &args, || {
+                let verb = if on {
+                    "enable-linger"
+                } else {
+                    "disable-linger"
+                };
+                self.run("loginctl", &[verb, &plan.user]).map(drop)
+            })?;
         } else if on {
             self.write(
                 &RenderedFile {
@@ -506,7 +536,10 @@ impl Host {
         if !self.live {
             return Ok(());
         }
-        let _ = self.run("loginctl", &["terminate-user", &plan.user]);
+        let _ = self.logind("TerminateUser", &[dbus::Arg::U32(plan.uid)], || {
+            self.run("loginctl", &["terminate-user", &plan.user])
+                .map(drop)
+        });
         let deadline = Instant::now() + grace;
         signal_uid(plan.uid, nix::sys::signal::Signal::SIGTERM);
         while Instant::now() < deadline && !pids_of_uid(plan.uid).is_empty() {
