@@ -553,7 +553,12 @@ impl Host {
         loop {
             let _ = fs::write(&cgroup_kill, "1");
             signal_uid(plan.uid, nix::sys::signal::Signal::SIGKILL);
-            std::thread::sleep(Duration::from_millis(50));
+            // Nothing left (often: the second pass of a release): no wait.
+            let left = pids_of_uid(plan.uid);
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
             let left = pids_of_uid(plan.uid);
             if left.is_empty() {
                 break;
