@@ -171,11 +171,22 @@ impl Kloigos {
             .server(&unit.hostname)?
             .ok_or_else(|| OpError::NotFound(unit.hostname.clone()))?;
         let plan = self.plan(&server, unit)?;
+        let t0 = std::time::Instant::now();
         self.host.write_authorized_key(&plan, key)?;
+        let t1 = std::time::Instant::now();
         test_pause("allocate");
         // tmpfiles.d now carries the linger flag; the drop-ins do not change (no reload).
         converge(&self.host, &self.desired(None, None)?, Scope::Files)?;
+        let t2 = std::time::Instant::now();
         self.host.set_linger(&plan, true)?;
+        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(
+            compute_id = %unit.compute_id,
+            key_us = us(t1 - t0),
+            files_us = us(t2 - t1),
+            linger_us = us(t2.elapsed()),
+            "allocation applied"
+        );
         Ok(())
     }
 
