@@ -512,12 +512,17 @@ upgrade)
     # its reconcile writes its drop-ins to /etc/systemd/system; it never had a state file.
     # Its inventory schema ends at migration 2 and it refuses a newer database (a downgrade
     # past a migration is not supported), so the database is put back as that version left
-    # it; the upgrade below then runs migration 3 on it, as on a real old host.
+    # it (migration 4's change counter and indexes, then migration 3's columns and table); the
+    # upgrade below then runs migrations 3 and 4 on it, as on a real old host.
     systemctl stop kloigos.service
     python3 - /var/lib/kloigos/kloigos.db <<'PY'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
 c.executescript("""
+DROP TRIGGER units_inserted; DROP TRIGGER units_updated; DROP TRIGGER units_deleted;
+DROP TRIGGER servers_inserted; DROP TRIGGER servers_updated; DROP TRIGGER servers_deleted;
+DROP TABLE kloigos_generation;
+DROP INDEX compute_units_host; DROP INDEX compute_units_unsettled;
 ALTER TABLE compute_units DROP COLUMN claim;
 ALTER TABLE servers DROP COLUMN inventory_only;
 DROP TABLE hosts;
