@@ -994,12 +994,26 @@ fn sqlite_phase(table: &mut Table) -> Res<()> {
             tokens.display().to_string(),
         ],
     )?;
-    list_phase(
+    let r = list_phase(
         table,
         "SQLite, one host",
         std::slice::from_mut(&mut p),
         &token,
-    )
+    );
+    // For profiling by hand: the filled inventory, its fake root and token file.
+    if let Some(keep) = std::env::var_os("KLOIGOS_BENCH_KEEP") {
+        drop(p);
+        let _ = Command::new("cp")
+            .arg("-a")
+            .arg(dir.path())
+            .arg(&keep)
+            .status();
+        say(&format!(
+            "SQLite inventory kept in {}",
+            Path::new(&keep).display()
+        ));
+    }
+    r
 }
 
 fn pg_phase(table: &mut Table) -> Res<()> {
