@@ -100,8 +100,9 @@ pub(crate) fn bind(addr: &str) -> io::Result<Listener> {
 pub(crate) struct ServeOptions {
     /// Exit after this long with no open connection (None: serve until a signal).
     pub(crate) idle_timeout: Option<Duration>,
-    /// Sent as `STATUS=` once ready.
-    pub(crate) status: String,
+    /// What `STATUS=` says besides the sockets: worked out after `READY=1` (it may read the
+    /// whole inventory's counts), and sent then.
+    pub(crate) status: Box<dyn FnOnce() -> String + Send>,
     /// Time a client has to send a request's headers, or to start the next request on a
     /// kept-alive connection.
     pub(crate) header_timeout: Duration,
@@ -448,12 +449,17 @@ pub(crate) async fn serve(
             }
         }
     }
-    let status = format!("{}; listening on {}", opts.status, described.join(", "));
-    info!(%status, "ready");
+    let listening = format!("listening on {}", described.join(", "));
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
+        sd_notify::NotifyState::Status(&listening),
     ]);
+    let status = opts.status;
+    tokio::task::spawn_blocking(move || {
+        let status = format!("{}; {listening}", status());
+        info!(%status, "ready");
+        notify(&[sd_notify::NotifyState::Status(&status)]);
+    });
 
     let idle = async {
         let Some(idle) = opts.idle_timeout else {

@@ -418,11 +418,8 @@ pub(super) fn serve(
             ),
         }
     }
-    let counts = k.unit_counts()?;
-    let status = format!(
-        "{} units, {} allocated, host {} (root {})",
-        counts.total,
-        counts.allocated,
+    let host = format!(
+        "host {} (root {})",
         k.local_hostname(),
         local.root.display()
     );
@@ -452,6 +449,12 @@ pub(super) fn serve(
         crate::audit::DENIALS_PER_WINDOW,
     ));
     let state = std::sync::Arc::new(app);
+    // The counts are read once serving: at fleet scale they read a large index.
+    let counted = state.clone();
+    let status = Box::new(move || match counted.kloigos.unit_counts() {
+        Ok(c) => format!("{} units, {} allocated, {host}", c.total, c.allocated),
+        Err(e) => format!("{host}; units not counted: {}", crate::error::Chain(&e)),
+    });
     let retention = crate::audit::Retention {
         days: guard.audit_retention_days,
         max_rows: guard.audit_max_rows,

@@ -121,6 +121,12 @@ CREATE TRIGGER units_changed AFTER INSERT OR UPDATE OR DELETE ON compute_units
 CREATE TRIGGER servers_changed AFTER INSERT OR UPDATE OR DELETE ON servers
     FOR EACH STATEMENT EXECUTE FUNCTION kloigos_changed();
 "#,
+    // Start-up and the sweep read servers by status, and the fleet's (not inventory-only)
+    // ones, without a scan of a large inventory.
+    r#"
+CREATE INDEX servers_status ON servers (status, hostname);
+CREATE INDEX servers_fleet ON servers (hostname) WHERE NOT inventory_only;
+"#,
 ];
 
 /// The units a half-done operation or a problem left (the partial index's condition).

@@ -112,6 +112,14 @@ fn migrations() -> Migrations<'static> {
             BEGIN UPDATE kloigos_generation SET n = n + 1; END;
         "#,
         ),
+        // Start-up reads servers by status, and the fleet's (not inventory-only) ones,
+        // without a scan of a large inventory.
+        M::up(
+            r#"
+        CREATE INDEX servers_status ON servers (status, hostname);
+        CREATE INDEX servers_fleet ON servers (hostname) WHERE inventory_only = 0;
+        "#,
+        ),
     ])
 }
 

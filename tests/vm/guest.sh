@@ -512,13 +512,14 @@ upgrade)
     # its reconcile writes its drop-ins to /etc/systemd/system; it never had a state file.
     # Its inventory schema ends at migration 2 and it refuses a newer database (a downgrade
     # past a migration is not supported), so the database is put back as that version left
-    # it (migration 4's change counter and indexes, then migration 3's columns and table); the
-    # upgrade below then runs migrations 3 and 4 on it, as on a real old host.
+    # it (migrations 5 and 4: indexes, the change counter; then migration 3's columns and
+    # table); the upgrade below then runs migrations 3 to 5 on it, as on a real old host.
     systemctl stop kloigos.service
     python3 - /var/lib/kloigos/kloigos.db <<'PY'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
 c.executescript("""
+DROP INDEX servers_status; DROP INDEX servers_fleet;
 DROP TRIGGER units_inserted; DROP TRIGGER units_updated; DROP TRIGGER units_deleted;
 DROP TRIGGER servers_inserted; DROP TRIGGER servers_updated; DROP TRIGGER servers_deleted;
 DROP TABLE kloigos_generation;
