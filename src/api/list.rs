@@ -462,11 +462,21 @@ impl ListCache {
         );
     }
 
-    /// Drops what was not asked for lately (called by the housekeeping tick).
+    /// Drops what was not asked for lately (called by the housekeeping tick); when answers
+    /// held in memory went, the allocator gives their pages back to the system.
     pub(crate) fn expire(&self) {
         let now = Instant::now();
-        self.lock()
-            .retain(|_, e| now.duration_since(e.used) < CACHE_IDLE);
+        let mut freed = 0;
+        self.lock().retain(|_, e| {
+            let keep = now.duration_since(e.used) < CACHE_IDLE;
+            if !keep {
+                freed += e.size;
+            }
+            keep
+        });
+        if freed > 0 {
+            trim();
+        }
     }
 
     #[cfg(test)]
@@ -686,10 +696,7 @@ fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: 
             if big {
                 // A large list went through hundreds of chunks allocated here and freed on
                 // the socket's thread: hand the freed memory back to the system now.
-                // SAFETY: malloc_trim only releases free memory of the allocator.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
+                trim();
             }
         }
         Err(crate::service::OpError::Store(StoreError::Stopped(_))) => {}
@@ -701,6 +708,15 @@ fn read(app: &App, f: &UnitFilter, gzip: bool, if_none_match: Option<&str>, tx: 
             };
             w.tx.send(Msg::Failed(e));
         }
+    }
+}
+
+/// Gives the allocator's free pages back to the system (every arena's: the chunks of an
+/// answer are allocated on a blocking thread and freed on the socket's).
+fn trim() {
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
