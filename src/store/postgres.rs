@@ -1164,23 +1164,16 @@ impl Inventory for PgStore {
         let (sql, args) = unit_query(LIST_SELECT, f);
         self.block(async {
             let mut c = self.client().await?;
-            // A quiet inventory answers from the cache in one round trip: the counter, then
-            // (the next statement, so a later snapshot) whether any transaction is in
-            // progress, both in one simple query. Only a hit is taken from it; otherwise the
-            // stamp is read again below with the snapshot the rows are read in.
-            let quick = c
-                .simple_query(
-                    "SELECT last_value FROM kloigos_change; \
-                     SELECT NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()))",
-                )
+            // A cache hit in one round trip: the counter alone. An answer is kept under
+            // `q{n}` only when it was read (below) with every change up to `n` committed or
+            // rolled back; while the counter still reads `n` nothing has changed since (a
+            // sequence never goes back), so that answer is current. Otherwise the stamp is
+            // read again below, with the snapshot the rows are read in.
+            let counter_stmt = c
+                .prepare_cached("SELECT last_value FROM kloigos_change")
                 .await?;
-            let mut vals = quick.iter().filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
-                _ => None,
-            });
-            if let (Some(counter), Some("t")) = (vals.next(), vals.next())
-                && !stamp(&format!("q{counter}"))
-            {
+            let now: i64 = c.query_one(&counter_stmt, &[]).await?.try_get(0)?;
+            if !stamp(&format!("q{now}")) {
                 return Ok(());
             }
             // The stamp. The change counter is read first, then the snapshot is taken. A
@@ -1189,10 +1182,7 @@ impl Inventory for PgStore {
             // in the snapshot (or rolled back), and any later change moves the counter; so the
             // counter alone names these rows. Otherwise the snapshot itself is the stamp (the
             // same snapshot sees the same rows), good for this read's ETag but rarely again.
-            let counter: i64 = c
-                .query_one("SELECT last_value FROM kloigos_change", &[])
-                .await?
-                .try_get(0)?;
+            let counter: i64 = c.query_one(&counter_stmt, &[]).await?.try_get(0)?;
             let tx = c
                 .build_transaction()
                 .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
