@@ -558,11 +558,6 @@ impl Host {
             if left.is_empty() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
-            let left = pids_of_uid(plan.uid);
-            if left.is_empty() {
-                break;
-            }
             if Instant::now() > kill_deadline {
                 return Err(ApplyError::Unkillable {
                     uid: plan.uid,
@@ -570,6 +565,7 @@ impl Host {
                     pids: left,
                 });
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let unit = format!("user@{}.service", plan.uid);
         let _ = self.run("systemctl", &["stop", &unit]);

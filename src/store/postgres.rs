@@ -1167,22 +1167,21 @@ impl Inventory for PgStore {
             // A cache hit in one round trip: the counter alone. An answer is kept under
             // `q{n}` only when it was read (below) with every change up to `n` committed or
             // rolled back; while the counter still reads `n` nothing has changed since (a
-            // sequence never goes back), so that answer is current. Otherwise the stamp is
-            // read again below, with the snapshot the rows are read in.
+            // sequence never goes back), so that answer is current. Otherwise the same counter
+            // value and the snapshot the rows are read in make the stamp below.
             let counter_stmt = c
                 .prepare_cached("SELECT last_value FROM kloigos_change")
                 .await?;
-            let now: i64 = c.query_one(&counter_stmt, &[]).await?.try_get(0)?;
-            if !stamp(&format!("q{now}")) {
+            let counter: i64 = c.query_one(&counter_stmt, &[]).await?.try_get(0)?;
+            if !stamp(&format!("q{counter}")) {
                 return Ok(());
             }
-            // The stamp. The change counter is read first, then the snapshot is taken. A
+            // The stamp. The change counter was read first (above), then the snapshot is taken. A
             // writer bumps the counter inside its transaction, before it commits: when no
             // transaction is in progress at the snapshot, every bump up to the counter read is
             // in the snapshot (or rolled back), and any later change moves the counter; so the
             // counter alone names these rows. Otherwise the snapshot itself is the stamp (the
             // same snapshot sees the same rows), good for this read's ETag but rarely again.
-            let counter: i64 = c.query_one(&counter_stmt, &[]).await?.try_get(0)?;
             let tx = c
                 .build_transaction()
                 .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
